@@ -1,0 +1,1 @@
+"""Evaluation protocols: k-NN, low-shot k-NN, linear probe on frozen features."""

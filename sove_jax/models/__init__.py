@@ -1,0 +1,1 @@
+"""Vision Transformer backbones and the projection head (Flax NNX)."""

@@ -1,0 +1,13 @@
+"""Test session set-up.
+
+The whole pytest session runs on 8 fake CPU devices so that sharded and unsharded results can be
+compared in one process; XLA reads this flag only when JAX initialises, so it is set here, before
+any test module imports JAX. Unsharded code simply runs on device 0.
+"""
+import os
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
