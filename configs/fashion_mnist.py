@@ -1,0 +1,19 @@
+r"""A longer Fashion-MNIST run than the default (for a GPU or a patient CPU): 100 epochs.
+
+    python -m sove_jax.main --config=configs/fashion_mnist.py --workdir=runs/fmnist
+
+Reports the k-NN monitor every 2000 steps.
+"""
+from configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.num_epochs = 100
+  c.batch_size = 256
+  c.model.update(depth=6, head_hidden=2048)
+  c.data.num_local = 8
+  c.sove.update(class_bank_size=16384, num_anchors=4096, class_tasks=4, patch_anchors=512)
+  c.optim.update(warmup_epochs=10, ema_momentum=0.996)
+  c.knn_every = 2000
+  return c

@@ -1,0 +1,14 @@
+r"""ViT-S/16 with the official code's objective settings (SPEC section 1).
+
+64 anchors per class task, a random half kept: 32 concepts of 9 judges, 4 tasks.
+
+    python -m sove_jax.main --config=configs/sove_official.py --workdir=DIR
+"""
+from configs import vits
+
+
+def get_config():
+  c = vits.get_config()
+  c.sove.num_anchors = 64
+  c.sove.anchor_keep = 0.5
+  return c

@@ -1,0 +1,14 @@
+r"""ViT-B/16 on ImageNet-1k, the paper's recipe, 400 epochs.
+
+    python -m sove_jax.main --config=configs/vitb.py --workdir=gs://BUCKET/sove/vitb
+
+Expected (paper): k-NN top-1 78.4, linear 79.9.
+"""
+from configs import default, vits
+
+
+def get_config():
+  c = vits.imagenet(default.get_config())
+  c.num_epochs = 400
+  c.model.update(variant="b", width=768, depth=12, num_heads=12)
+  return c

@@ -1,0 +1,42 @@
+r"""ViT-S/16 on ImageNet-1k, the paper's recipe (SPEC section 6), 800 epochs.
+
+    python -m sove_jax.main --config=configs/vits.py --workdir=gs://BUCKET/sove/vits \
+        --config.data.data_dir=gs://BUCKET/tensorflow_datasets
+
+Expected (paper): k-NN top-1 75.2, linear 77.8 (ImageNet-1k val). Check memory first with
+`--compile_only`. ImageNet must be prepared once as the TFDS `imagenet2012` dataset.
+"""
+from configs import default
+
+
+def imagenet(c):
+  """The paper's ImageNet multi-crop, masking, banks, objective and schedules."""
+  c.batch_size = 1024
+  d = c.data
+  d.source, d.name = "tfds", "imagenet2012"
+  d.train_split, d.eval_split = "train", "validation"
+  d.global_size, d.local_size, d.num_local = 224, 96, 10
+  d.global_scale, d.local_scale = (0.14, 1.0), (0.05, 0.4)
+  d.eval_resize, d.eval_crop = 256, 224
+  d.mask_type, d.mask_ratio = "block", 0.3
+  d.cache = False
+  m = c.model
+  m.patch_size, m.drop_path, m.head_hidden, m.head_out = 16, 0.1, 2048, 256
+  s = c.sove
+  s.class_bank_size, s.patch_bank_size = 65536, 8192
+  s.num_anchors, s.num_neighbors, s.class_tasks = 8192, 8, 4
+  s.patch_anchors, s.patch_neighbors, s.patch_tasks = 512, 0, 1
+  s.teacher_temp_warmup, s.teacher_temp, s.teacher_temp_warmup_epochs = 0.04, 0.04, 30
+  o = c.optim
+  o.base_lr, o.min_lr, o.warmup_epochs = 5e-4, 1e-6, 10
+  o.ema_momentum = 0.996
+  c.log_every, c.checkpoint_every = 100, 2000
+  c.knn_every = 0
+  return c
+
+
+def get_config():
+  c = imagenet(default.get_config())
+  c.num_epochs = 800
+  c.model.update(variant="s", width=384, depth=12, num_heads=6)
+  return c

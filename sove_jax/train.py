@@ -1,0 +1,221 @@
+"""The training loop, top to bottom: config -> mesh -> data -> state -> jitted step -> loop.
+
+`train_and_evaluate(config, workdir)` is what `python -m sove_jax.main` runs. It resumes from the
+latest checkpoint in `workdir` (state, banks and input position), saves asynchronously every
+`checkpoint_every` steps and at the end, saves and returns at the next step boundary after
+SIGTERM (preemption), and stops with the step number on a non-finite loss.
+"""
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sove_jax import checkpoint, configuration, optim, reporting, sharding
+from sove_jax import state as state_lib
+from sove_jax import step as step_lib
+
+
+class NonFiniteLoss(FloatingPointError):
+  pass
+
+
+def total_steps(config, steps_per_epoch: int) -> int:
+  if config.total_steps > 0:
+    return int(config.total_steps)
+  return max(1, int(round(config.num_epochs * steps_per_epoch)))
+
+
+def batch_shapes(config, mesh):
+  """Abstract global batch (ShapeDtypeStructs with the batch sharding), for AOT compilation."""
+  d, b = config.data, config.batch_size
+  g, l = d.global_size, d.local_size
+  tokens = (g // config.model.patch_size) ** 2
+  sh = sharding.batch_sharding(mesh)
+  spec = {
+      "global": ((b, 2, g, g, 3), jnp.float32),
+      "mask": ((b, 2, tokens), jnp.bool_),
+      "label": ((b,), jnp.int32),
+  }
+  if d.num_local:
+    spec["local"] = ((b, d.num_local, l, l, 3), jnp.float32)
+  return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh) for k, (shape, dt) in spec.items()}
+
+
+def build(config, mesh, steps_per_epoch: int, *, mode: str = "full"):
+  """Everything static about the run: optimizer, schedules, state layout and the jitted step."""
+  num_steps = total_steps(config, steps_per_epoch)
+  schedules = optim.make_schedules(config, steps_per_epoch, num_steps)
+  tx = optim.make_optimizer(config, schedules)
+  image_size = config.data.global_size
+  lay = state_lib.layout(config, tx, mesh, image_size)
+  step_fn = step_lib.make_train_step(config, lay.graphdef, tx, schedules,
+                                     anchor_sharding=sharding.batch_sharding(mesh), mode=mode)
+  batch_sh = jax.tree.map(lambda x: x.sharding, batch_shapes(config, mesh))
+  jitted = jax.jit(step_fn, in_shardings=(lay.shardings, batch_sh),
+                   out_shardings=(lay.shardings, sharding.replicated(mesh)), donate_argnums=0)
+  return dict(tx=tx, schedules=schedules, layout=lay, step=jitted, total_steps=num_steps,
+              image_size=image_size)
+
+
+def compile_only(config, steps_per_epoch: int = 1000):
+  """Lowers and compiles the step for the configured mesh; returns (compiled, text report)."""
+  mesh = sharding.make_mesh(config.mesh)
+  configuration.validate(config, num_devices=mesh.devices.size,
+                         process_count=jax.process_count())
+  parts = build(config, mesh, steps_per_epoch)
+  abstract = state_lib.abstract_with_shardings(parts["layout"])
+  t0 = time.time()
+  compiled = parts["step"].lower(abstract, batch_shapes(config, mesh)).compile()
+  mem = compiled.memory_analysis()
+  n_params = sum(x.size for x in jax.tree.leaves(parts["layout"].abstract.student))
+  lines = [f"compiled the train step in {time.time() - t0:.1f} s on "
+           f"{sharding.devices_summary(mesh)}",
+           f"parameters (student, incl. head): {n_params / 1e6:.1f} M"]
+  if mem is not None:
+    gib = 1024 ** 3
+    for name in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                 "generated_code_size_in_bytes", "alias_size_in_bytes"):
+      lines.append(f"per device {name.replace('_in_bytes', '')}: "
+                   f"{getattr(mem, name, 0) / gib:.3f} GiB")
+    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes)
+    lines.append(f"per device peak (arguments + outputs + temporaries - aliased): "
+                 f"{peak / gib:.3f} GiB")
+  return compiled, "\n".join(lines)
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves at the next step boundary and returns."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._old)
+
+
+def _host_metrics(metrics) -> dict:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
+  mesh = sharding.make_mesh(config.mesh)
+  configuration.validate(config, num_devices=mesh.devices.size,
+                         process_count=jax.process_count())
+  from sove_jax.data import pipeline  # TensorFlow enters the process here, host side only
+  pipeline.validate(config.data, patch_size=config.model.patch_size,
+                    global_batch_size=config.batch_size, process_count=jax.process_count())
+  reporting.say(f"sove_jax: {sharding.devices_summary(mesh)}; workdir {workdir}")
+
+  train_in = pipeline.train_input(config.data, patch_size=config.model.patch_size,
+                                  global_batch_size=config.batch_size, seed=config.seed)
+  parts = build(config, mesh, train_in.steps_per_epoch)
+  lay, num_steps = parts["layout"], parts["total_steps"]
+  checkpoint.write_config(config, workdir)
+  ckpt = checkpoint.Checkpointer(workdir, save_every=config.checkpoint_every,
+                                 keep=config.keep_checkpoints)
+  restored = ckpt.restore(state_lib.abstract_with_shardings(lay))
+  if restored is None:
+    state = state_lib.create(config, parts["tx"], lay, parts["image_size"])
+    reporting.say(f"new run: {num_steps} steps of {config.batch_size} images "
+                  f"({train_in.steps_per_epoch} steps per epoch)")
+  else:
+    state, data_state = restored
+    train_in.set_state(data_state)
+    reporting.say(f"resumed from step {int(state.step)} of {num_steps}")
+  start = int(jax.device_get(state.step))
+
+  batch_sh = sharding.batch_sharding(mesh)
+  writer = reporting.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  monitor = _knn_monitor(config, mesh, pipeline, lay) if config.knn_every else None
+  preempt = _Preemption()
+  last, pending = {}, None
+  t_log, n_log = time.time(), 0
+  t_start = time.time()
+  step = start
+  try:
+    while step < num_steps:
+      batch = pipeline.to_global(next(train_in), batch_sh)
+      state, metrics = parts["step"](state, batch)
+      # Look at the previous step's metrics only now, so the host never stalls the device.
+      if pending is not None:
+        _check_finite(*pending)
+      pending = (step + 1, metrics)
+      step += 1
+      n_log += 1
+      if step % config.log_every == 0 or step == num_steps:
+        last = _host_metrics(metrics)
+        _check_finite(step, metrics)
+        now = time.time()
+        ips = n_log * config.batch_size / max(now - t_log, 1e-9)
+        eta = (num_steps - step) * (now - t_start) / max(step - start, 1)
+        last["images_per_sec"] = ips
+        if monitor is not None and step % config.knn_every == 0:
+          last.update(monitor(state))
+        writer.write(step, last)
+        reporting.say(reporting.progress_line(step, num_steps, last, ips, eta))
+        t_log, n_log = time.time(), 0
+      ckpt.save(step, state, train_in.get_state())
+      if preempt.requested or ckpt.reached_preemption(step):
+        _check_finite(*pending)
+        ckpt.save(step, state, train_in.get_state(), force=True)
+        ckpt.wait()
+        reporting.say(f"preempted: saved step {step}, exiting")
+        return last
+    if pending is not None:
+      _check_finite(*pending)
+    if ckpt.latest_step() != step:
+      ckpt.save(step, state, train_in.get_state(), force=True)
+    if config.knn_every == 0 and config.get("knn_at_end", False):
+      last.update(_knn_monitor(config, mesh, pipeline, lay)(state))
+      writer.write(step, last)
+    return last
+  finally:
+    ckpt.close()
+    writer.close()
+    preempt.restore()
+
+
+def _check_finite(step: int, metrics):
+  if not bool(jax.device_get(metrics["finite"])):
+    raise NonFiniteLoss(
+        f"Non-finite loss or gradient at step {step}: the run stops here; the last "
+        "checkpoint holds the last good state.")
+
+
+def _knn_monitor(config, mesh, pipeline, lay):
+  """A k-NN evaluation of the teacher backbone's [CLS] on the train -> eval splits."""
+  from flax import nnx
+
+  from sove_jax.evaluate import features, knn
+
+  graphdef = lay.graphdef
+  eval_batch = max(config.batch_size, mesh.devices.size)
+  train_batches = pipeline.eval_input(config.data, split=config.data.train_split,
+                                      global_batch_size=eval_batch,
+                                      max_examples=config.knn_train_examples)
+  eval_batches = pipeline.eval_input(config.data, split=config.data.eval_split,
+                                     global_batch_size=eval_batch,
+                                     max_examples=config.knn_eval_examples)
+
+  @jax.jit
+  def embed(teacher_params, images):
+    backbone = nnx.merge(graphdef, teacher_params).backbone
+    cls = backbone(images)[:, 0]
+    return cls / jnp.linalg.norm(cls, axis=-1, keepdims=True)
+
+  def run(state):
+    apply_fn = lambda images: embed(state.teacher, images)
+    return knn.knn_monitor(apply_fn, train_batches, eval_batches, ks=tuple(config.knn_k),
+                           temperature=config.knn_temperature,
+                           sharding=sharding.batch_sharding(mesh))
+
+  return run
