@@ -1,0 +1,180 @@
+"""Frozen-backbone features for the evaluation protocols (SPEC section 7).
+
+Evaluation runs the teacher backbone once over a split and keeps the features on the host:
+k-NN and the linear probe then work on arrays, not on images. This module holds what both
+CLIs share: which features a backbone gives (`cls_features`, `probe_features`), how a split is
+run through it on the mesh (`extract_features`), and how a checkpoint's data config is pointed
+at another dataset (`define_flags`, `override_data`).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+PROBE_CONVENTIONS = ("last4_cls", "cls_meanpatch")
+
+
+def l2_normalize(x, axis=-1):
+  """x / max(||x||, 1e-12), as torch.nn.functional.normalize (the DINO k-NN)."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+  return x / jnp.maximum(norm, 1e-12)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _backbone_features(graphdef, convention, last_blocks, state, images):
+  """One jitted forward for every backbone of a structure; parameters are arguments, not
+  constants, so a new teacher (the monitor, every N steps) reuses the compiled function."""
+  model = nnx.merge(graphdef, state)
+  if convention == "cls":
+    return l2_normalize(model(images)[:, 0].astype(jnp.float32))
+  if convention == "last4_cls":
+    _, blocks = model(images, return_blocks=last_blocks)
+    return jnp.concatenate([b[:, 0] for b in blocks], axis=-1).astype(jnp.float32)
+  if convention == "cls_meanpatch":
+    tokens = model(images)
+    feats = jnp.concatenate([tokens[:, 0], jnp.mean(tokens[:, 1:], axis=1)], axis=-1)
+    return feats.astype(jnp.float32)
+  raise ValueError(f"unknown feature convention {convention!r}")
+
+
+def _apply_fn(model, convention, mesh):
+  # "last4_cls" on a backbone shallower than 4 blocks (smoke runs) takes all its blocks.
+  last_blocks = min(4, getattr(model, "depth", 4))
+  graphdef, state = nnx.split(model)
+  if mesh is not None:
+    # Images arrive sharded over `mesh`; parameters living elsewhere (one device, another
+    # mesh) would make the jitted forward reject its arguments, so they are replicated.
+    replicated = jax.NamedSharding(mesh, jax.P())
+
+    def place(x):
+      s = getattr(x, "sharding", None)
+      on_mesh = isinstance(s, jax.NamedSharding) and s.mesh == mesh
+      return x if on_mesh else jax.device_put(x, replicated)
+
+    state = jax.tree.map(place, state)
+  return functools.partial(_backbone_features, graphdef, convention, last_blocks, state)
+
+
+def cls_features(model, *, mesh=None):
+  """images -> L2-normalised [CLS] of the final LayerNorm output: the k-NN features."""
+  return _apply_fn(model, "cls", mesh)
+
+
+def probe_features(model, convention, *, mesh=None):
+  """images -> linear-probe features, by the official conventions: "last4_cls", the concat
+  of the last 4 blocks' (LayerNorm-ed) [CLS] (ViT-S; all blocks of a shallower model), or
+  "cls_meanpatch", the last block's [CLS] ++ the mean of its patch tokens (ViT-B and up)."""
+  if convention not in PROBE_CONVENTIONS:
+    raise ValueError(f"convention must be one of {PROBE_CONVENTIONS}, got {convention!r}")
+  return _apply_fn(model, convention, mesh)
+
+
+def default_probe_convention(model_config):
+  """The official choice per size: 4 blocks of [CLS] for ViT-Ti/S, [CLS] + mean patch above."""
+  return "cls_meanpatch" if model_config.variant in ("b", "l") else "last4_cls"
+
+
+def batch_mesh(devices=None):
+  """A 1-D "data" mesh over `devices` (default all) for sharding evaluation batches and the
+  k-NN memory."""
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.make_mesh((len(devices),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
+@functools.lru_cache(maxsize=None)
+def _gather_to_replicated(mesh):
+  """Every process needs the whole result; an identity with a replicated output is the
+  all-gather that works across processes too."""
+  return jax.jit(lambda *xs: xs, out_shardings=jax.NamedSharding(mesh, jax.P()))
+
+
+def _row_sharding(sharding):
+  """The batch sharding restricted to the leading axis, for labels and the valid mask."""
+  spec = tuple(sharding.spec)
+  return jax.NamedSharding(sharding.mesh, jax.P(spec[0] if spec else None))
+
+
+def extract_features(apply_fn, batches, *, sharding=None):
+  """Runs `apply_fn` (images -> [b, D]) over eval host batches and returns the valid rows.
+
+  With `sharding` (a NamedSharding of the batch axis) each host batch becomes one global array
+  on the mesh, as the data package does, and the outputs, labels and valid masks are gathered
+  back in global order; so every process returns the whole split, in the same order.
+  Returns (features float32 [N, D], labels int32 [N]).
+  """
+  feats, labels = [], []
+  pending = None
+
+  def collect(out):
+    f, y, v = (np.asarray(x) for x in out)
+    feats.append(f[v].astype(np.float32))
+    labels.append(y[v].astype(np.int32))
+
+  for batch in batches:
+    if sharding is None:
+      out = (apply_fn(batch["image"]), batch["label"], np.asarray(batch["valid"], bool))
+    else:
+      rows = _row_sharding(sharding)
+      images = jax.make_array_from_process_local_data(sharding, np.asarray(batch["image"]))
+      label = jax.make_array_from_process_local_data(rows, np.asarray(batch["label"]))
+      valid = jax.make_array_from_process_local_data(rows, np.asarray(batch["valid"], bool))
+      out = _gather_to_replicated(sharding.mesh)(apply_fn(images), label, valid)
+      out = tuple(x.addressable_data(0) for x in out)
+    # One batch in flight: the device computes batch i+1 while the host copies batch i.
+    if pending is not None:
+      collect(pending)
+    pending = out
+  if pending is not None:
+    collect(pending)
+  if not feats:
+    raise ValueError("no batches to extract features from")
+  return np.concatenate(feats), np.concatenate(labels)
+
+
+def override_data(data_config, *, dataset=None, data_dir=None, train_split=None,
+                  eval_split=None):
+  """A copy of the run's data config pointed at another dataset.
+
+  `dataset`: "fashion_mnist" or "folder" set the source; "tfds:NAME" or a bare TFDS name set
+  source "tfds" and that name. Empty/None arguments keep the run's values.
+  """
+  data = ml_collections.ConfigDict(data_config.to_dict())
+  if dataset:
+    if dataset in ("fashion_mnist", "folder"):
+      data.source, data.name = dataset, ""
+    else:
+      data.source, data.name = "tfds", dataset.removeprefix("tfds:")
+  if data_dir:
+    data.data_dir = data_dir
+  if train_split:
+    data.train_split = train_split
+  if eval_split:
+    data.eval_split = eval_split
+  return data
+
+
+def split_features(apply_fn, input_fn, data_config, *, split, batch_size, sharding,
+                   max_examples=-1):
+  """Features and labels of one split, through the data package's `eval_input`-like
+  `input_fn` (passed in, so that TensorFlow is imported only by the CLIs)."""
+  batches = input_fn(data_config, split=split, global_batch_size=batch_size,
+                     max_examples=max_examples)
+  return extract_features(apply_fn, batches, sharding=sharding)
+
+
+def define_flags(flags):
+  """The flags both evaluation CLIs share: which checkpoint, which data."""
+  flags.DEFINE_string("workdir", None, "Training run directory (checkpoints, config).",
+                      required=True)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_string("dataset", "", "Dataset override: fashion_mnist | folder | tfds:NAME "
+                      "(or a bare TFDS name). Default: the run's data config.")
+  flags.DEFINE_string("data_dir", "", "Override of config.data.data_dir.")
+  flags.DEFINE_string("train_split", "", "Override of config.data.train_split.")
+  flags.DEFINE_string("eval_split", "", "Override of config.data.eval_split.")
+  flags.DEFINE_integer("batch_size", 0, "Global evaluation batch (default config.batch_size); "
+                       "a multiple of the device count.")

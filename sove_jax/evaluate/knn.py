@@ -1,0 +1,269 @@
+r"""Weighted k-NN classification on frozen features (SPEC section 7; the DINO protocol).
+
+Train-set features are the memory, sharded by rows over the devices; test features go through
+in chunks. Each device takes the top-k of its shard for a chunk, the candidates are gathered and
+merged, so neither a train-by-test matrix nor the whole memory sits on one device. One top-k with
+the largest k serves every k. Votes are `exp(sim / T)` per neighbour, summed per class.
+
+Evaluate a run's latest teacher checkpoint:
+
+    python -m sove_jax.evaluate.knn --workdir=runs/default [--dataset=tfds:imagenet2012] [--lowshot]
+"""
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sove_jax.evaluate import features as features_lib
+
+DEFAULT_KS = (10, 20, 100, 200)
+LOWSHOT_FRACTIONS = (0.01, 0.1)
+
+
+def _mesh_rows(mesh):
+  """The memory's rows are split over every mesh axis."""
+  return jax.P(tuple(mesh.axis_names))
+
+
+def _global_rows(host, mesh, pad_value, rows):
+  """Host array -> global array of `rows` rows sharded over the mesh, padded with `pad_value`.
+  Every process holds the whole host array, so a callback (which works across processes)
+  cuts each device's rows without copying the padded whole."""
+  shape = (rows,) + host.shape[1:]
+
+  def shard(index):
+    r = index[0]
+    start, stop = r.start or 0, rows if r.stop is None else r.stop
+    part = host[start:min(stop, len(host))]
+    missing = stop - start - len(part)
+    if missing > 0:
+      pad = np.full((missing,) + host.shape[1:], pad_value, host.dtype)
+      part = np.concatenate([part, pad])
+    return part
+
+  return jax.make_array_from_callback(shape, jax.NamedSharding(mesh, _mesh_rows(mesh)), shard)
+
+
+_normalize = jax.jit(features_lib.l2_normalize)
+
+
+def _replicated(host, mesh):
+  return jax.make_array_from_callback(host.shape, jax.NamedSharding(mesh, jax.P()),
+                                      lambda index: host[index])
+
+
+@functools.lru_cache(maxsize=None)
+def _chunk_predict(mesh, k_local, k_max, ks, temperature, num_classes):
+  """The jitted chunk step: [C, D] test features -> [len(ks), C] predicted classes."""
+  axes = tuple(mesh.axis_names)
+
+  def per_device(memory, memory_labels, queries):
+    sim = jnp.matmul(queries, memory.T, precision=jax.lax.Precision.HIGHEST)
+    sim = jnp.where(memory_labels[None, :] >= 0, sim, -jnp.inf)  # padding rows never win
+    vals, idx = jax.lax.top_k(sim, k_local)
+    labs = memory_labels[idx]
+    # Candidates of every shard, merged: [C, devices * k_local] -> the global top k_max.
+    vals = jax.lax.all_gather(vals, axes, axis=1, tiled=True)
+    labs = jax.lax.all_gather(labs, axes, axis=1, tiled=True)
+    vals, pos = jax.lax.top_k(vals, k_max)
+    labs = jnp.take_along_axis(labs, pos, axis=1)
+    # exp((s - s_max) / T): the same argmax as exp(s / T), without overflow at small T.
+    weights = jnp.where(labs >= 0, jnp.exp((vals - vals[:, :1]) / temperature), 0.0)
+    rows = jnp.arange(queries.shape[0])[:, None]
+    preds = []
+    for k in ks:
+      k = min(k, k_max)
+      scores = jnp.zeros((queries.shape[0], num_classes), jnp.float32)
+      scores = scores.at[rows, jnp.maximum(labs[:, :k], 0)].add(weights[:, :k])
+      preds.append(jnp.argmax(scores, axis=1))
+    # Every device holds the same answer; all_gather's result is typed as device-varying,
+    # so each returns its copy along the device axis and the host reads one.
+    return jnp.stack(preds).astype(jnp.int32)[None]
+
+  rows = _mesh_rows(mesh)
+  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(rows, rows, jax.P()),
+                               out_specs=rows))
+
+
+def knn_predict(train_features, train_labels, test_features, *, ks=DEFAULT_KS, temperature=0.07,
+                num_classes=None, chunk_size=256, mesh=None):
+  """Predicted class of every test row for every k: int32 [len(ks), N_test].
+
+  Features are L2-normalised here (cosine similarity). A k larger than the memory uses the
+  whole memory. `mesh` (default: all devices in a 1-D mesh) shards the memory by rows.
+  """
+  train_features = np.asarray(train_features, np.float32)
+  train_labels = np.asarray(train_labels, np.int32)
+  test_features = np.asarray(test_features, np.float32)
+  if len(train_features) == 0:
+    raise ValueError("empty k-NN memory")
+  if num_classes is None:
+    num_classes = int(train_labels.max()) + 1
+  mesh = features_lib.batch_mesh() if mesh is None else mesh
+  shards = mesh.devices.size
+  rows = -(-len(train_features) // shards) * shards
+  ks = tuple(int(k) for k in ks)
+  k_max = min(max(ks), len(train_features))
+  k_local = min(k_max, rows // shards)
+
+  memory = _normalize(_global_rows(train_features, mesh, 0.0, rows))
+  memory_labels = _global_rows(train_labels, mesh, -1, rows)
+  step = _chunk_predict(mesh, k_local, k_max, ks, float(temperature), int(num_classes))
+
+  n = len(test_features)
+  chunk_size = max(1, min(chunk_size, n))
+  preds = []
+  for start in range(0, n, chunk_size):
+    chunk = test_features[start:start + chunk_size]
+    valid = len(chunk)
+    if valid < chunk_size:  # a fixed chunk shape: one compilation
+      chunk = np.concatenate([chunk, np.zeros((chunk_size - valid,) + chunk.shape[1:],
+                                              np.float32)])
+    out = step(memory, memory_labels, _normalize(_replicated(chunk, mesh)))
+    preds.append(np.asarray(out.addressable_data(0))[0, :, :valid])
+  return np.concatenate(preds, axis=1)
+
+
+def knn_classify(train_features, train_labels, test_features, test_labels, *, ks=DEFAULT_KS,
+                 temperature=0.07, num_classes=None, chunk_size=256, mesh=None):
+  """Top-1 accuracy (%) per k, {k: acc}, of the weighted k-NN vote (see `knn_predict`)."""
+  test_labels = np.asarray(test_labels)
+  if num_classes is None:
+    num_classes = int(max(np.max(train_labels), np.max(test_labels))) + 1
+  preds = knn_predict(train_features, train_labels, test_features, ks=ks,
+                      temperature=temperature, num_classes=num_classes,
+                      chunk_size=chunk_size, mesh=mesh)
+  return {int(k): float(100.0 * np.mean(p == test_labels)) for k, p in zip(ks, preds)}
+
+
+def class_balanced_subset(labels, fraction, seed=0):
+  """Sorted indices of a deterministic low-shot subset: per class, round(fraction * count)
+  examples (at least 1), drawn without replacement with `seed`."""
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+  labels = np.asarray(labels)
+  rng = np.random.default_rng(seed)
+  picked = []
+  for c in np.unique(labels):
+    members = np.flatnonzero(labels == c)
+    take = max(1, int(round(fraction * len(members))))
+    picked.append(rng.choice(members, size=take, replace=False))
+  return np.sort(np.concatenate(picked))
+
+
+def read_split_file(path):
+  """Indices of a low-shot split file: one integer index (into the train split, in the order
+  the evaluation input gives it) per line; blank lines and '#' comments are skipped."""
+  with open(path, encoding="utf-8") as f:
+    lines = (line.split("#", 1)[0].strip() for line in f)
+    return np.array([int(line) for line in lines if line], np.int64)
+
+
+def knn_monitor(apply_fn, train_batches, eval_batches, *, ks=DEFAULT_KS, temperature=0.07,
+                num_classes=None, sharding=None):
+  """k-NN accuracy for the training log: {"knn/top1_k{k}": acc}. `apply_fn` is e.g.
+  `features.cls_features(teacher, mesh=...)`, the batches are eval-input host batches of a
+  train subset (the memory) and of the eval split, `sharding` the batch sharding."""
+  train_f, train_y = features_lib.extract_features(apply_fn, train_batches, sharding=sharding)
+  test_f, test_y = features_lib.extract_features(apply_fn, eval_batches, sharding=sharding)
+  mesh = None if sharding is None else sharding.mesh
+  acc = knn_classify(train_f, train_y, test_f, test_y, ks=ks, temperature=temperature,
+                     num_classes=num_classes, mesh=mesh)
+  return {f"knn/top1_k{k}": v for k, v in acc.items()}
+
+
+def evaluate_knn(config, model, *, input_fn, dataset=None, data_dir=None, train_split=None,
+                 eval_split=None, batch_size=None, ks=None, temperature=None, lowshot=False,
+                 lowshot_splits=None, max_train_examples=-1, max_eval_examples=-1, mesh=None):
+  """k-NN (and optionally low-shot k-NN) of `model`'s [CLS] on a run's data.
+
+  `input_fn` is the data package's `eval_input` (or a stand-in). `lowshot_splits` maps a
+  fraction to a split file; fractions without one use `class_balanced_subset`.
+  Returns {"full": {k: acc}, "1%": {...}, "10%": {...}} (low-shot keys when asked).
+  """
+  mesh = features_lib.batch_mesh() if mesh is None else mesh
+  sharding = jax.NamedSharding(mesh, jax.P(tuple(mesh.axis_names)))
+  data = features_lib.override_data(config.data, dataset=dataset, data_dir=data_dir,
+                                    train_split=train_split, eval_split=eval_split)
+  batch_size = batch_size or config.batch_size
+  ks = tuple(config.knn_k if ks is None else ks)
+  temperature = config.knn_temperature if temperature is None else temperature
+  apply_fn = features_lib.cls_features(model, mesh=mesh)
+  train_f, train_y = features_lib.split_features(
+      apply_fn, input_fn, data, split=data.train_split, batch_size=batch_size,
+      sharding=sharding, max_examples=max_train_examples)
+  test_f, test_y = features_lib.split_features(
+      apply_fn, input_fn, data, split=data.eval_split, batch_size=batch_size,
+      sharding=sharding, max_examples=max_eval_examples)
+  num_classes = int(max(train_y.max(), test_y.max())) + 1
+  run = functools.partial(knn_classify, test_features=test_f, test_labels=test_y, ks=ks,
+                          temperature=temperature, num_classes=num_classes, mesh=mesh)
+  results = {"full": run(train_f, train_y)}
+  if lowshot:
+    lowshot_splits = lowshot_splits or {}
+    for fraction in LOWSHOT_FRACTIONS:
+      path = lowshot_splits.get(fraction)
+      idx = read_split_file(path) if path else class_balanced_subset(train_y, fraction)
+      results[f"{fraction:.0%}"] = run(train_f[idx], train_y[idx])
+  return results
+
+
+def format_table(results, ks):
+  """Rows per label subset, columns per k."""
+  lines = ["k-NN top-1 (%)  " + "".join(f"{'k=' + str(k):>8}" for k in ks)]
+  for name, acc in results.items():
+    lines.append(f"{name:<16}" + "".join(f"{acc[k]:8.2f}" for k in ks))
+  return "\n".join(lines)
+
+
+def evaluate_checkpoint(workdir, *, load_backbone, input_fn, step=None, **kwargs):
+  """Loads the teacher of `workdir` (latest or `step`), runs `evaluate_knn`, prints the table
+  and writes `knn.json` into the workdir (process 0). Returns the results."""
+  config, model = load_backbone(workdir, step=step, which="teacher")
+  results = evaluate_knn(config, model, input_fn=input_fn, **kwargs)
+  ks = tuple(kwargs.get("ks") or config.knn_k)
+  if jax.process_index() == 0:
+    print(format_table(results, ks))
+    record = {"step": "latest" if step is None else step,
+              "temperature": kwargs.get("temperature") or config.knn_temperature,
+              "top1": {name: {str(k): v for k, v in acc.items()}
+                       for name, acc in results.items()}}
+    with open(os.path.join(workdir, "knn.json"), "w", encoding="utf-8") as f:
+      json.dump(record, f, indent=2)
+  return results
+
+
+def main(argv):
+  del argv
+  from absl import flags
+
+  from sove_jax import checkpoint
+  from sove_jax.data import pipeline  # TensorFlow, host side only
+  f = flags.FLAGS
+  splits = {0.01: f.lowshot_split_1pct, 0.1: f.lowshot_split_10pct}
+  evaluate_checkpoint(
+      f.workdir, load_backbone=checkpoint.load_backbone, input_fn=pipeline.eval_input,
+      step=f.step, dataset=f.dataset, data_dir=f.data_dir, train_split=f.train_split,
+      eval_split=f.eval_split, batch_size=f.batch_size or None,
+      ks=[int(k) for k in f.ks] if f.ks else None, temperature=f.temperature,
+      lowshot=f.lowshot, lowshot_splits={k: v for k, v in splits.items() if v})
+
+
+def _define_flags():
+  from absl import flags
+  features_lib.define_flags(flags)
+  flags.DEFINE_list("ks", [], "Neighbour counts (default config.knn_k).")
+  flags.DEFINE_float("temperature", None, "Vote temperature (default config.knn_temperature).")
+  flags.DEFINE_bool("lowshot", False, "Also report k-NN with 1% and 10% of the train labels.")
+  flags.DEFINE_string("lowshot_split_1pct", "", "1% split file (one train index per line); "
+                      "default: a class-balanced subset.")
+  flags.DEFINE_string("lowshot_split_10pct", "", "10% split file, as above.")
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)
