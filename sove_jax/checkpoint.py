@@ -41,6 +41,9 @@ class Checkpointer:
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     return got["state"], got["data"]
 
+  def should_save(self, step: int) -> bool:
+    return self.manager.should_save(step)
+
   def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
     """Starts an asynchronous save when the policy (or `force`) says so; True if it did."""
     return self.manager.save(step, args=ocp.args.Composite(

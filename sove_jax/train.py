@@ -141,42 +141,40 @@ def train_and_evaluate(config, workdir: str) -> dict:
   t_log, n_log = time.time(), 0
   t_start = time.time()
   step = start
+  stop_at = num_steps if config.run_steps < 0 else min(num_steps, start + config.run_steps)
   try:
-    while step < num_steps:
+    while step < stop_at:
       batch = pipeline.to_global(next(train_in), batch_sh)
       state, metrics = parts["step"](state, batch)
-      # Look at the previous step's metrics only now, so the host never stalls the device.
+      # The previous step's metrics are read only now, so the host never stalls the device.
       if pending is not None:
         _check_finite(*pending)
-      pending = (step + 1, metrics)
       step += 1
+      pending = (step, metrics)
       n_log += 1
-      if step % config.log_every == 0 or step == num_steps:
+      save_due = ckpt.should_save(step) or step == stop_at
+      if save_due:
+        _check_finite(step, metrics)  # only verified states reach a checkpoint
+      if step % config.log_every == 0 or step == stop_at:
         last = _host_metrics(metrics)
         _check_finite(step, metrics)
         now = time.time()
         ips = n_log * config.batch_size / max(now - t_log, 1e-9)
         eta = (num_steps - step) * (now - t_start) / max(step - start, 1)
         last["images_per_sec"] = ips
-        if monitor is not None and step % config.knn_every == 0:
+        if monitor is not None and (step % config.knn_every == 0 or step == num_steps):
           last.update(monitor(state))
         writer.write(step, last)
         reporting.say(reporting.progress_line(step, num_steps, last, ips, eta))
         t_log, n_log = time.time(), 0
-      ckpt.save(step, state, train_in.get_state())
+      if save_due:
+        ckpt.save(step, state, train_in.get_state(), force=step == stop_at)
       if preempt.requested or ckpt.reached_preemption(step):
-        _check_finite(*pending)
+        _check_finite(step, metrics)
         ckpt.save(step, state, train_in.get_state(), force=True)
         ckpt.wait()
         reporting.say(f"preempted: saved step {step}, exiting")
         return last
-    if pending is not None:
-      _check_finite(*pending)
-    if ckpt.latest_step() != step:
-      ckpt.save(step, state, train_in.get_state(), force=True)
-    if config.knn_every == 0 and config.get("knn_at_end", False):
-      last.update(_knn_monitor(config, mesh, pipeline, lay)(state))
-      writer.write(step, last)
     return last
   finally:
     ckpt.close()

@@ -1,0 +1,161 @@
+r"""Train-step benchmark: compiled FLOPs against the analytic count, step time, images/s, MFU.
+
+    python benchmarks/train_step.py                 # the default config on this machine (CPU)
+    python benchmarks/train_step.py --gpu           # ViT-S/16 and ViT-B/16, paper multi-crop,
+                                                    # batch 128, synthetic on-device batches
+    python benchmarks/train_step.py --gpu --attention=cudnn --archs=s
+
+Each row times `--steps` steps after `--warmup` (compile included in warm-up), the full SOVE step
+and, for comparison, the backbone-only step (same crops, networks and optimizer; no banks or
+objective). MFU uses the analytic FLOPs and the card's dense bf16 peak.
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from configs import default, vitb, vits  # noqa: E402
+from sove_jax import sharding, state as state_lib, train  # noqa: E402
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "TPU v4": 275.0,
+                    "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6": 918.0}
+
+
+def vit_flops(tokens: int, width: int, depth: int, patch: int, mlp_ratio: float = 4.0) -> float:
+  """Forward FLOPs of a ViT on one image with `tokens` tokens ([CLS] included)."""
+  embed = 2 * (tokens - 1) * patch * patch * 3 * width
+  block = (2 * tokens * width * 3 * width + 4 * tokens * tokens * width
+           + 2 * tokens * width * width + 4 * tokens * width * int(mlp_ratio * width))
+  return embed + depth * block
+
+
+def head_flops(tokens: int, width: int, hidden: int, out: int) -> float:
+  return 2 * tokens * (width * hidden + hidden * hidden + hidden * out)
+
+
+def step_flops_per_image(c, mode: str = "full") -> float:
+  """Analytic FLOPs of one train step, per image (backward = 2 x forward)."""
+  m, d, s = c.model, c.data, c.sove
+  n_g = (d.global_size // m.patch_size) ** 2 + 1
+  n_l = (d.local_size // m.patch_size) ** 2 + 1
+  glob = vit_flops(n_g, m.width, m.depth, m.patch_size) + head_flops(n_g, m.width, m.head_hidden,
+                                                                        m.head_out)
+  loc = vit_flops(n_l, m.width, m.depth, m.patch_size) + head_flops(1, m.width, m.head_hidden,
+                                                                       m.head_out)
+  student = 3 * (2 * glob + d.num_local * loc)
+  teacher = 2 * glob
+  total = student + teacher
+  if mode == "full":
+    dim, views = m.head_out, 2 + d.num_local
+    kept = max(1, round(s.num_anchors * s.anchor_keep))
+    judges = kept * (s.num_neighbors + 1)
+    search = 2 * kept * s.class_bank_size * dim if s.num_neighbors else 0
+    total += s.class_tasks * (search / c.batch_size + 2 * dim * judges * (2 + 3 * views))
+    p_judges = s.patch_anchors * (s.patch_neighbors + 1)
+    p_search = 2 * s.patch_anchors * s.patch_bank_size * dim if s.patch_neighbors else 0
+    total += s.patch_tasks * (p_search / c.batch_size + 2 * dim * p_judges * (n_g - 1) * 2 * 4)
+  return float(total)
+
+
+def synthetic_batch(c, mesh, key):
+  """A random global batch created on the devices (no host transfer in the timed loop)."""
+  shapes = train.batch_shapes(c, mesh)
+
+  @jax.jit
+  def make(key):
+    ks = jax.random.split(key, len(shapes))
+    out = {}
+    for k, (name, sds) in zip(ks, sorted(shapes.items())):
+      if sds.dtype == jnp.bool_:
+        out[name] = jax.random.bernoulli(k, 0.3, sds.shape)
+      elif sds.dtype == jnp.int32:
+        out[name] = jnp.zeros(sds.shape, jnp.int32)
+      else:
+        out[name] = jax.random.normal(k, sds.shape, jnp.float32)
+    return jax.lax.with_sharding_constraint(out, jax.tree.map(lambda s: s.sharding, shapes))
+
+  return make(key)
+
+
+def bench(c, mode: str, steps: int, warmup: int):
+  mesh = sharding.make_mesh(c.mesh)
+  parts = train.build(c, mesh, steps_per_epoch=1000, mode=mode)
+  st = state_lib.create(c, parts["tx"], parts["layout"], parts["image_size"])
+  batch = synthetic_batch(c, mesh, jax.random.PRNGKey(1))
+  abstract = state_lib.abstract_with_shardings(parts["layout"])
+  compiled = parts["step"].lower(abstract, batch).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops_compiled = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  mem = compiled.memory_analysis()
+  for _ in range(warmup):
+    st, metrics = compiled(st, batch)
+  jax.block_until_ready(metrics)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    st, metrics = compiled(st, batch)
+  jax.block_until_ready(metrics)
+  dt = (time.perf_counter() - t0) / steps
+  n_dev = mesh.devices.size
+  return dict(ms=dt * 1e3, ips=c.batch_size / dt, flops_img_compiled=flops_compiled * n_dev /
+              c.batch_size, flops_img_analytic=step_flops_per_image(c, mode),
+              temp_gib=(mem.temp_size_in_bytes / 2**30) if mem else float("nan"),
+              loss=float(metrics["loss"]))
+
+
+def peak_tflops():
+  kind = jax.devices()[0].device_kind
+  for name, tf in PEAK_BF16_TFLOPS.items():
+    if name.lower() in kind.lower():
+      return kind, tf * jax.device_count()
+  return kind, float("nan")
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--gpu", action="store_true", help="ViT-S/B paper multi-crop, batch 128")
+  p.add_argument("--archs", default="s,b")
+  p.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--steps", type=int, default=None)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--modes", default="full,backbone")
+  a = p.parse_args()
+
+  rows = []
+  if a.gpu:
+    for arch in a.archs.split(","):
+      c = {"s": vits, "b": vitb}[arch].get_config()
+      c.batch_size = a.batch
+      c.model.attention = a.attention
+      for mode in a.modes.split(","):
+        rows.append((f"ViT-{arch.upper()}/16 {mode}", c, mode))
+    steps = a.steps or 20
+  else:
+    c = default.get_config()
+    for mode in a.modes.split(","):
+      rows.append((f"default ({c.model.variant}, depth {c.model.depth}) {mode}", c, mode))
+    steps = a.steps or 10
+
+  kind, peak = peak_tflops()
+  print(f"# {jax.device_count()} x {kind}; jax {jax.__version__}; batch {rows[0][1].batch_size}; "
+        f"{rows[0][1].data.num_local} local crops; attention {a.attention}")
+  print("| step | ms/step | images/s | GFLOP/img compiled | GFLOP/img analytic | ratio | "
+        "MFU | temp GiB |")
+  print("|---|---|---|---|---|---|---|---|")
+  for name, c, mode in rows:
+    r = bench(c, mode, steps, a.warmup)
+    mfu = r["flops_img_analytic"] * r["ips"] / (peak * 1e12)
+    print(f"| {name} | {r['ms']:.1f} | {r['ips']:.0f} | {r['flops_img_compiled'] / 1e9:.2f} | "
+          f"{r['flops_img_analytic'] / 1e9:.2f} | "
+          f"{r['flops_img_compiled'] / r['flops_img_analytic']:.3f} | "
+          f"{mfu * 100:.1f}% | {r['temp_gib']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()

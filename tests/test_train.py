@@ -1,0 +1,240 @@
+"""The training system on the smoke config: sharding, resume, kill, SIGTERM, NaN, bad configs.
+
+Runs that must be separate processes (resume in a new process, SIGKILL, SIGTERM, main end to
+end) go through `python -m sove_jax.main`; they inherit the 8 fake CPU devices of the session.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import smoke
+from sove_jax import checkpoint, configuration, sharding, state as state_lib, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(workdir, *overrides, config="configs/smoke.py", **kw):
+  cmd = [sys.executable, "-m", "sove_jax.main", f"--config={config}", f"--workdir={workdir}",
+         *overrides]
+  return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, **kw)
+
+
+def _run(workdir, *overrides, timeout=300):
+  proc = _main(workdir, *overrides)
+  out, _ = proc.communicate(timeout=timeout)
+  return proc.returncode, out
+
+
+def _restore(workdir, step=None):
+  """The whole saved state of a smoke run, as host numpy arrays."""
+  config = checkpoint.read_config(str(workdir))
+  mesh = sharding.make_mesh(config.mesh)
+  parts = train.build(config, mesh, steps_per_epoch=1)
+  ck = checkpoint.Checkpointer(str(workdir), save_every=1, keep=10)
+  got = ck.restore(state_lib.abstract_with_shardings(parts["layout"]), step=step)
+  ck.close()
+  return jax.device_get(got[0]), got[1]
+
+
+def _assert_trees_equal(a, b):
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _synthetic_batch(config, seed=0):
+  d, b = config.data, config.batch_size
+  rng = np.random.default_rng(seed)
+  tokens = (d.global_size // config.model.patch_size) ** 2
+  return {
+      "global": rng.normal(size=(b, 2, d.global_size, d.global_size, 3)).astype(np.float32),
+      "local": rng.normal(size=(b, d.num_local, d.local_size, d.local_size, 3)).astype(np.float32),
+      "mask": rng.random((b, 2, tokens)) < 0.3,
+      "label": np.zeros((b,), np.int32),
+  }
+
+
+def _two_steps(config, devices):
+  mesh = sharding.make_mesh(config.mesh, devices=devices)
+  parts = train.build(config, mesh, steps_per_epoch=10)
+  st = state_lib.create(config, parts["tx"], parts["layout"], parts["image_size"])
+  batch_sh = sharding.batch_sharding(mesh)
+  metrics = None
+  for i in range(2):
+    batch = jax.device_put(_synthetic_batch(config, seed=i), batch_sh)
+    st, metrics = parts["step"](st, batch)
+  return jax.device_get(st), jax.device_get(metrics)
+
+
+def test_sharded_step_equals_single_device_step():
+  config = smoke.get_config()
+  config.model.dtype = "float32"  # compare the sharding, not bf16 rounding differences
+  one, m1 = _two_steps(config, jax.devices()[:1])
+  eight, m8 = _two_steps(config, jax.devices())
+  assert len(jax.devices()) == 8
+  np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-4)
+  for name in ("student", "teacher", "opt_state", "class_bank", "patch_bank"):
+    for x, y in zip(jax.tree.leaves(getattr(one, name)), jax.tree.leaves(getattr(eight, name))):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+  assert int(one.step) == int(eight.step) == 2
+  assert m1["finite"] and np.isfinite(m1["grad_norm"])
+  assert 0.0 <= m1["agreement"] <= 1.0
+
+
+def test_fsdp_shards_parameters():
+  config = smoke.get_config()
+  config.mesh.fsdp, config.mesh.shard_params = 4, True
+  mesh = sharding.make_mesh(config.mesh)
+  parts = train.build(config, mesh, steps_per_epoch=10)
+  specs = [s.spec for s in jax.tree.leaves(parts["layout"].shardings.student)]
+  assert any("fsdp" in tuple(s) for s in specs)
+  st = state_lib.create(config, parts["tx"], parts["layout"], parts["image_size"])
+  batch = jax.device_put(_synthetic_batch(config), sharding.batch_sharding(mesh))
+  st, metrics = parts["step"](st, batch)
+  assert bool(metrics["finite"])
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("batch_size", 12, "multiple of the 8 devices"),
+    ("data.global_size", 30, "multiple of model.patch_size"),
+    ("sove.num_anchors", 100_000, "more anchors than the bank"),
+    ("model.variant", "xl", "model.variant"),
+    ("sove.num_neighbors", 250, "non-anchor rows"),
+])
+def test_bad_config_raises_one_sentence(field, value, words):
+  config = smoke.get_config()
+  section, _, name = field.rpartition(".")
+  (config[section] if section else config)[name] = value
+  with pytest.raises(configuration.ConfigError, match=words):
+    configuration.validate(config, num_devices=8)
+
+
+def test_main_rejects_bad_config_before_compiling(tmp_path):
+  t0 = time.time()
+  code, out = _run(tmp_path / "w", "--config.sove.num_anchors=100000")
+  assert code != 0
+  assert "Config error: sove.num_anchors=100000" in out
+  assert "Traceback" not in out
+  assert not (tmp_path / "w" / "checkpoints").exists()
+  assert time.time() - t0 < 60
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  from sove_jax.data import pipeline
+  config = smoke.get_config()
+  config.total_steps, config.checkpoint_every = 6, 1
+  real = pipeline.to_global
+  calls = {"n": 0}
+
+  def poisoned(batch, sh):
+    calls["n"] += 1
+    if calls["n"] == 3:
+      batch = dict(batch, **{"global": np.full_like(batch["global"], np.nan)})
+    return real(batch, sh)
+
+  monkeypatch.setattr(pipeline, "to_global", poisoned)
+  with pytest.raises(train.NonFiniteLoss, match="at step 3"):
+    train.train_and_evaluate(config, str(tmp_path))
+  ck = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=10)
+  assert ck.latest_step() == 2
+  ck.close()
+  saved, _ = _restore(tmp_path)
+  assert int(saved.step) == 2
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(saved.student))
+
+
+def test_resume_in_new_process_is_bitwise_exact(tmp_path):
+  straight, split = tmp_path / "straight", tmp_path / "split"
+  code, out = _run(straight, "--config.total_steps=6")
+  assert code == 0, out
+  code, out = _run(split, "--config.total_steps=6", "--config.run_steps=3")
+  assert code == 0, out
+  assert "new run" in out
+  code, out = _run(split, "--config.total_steps=6")
+  assert code == 0, out
+  assert "resumed from step 3" in out
+  a, data_a = _restore(straight, 6)
+  b, data_b = _restore(split, 6)
+  _assert_trees_equal(a, b)
+  assert data_a == data_b
+
+
+def test_sigterm_saves_at_step_boundary_and_exits_zero(tmp_path):
+  proc = _main(tmp_path, "--config.total_steps=100000", "--config.checkpoint_every=100000")
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith("step "):
+      proc.send_signal(signal.SIGTERM)
+      break
+  out, _ = proc.communicate(timeout=120)
+  out = "".join(lines) + out
+  assert proc.returncode == 0, out
+  assert "preempted: saved step" in out
+  saved_step = int(out.split("preempted: saved step ")[1].split()[0])
+  ck = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=10)
+  assert ck.latest_step() == saved_step
+  ck.close()
+
+
+def test_sigkill_during_async_save_restarts_from_last_complete(tmp_path):
+  proc = _main(tmp_path, "--config.total_steps=100000", "--config.checkpoint_every=1",
+               "--config.log_every=1")
+  seen = 0
+  for line in proc.stdout:
+    if line.startswith("step "):
+      seen += 1
+      if seen == 5:  # a save is started after every step: kill while one is in flight
+        proc.kill()
+        break
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  ck = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=10)
+  last = ck.latest_step()
+  ck.close()
+  assert last is not None and last >= 1
+  code, out = _run(tmp_path, f"--config.total_steps={last + 2}")
+  assert code == 0, out
+  assert f"resumed from step {last}" in out
+  saved, _ = _restore(tmp_path)
+  assert int(saved.step) == last + 2
+
+
+def test_main_end_to_end_on_image_folder(tmp_path):
+  """A tiny JPEG/PNG folder dataset: train, checkpoint, metrics and TensorBoard files."""
+  tf = pytest.importorskip("tensorflow")
+  rng = np.random.default_rng(0)
+  for split in ("train", "test"):
+    for cls in ("cat", "dog"):
+      os.makedirs(tmp_path / "data" / split / cls)
+      for i in range(12):
+        img = rng.integers(0, 255, size=(40, 36, 3), dtype=np.uint8)
+        enc = tf.io.encode_png(img) if i % 2 else tf.io.encode_jpeg(img)
+        (tmp_path / "data" / split / cls / f"{i}.{'png' if i % 2 else 'jpg'}").write_bytes(
+            enc.numpy())
+  work = tmp_path / "work"
+  code, out = _run(work, "--config.data.source=folder", f"--config.data.data_dir={tmp_path / 'data'}",
+                   "--config.total_steps=3", "--config.checkpoint_every=2")
+  assert code == 0, out
+  assert "step 3/3" in out and "img/s" in out
+  assert (work / "metrics.jsonl").exists()
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(work))
+  ck = checkpoint.Checkpointer(str(work), save_every=1, keep=10)
+  assert ck.latest_step() == 3
+  ck.close()
+
+
+def test_compile_only_prints_memory(tmp_path):
+  code, out = _run(tmp_path, "--compile_only")
+  assert code == 0, out
+  assert "per device temp_size" in out and "GiB" in out
