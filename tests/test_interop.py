@@ -1,0 +1,379 @@
+"""Weights to and from PyTorch (sove_jax/interop/torch_weights.py).
+
+The parity reference is a PyTorch ViT forward written here from the DINO layout alone (it shares
+no code with the exporter), so a wrong transpose or reshape in the export shows up as a wrong
+output. Models are tiny (width 64, depth 2, 32 px, patch 8) with every parameter random, so
+no bias or LayerNorm scale is a trivially invertible 0 or 1.
+"""
+import argparse
+import json
+import math
+import os
+import struct
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sove_jax.interop import torch_weights as tw
+from sove_jax.models.vit import create_vit
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+SMALL = dict(width=64, depth=2, num_heads=4, patch_size=8, image_size=32, dtype=jnp.float32)
+
+
+def _vit(seed, *, scan_layers=False, **overrides):
+  """A small float32 ViT with random parameters (LayerNorm scales 1 + N(0, 0.1), everything
+  else N(0, 0.1)), filled from NumPy into an abstract model: no eager init to compile."""
+  model = nnx.eval_shape(lambda: create_vit("s", rngs=nnx.Rngs(0), scan_layers=scan_layers,
+                                            **{**SMALL, **overrides}))
+  state = nnx.state(model, nnx.Param)
+  rng = np.random.default_rng(seed)
+  values = jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.asarray(
+          (path[-1].key == "scale") + 0.1 * rng.standard_normal(x.shape), jnp.float32),
+      nnx.to_pure_dict(state))
+  nnx.replace_by_pure_dict(state, values)
+  nnx.update(model, state)
+  return model
+
+
+def _params(model):
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _bits(tree):
+  """Leaves as uint32 bit patterns, keyed by path: equality here is bitwise equality."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(p): np.asarray(x, np.float32).view(np.uint32) for p, x in flat}
+
+
+def _assert_bitwise_equal(a, b):
+  bits_a, bits_b = _bits(a), _bits(b)
+  assert bits_a.keys() == bits_b.keys()
+  for k in bits_a:
+    np.testing.assert_array_equal(bits_a[k], bits_b[k], err_msg=k)
+
+
+def _torch_vit(sd, images_nchw, *, num_heads, mask=None):
+  """Reference forward of a DINO/iBOT ViT from its state dict: tokens after the final norm.
+
+  Position embeddings are resized like `F.interpolate(size=grid, mode="bicubic")`; masked
+  patches take `masked_embed` before the position embedding, as iBOT.
+  """
+  t = {k: torch.from_numpy(v) for k, v in sd.items()}
+  x = F.conv2d(images_nchw, t["patch_embed.proj.weight"], t["patch_embed.proj.bias"],
+               stride=t["patch_embed.proj.weight"].shape[-1])
+  b, d, gh, gw = x.shape
+  x = x.flatten(2).transpose(1, 2)
+  if mask is not None:
+    x = torch.where(mask[..., None], t["masked_embed"].to(x.dtype), x)
+  pos = t["pos_embed"]
+  n = int(math.isqrt(pos.shape[1] - 1))
+  patch_pos = pos[:, 1:]
+  if (gh, gw) != (n, n):
+    grid = patch_pos.reshape(1, n, n, d).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
+    patch_pos = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, d)
+  x = torch.cat([t["cls_token"].expand(b, -1, -1), x], dim=1)
+  x = x + torch.cat([pos[:, :1], patch_pos], dim=1)
+  tokens, head_dim = x.shape[1], d // num_heads
+  depth = len({k.split(".")[1] for k in t if k.startswith("blocks.")})
+  for i in range(depth):
+    p = lambda name: t[f"blocks.{i}.{name}"]
+    h = F.layer_norm(x, (d,), p("norm1.weight"), p("norm1.bias"), eps=1e-6)
+    qkv = F.linear(h, p("attn.qkv.weight"), p("attn.qkv.bias"))
+    q, k, v = qkv.reshape(b, tokens, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    attn = ((q @ k.transpose(-2, -1)) * head_dim ** -0.5).softmax(dim=-1)
+    h = (attn @ v).transpose(1, 2).reshape(b, tokens, d)
+    x = x + F.linear(h, p("attn.proj.weight"), p("attn.proj.bias"))
+    h = F.layer_norm(x, (d,), p("norm2.weight"), p("norm2.bias"), eps=1e-6)
+    h = F.gelu(F.linear(h, p("mlp.fc1.weight"), p("mlp.fc1.bias")))  # exact (erf) GELU
+    x = x + F.linear(h, p("mlp.fc2.weight"), p("mlp.fc2.bias"))
+  return F.layer_norm(x, (d,), t["norm.weight"], t["norm.bias"], eps=1e-6)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return _vit(0)
+
+
+@pytest.fixture(scope="module")
+def state_dict(model):
+  return tw.to_torch_state_dict(model)
+
+
+# ------------------------------------------------------------------ parity with PyTorch
+
+@pytest.mark.parametrize("height,width,masked", [
+    (32, 32, False),   # trained size: pos_embed used as is
+    (32, 32, True),    # mask token <-> masked_embed
+    (40, 48, False),   # other (non-square) size: both sides resize pos_embed bicubically
+])
+def test_torch_forward_matches_jax_forward(model, state_dict, height, width, masked):
+  images = jax.random.normal(jax.random.key(3), (2, height, width, 3), jnp.float32)
+  grid = (height // 8) * (width // 8)
+  mask = jax.random.bernoulli(jax.random.key(4), 0.4, (2, grid)) if masked else None
+  want = np.asarray(model(images, mask))
+  got = _torch_vit(state_dict, torch.tensor(np.asarray(images).transpose(0, 3, 1, 2)),
+                   num_heads=SMALL["num_heads"],
+                   mask=None if mask is None else torch.tensor(np.asarray(mask)))
+  got = got.numpy()
+  assert got.shape == want.shape == (2, 1 + grid, SMALL["width"])
+  assert np.abs(got[:, 0] - want[:, 0]).max() < 1e-4   # [CLS]
+  assert np.abs(got[:, 1:] - want[:, 1:]).max() < 1e-4  # patches
+
+
+def test_state_dict_has_dino_keys_shapes_and_order(state_dict):
+  d, depth = SMALL["width"], SMALL["depth"]
+  block = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+           "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+           "mlp.fc2.weight", "mlp.fc2.bias"]
+  expected = (["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
+              + [f"blocks.{i}.{s}" for i in range(depth) for s in block]
+              + ["norm.weight", "norm.bias", "masked_embed"])
+  assert list(state_dict) == expected
+  assert state_dict["patch_embed.proj.weight"].shape == (d, 3, 8, 8)
+  assert state_dict["blocks.1.attn.qkv.weight"].shape == (3 * d, d)
+  assert state_dict["blocks.1.mlp.fc1.weight"].shape == (4 * d, d)
+  assert state_dict["pos_embed"].shape == (1, 1 + 16, d)
+  assert all(v.dtype == np.float32 for v in state_dict.values())
+  assert "masked_embed" not in tw.to_torch_state_dict(_params(_vit(0)), mask_token=False)
+
+
+# ------------------------------------------------------------------ exact round trips
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_jax_torch_jax_is_bitwise_exact(scan_layers):
+  source, target = _vit(1, scan_layers=scan_layers), _vit(2, scan_layers=scan_layers)
+  before = _params(source)
+  assert not np.array_equal(before["norm"]["scale"], _params(target)["norm"]["scale"])
+  back = tw.from_torch_state_dict(tw.to_torch_state_dict(source), target)
+  _assert_bitwise_equal(back, before)
+  # An abstract target (no allocation) gives the same parameters.
+  abstract = nnx.eval_shape(lambda: create_vit("s", rngs=nnx.Rngs(0), scan_layers=scan_layers,
+                                               **SMALL))
+  _assert_bitwise_equal(tw.from_torch_state_dict(tw.to_torch_state_dict(source), abstract),
+                        before)
+
+
+def test_scan_and_loop_layouts_export_the_same_state_dict(model):
+  loop = _params(model)
+  scan_model = _vit(5, scan_layers=True)
+  stacked = dict(loop, blocks=jax.tree.map(lambda *xs: jnp.stack(xs),
+                                           *[loop["blocks"][i] for i in range(SMALL["depth"])]))
+  state = nnx.state(scan_model, nnx.Param)
+  nnx.replace_by_pure_dict(state, stacked)
+  nnx.update(scan_model, state)
+  a, b = tw.to_torch_state_dict(model), tw.to_torch_state_dict(scan_model)
+  assert list(a) == list(b)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_round_trip_through_pth_and_safetensors_files(tmp_path, model, state_dict):
+  tw.save_pth(state_dict, str(tmp_path / "w.pth"))
+  tw.save_safetensors(state_dict, str(tmp_path / "w.safetensors"), metadata={"step": 7})
+  loaded = torch.load(tmp_path / "w.pth", weights_only=True)  # what a PyTorch user does
+  assert list(loaded) == list(state_dict)
+  assert all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 for v in loaded.values())
+  assert tw.safetensors_metadata(str(tmp_path / "w.safetensors")) == {"step": "7"}
+  for name in ("w.pth", "w.safetensors"):
+    target = _vit(9)
+    tw.import_weights(str(tmp_path / name), target)
+    _assert_bitwise_equal(_params(target), _params(model))
+
+
+def test_safetensors_bytes_follow_the_format(tmp_path):
+  """Parsed here by hand, so the writer is checked against the format, not its own reader."""
+  import ml_dtypes
+
+  arrays = {"b": np.arange(6, dtype=np.float32).reshape(2, 3) - 2.5,
+            "a": np.array([1.5, -2.25], ml_dtypes.bfloat16), "c": np.zeros((0, 4), np.float32)}
+  path = str(tmp_path / "x.safetensors")
+  tw.save_safetensors(arrays, path, metadata={"k": "v"})
+  raw = open(path, "rb").read()
+  (n,) = struct.unpack("<Q", raw[:8])
+  assert (8 + n) % 8 == 0
+  header = json.loads(raw[8:8 + n])
+  assert header["__metadata__"] == {"k": "v"}
+  assert header["b"]["dtype"] == "F32" and header["b"]["shape"] == [2, 3]
+  assert header["a"]["dtype"] == "BF16" and header["c"]["shape"] == [0, 4]
+  begin, end = header["b"]["data_offsets"]
+  assert raw[8 + n + begin:8 + n + end] == arrays["b"].astype("<f4").tobytes()
+  loaded = tw.load_safetensors(path)
+  for k, v in arrays.items():
+    assert loaded[k].dtype == v.dtype and loaded[k].shape == v.shape
+    np.testing.assert_array_equal(loaded[k].view(np.uint8), v.view(np.uint8))
+  with open(path, "r+b") as f:  # a truncated file is refused, not read short
+    f.truncate(len(raw) - 4)
+  with pytest.raises(ValueError, match="Corrupt safetensors entry"):
+    tw.load_safetensors(path)
+
+
+def test_safetensors_agrees_with_the_safetensors_package(tmp_path, state_dict):
+  st = pytest.importorskip("safetensors.numpy")
+  ours, theirs = str(tmp_path / "ours.safetensors"), str(tmp_path / "theirs.safetensors")
+  tw.save_safetensors(state_dict, ours)
+  st.save_file(state_dict, theirs)
+  for got in (st.load_file(ours), tw.load_safetensors(theirs)):
+    assert got.keys() == state_dict.keys()
+    for k in state_dict:
+      np.testing.assert_array_equal(got[k], state_dict[k], err_msg=k)
+
+
+# ------------------------------------------------------------------ importing PyTorch checkpoints
+
+def _as_torch(sd, prefix=""):
+  return {prefix + k: torch.from_numpy(v.copy()) for k, v in sd.items()}
+
+
+def test_import_dino_full_training_checkpoint(tmp_path):
+  """{'student', 'teacher', ...} with DDP/MultiCropWrapper prefixes, head keys and 'args'."""
+  teacher, student, target = _vit(11), _vit(12), _vit(13)
+  head = {"head.mlp.0.weight": torch.randn(32, 64), "head.last_layer.weight_g": torch.ones(16, 1)}
+  checkpoint = {
+      "student": {**_as_torch(tw.to_torch_state_dict(student, mask_token=False),
+                              "module.backbone."),
+                  **{"module." + k: v for k, v in head.items()}},
+      "teacher": {**_as_torch(tw.to_torch_state_dict(teacher, mask_token=False), "backbone."),
+                  **head},
+      "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]},
+      "epoch": 100, "args": argparse.Namespace(arch="vit_small", patch_size=8),
+      "dino_loss": {"center": torch.zeros(1, 16)},
+  }
+  torch.save(checkpoint, tmp_path / "checkpoint.pth")
+  mask_before = np.asarray(_params(target)["mask_token"])
+  with pytest.warns(tw.MaskTokenNotLoaded, match="masked_embed"):
+    tw.import_weights(str(tmp_path / "checkpoint.pth"), target)
+  got, want = _params(target), _params(teacher)
+  np.testing.assert_array_equal(got["mask_token"], mask_before)  # DINO has none: kept
+  got.pop("mask_token"), want.pop("mask_token")
+  _assert_bitwise_equal(got, want)
+
+
+@pytest.mark.parametrize("prefix", ["", "module.backbone.", "teacher.backbone."])
+def test_import_ibot_style_flat_state_dict_with_masked_embed(prefix):
+  source, target = _vit(21), _vit(22)
+  sd = {**_as_torch(tw.to_torch_state_dict(source), prefix), prefix + "head.x": torch.ones(2)}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", tw.MaskTokenNotLoaded)
+    tw.import_weights(sd, target)
+  _assert_bitwise_equal(_params(target), _params(source))
+
+
+def _broken(sd, case):
+  sd = dict(sd)
+  if case == "missing":
+    del sd["blocks.1.mlp.fc2.bias"]
+  elif case == "shape":
+    sd["blocks.0.attn.qkv.weight"] = np.zeros((192, 32), np.float32)
+  elif case == "unexpected":  # e.g. iBOT layer scale, which our ViT lacks
+    sd["blocks.0.gamma_1"] = np.ones(64, np.float32)
+  elif case == "image_size":
+    sd["pos_embed"] = np.zeros((1, 1 + 36, 64), np.float32)
+  elif case == "nested":
+    sd = {"model": sd, "epoch": 3}
+  return sd
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", r"missing key blocks\.1\.mlp\.fc2\.bias"),
+    ("shape", r"blocks\.0\.attn\.qkv\.weight: checkpoint \(192, 32\), model expects \(192, 64\)"),
+    ("unexpected", r"unexpected key blocks\.0\.gamma_1"),
+    ("image_size", r"pos_embed: checkpoint \(1, 37, 64\), model expects \(1, 17, 64\)"
+                   r"(.|\n)*image_size"),
+    ("nested", r"no 'teacher' entry(.|\n)*\['epoch', 'model'\](.|\n)*checkpoint_key"),
+])
+def test_import_errors_name_the_key(model, state_dict, case, message):
+  with pytest.raises(ValueError, match=message):
+    tw.from_torch_state_dict(_broken(state_dict, case), model)
+
+
+class _NotATensor:
+  """An arbitrary pickled object: weights_only loading must refuse it."""
+
+
+def test_pth_with_arbitrary_objects_needs_trust(tmp_path, state_dict):
+  torch.save({"teacher": _as_torch(state_dict), "extra": _NotATensor()}, tmp_path / "x.pth")
+  with pytest.raises(ValueError, match="trusted=True"):
+    tw.load_pth(str(tmp_path / "x.pth"))
+  loaded = tw.load_pth(str(tmp_path / "x.pth"), trusted=True)
+  np.testing.assert_array_equal(loaded["teacher"]["norm.bias"], state_dict["norm.bias"])
+
+
+# ------------------------------------------------------------------ workdir and command line
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A training workdir (config + Orbax checkpoints at steps 1 and 2) written with the
+  trainer's own Checkpointer and state layout, without training: every leaf is random, filled
+  from NumPy into the abstract train state (no init to compile); teacher != student."""
+  from configs import smoke
+  from sove_jax import checkpoint, optim, state as state_lib
+
+  path = str(tmp_path_factory.mktemp("workdir"))
+  config = smoke.get_config()
+  checkpoint.write_config(config, path)
+  tx = optim.make_optimizer(config, optim.make_schedules(config, 1, 1))
+  abstract = jax.eval_shape(state_lib.make_init(config, tx, config.data.global_size),
+                            jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  fill = lambda x: jnp.asarray(rng.standard_normal(x.shape) if jnp.issubdtype(
+      x.dtype, jnp.floating) else np.zeros(x.shape), x.dtype)
+  states = {}
+  ckpt = checkpoint.Checkpointer(path, save_every=1, keep=2, asynchronous=False)
+  for step in (1, 2):
+    states[step] = jax.tree.map(fill, abstract)
+    ckpt.save(step, states[step], {"epoch": 0}, force=True)
+  ckpt.close()
+  return path, states
+
+
+def test_export_cli_on_workdir_and_import_cli(workdir, tmp_path, capsys):
+  path, states = workdir
+  out = str(tmp_path / "teacher.safetensors")
+  tw.main(["export", f"--workdir={path}", f"--out={out}"])  # latest step, teacher
+  summary = json.loads(capsys.readouterr().out)
+  assert summary["step"] == 2 and summary["which"] == "teacher"
+  want = tw.to_torch_state_dict(states[2].teacher)
+  got = tw.load_safetensors(out)
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  assert tw.safetensors_metadata(out)["step"] == "2"
+
+  pth = str(tmp_path / "student.pth")
+  tw.main(["export", f"--workdir={path}", f"--out={pth}", "--step=1", "--which=student"])
+  got = torch.load(pth, weights_only=True)
+  want = tw.to_torch_state_dict(states[1].student)
+  assert not np.array_equal(want["norm.weight"], tw.to_torch_state_dict(states[1].teacher)[
+      "norm.weight"])
+  for k in want:
+    np.testing.assert_array_equal(got[k].numpy(), want[k], err_msg=k)
+
+  capsys.readouterr()
+  tw.main(["import", f"--checkpoint={out}", "--variant=ti", "--width=32", "--depth=2",
+           "--num_heads=2", "--patch_size=7", "--image_size=28"])
+  report = capsys.readouterr().out
+  assert f"Loaded {len(want)} backbone tensors" in report and "finite=True" in report
+  with pytest.raises(SystemExit, match="missing key blocks.2"):
+    tw.main(["import", f"--checkpoint={out}", "--variant=ti", "--width=32", "--depth=3",
+             "--num_heads=2", "--patch_size=7", "--image_size=28"])
+
+
+def test_package_imports_without_torch():
+  """torch is optional: importing the module must not import it (checked in a fresh process)."""
+  import subprocess
+  import sys
+  code = ("import sys; sys.modules['torch'] = None; "
+          "import sove_jax.interop.torch_weights as t; print(t.MASK_KEY)")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=root)
+  assert result.returncode == 0 and "masked_embed" in result.stdout, result.stderr
