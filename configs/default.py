@@ -17,6 +17,7 @@ def get_config():
   c.batch_size = 128          # global batch (all hosts); divisible by the device count
   c.num_epochs = 5.0          # training length in epochs of the train split...
   c.total_steps = -1          # ...or, when > 0, in steps (overrides num_epochs)
+  c.run_steps = -1            # steps this process takes before saving and exiting (-1: to the end)
 
   # --- data: host-side tf.data pipeline (sove_jax/data) -------------------------------------
   c.data = d = ml_collections.ConfigDict()
@@ -47,9 +48,11 @@ def get_config():
   d.mask_ratio = 0.3          # paper: 0.3 block; random option: 0.7
   d.mask_ratio_var = 0.0      # ratio drawn uniformly in ratio +- var per image
   d.mask_min_patches = 4      # smallest block, in patches
-  d.shuffle_buffer = 10_000
-  d.cache = True              # cache decoded images in memory (small datasets)
-  d.prefetch = 2
+  d.image_key = "image"       # TFDS feature holding the image
+  d.label_key = "label"       # TFDS feature holding the label ("" = none; labels become -1)
+  d.shuffle_buffer = 10_000   # tfds records in the shuffle buffer (folders/arrays: whole epochs)
+  d.prefetch = 2              # host batches prepared ahead
+  d.threads = 0               # tf.data worker threads per host (0 = one per core)
 
   # --- model: student/teacher backbone and projection head (sove_jax/models) -----------------
   c.model = m = ml_collections.ConfigDict()

@@ -19,7 +19,6 @@ def imagenet(c):
   d.global_scale, d.local_scale = (0.14, 1.0), (0.05, 0.4)
   d.eval_resize, d.eval_crop = 256, 224
   d.mask_type, d.mask_ratio = "block", 0.3
-  d.cache = False
   m = c.model
   m.patch_size, m.drop_path, m.head_hidden, m.head_out = 16, 0.1, 2048, 256
   s = c.sove

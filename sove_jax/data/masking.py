@@ -1,0 +1,110 @@
+"""Patch masks for the two global crops (SPEC section 6): blockwise (BEiT/iBOT) and random.
+
+TensorFlow ops, vectorised over a batch of masks and driven by a stateless seed, so a mask
+depends only on its place in the stream. (Not numpy in tf.numpy_function: a Python callback in
+flight while an iterator is torn down deadlocks on the GIL, which a resumed or stopped trainer
+would hit.) True = masked.
+
+Every mask has exactly `masked_count(ratio, L)` patches, ratio drawn per mask in ratio +- var.
+The blockwise generator is BEiT's: rectangles of at least `min_patches` patches, area uniform
+between that and the remaining count, aspect ratio log-uniform in (0.3, 1/0.3), at a random
+place, accepted when it adds between 1 and the remaining count of new patches; ten failed tries
+in a row end it. BEiT then fills the last few patches with smaller rectangles or stops short;
+here the last patches (fewer than `min_patches`, or all that could not be placed) are grown one
+by one onto the edge of the mask, so the count is exact and every connected piece of the mask
+holds at least `min_patches` patches.
+"""
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+from sove_jax.data.augment import fold
+
+MASK_TYPES = ("block", "random")
+
+
+def masked_count(ratio: float, num_patches: int) -> int:
+  """round(ratio * L), halves rounded up, as the pipeline computes it."""
+  return int(math.floor(ratio * num_patches + 0.5))
+
+
+def _blocks(seed, mask, count, min_patches, aspect, attempts):
+  """BEiT's rectangle placement on masks [n, h, w] until < min_patches remain or tries run out."""
+  n, h, w = mask.shape
+  rows = tf.range(h, dtype=tf.float32)[None, :, None]
+  cols = tf.range(w, dtype=tf.float32)[None, None, :]
+  log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
+  lo = float(min_patches)
+
+  def body(step, mask, masked, fails):
+    remaining = count - masked
+    active = (remaining >= min_patches) & (fails < attempts)
+    u = tf.random.stateless_uniform([n, 4], fold(seed, step))
+    area = lo + u[:, 0] * (tf.cast(remaining, tf.float32) - lo)
+    ratio = tf.exp(log_lo + u[:, 1] * (log_hi - log_lo))
+    bh = tf.round(tf.sqrt(area * ratio))
+    bw = tf.round(tf.sqrt(area / ratio))
+    fits = (bh * bw >= lo) & (bh <= h) & (bw <= w)
+    top = tf.floor(u[:, 2] * (h - bh + 1))[:, None, None]
+    left = tf.floor(u[:, 3] * (w - bw + 1))[:, None, None]
+    block = ((rows >= top) & (rows < top + bh[:, None, None]) &
+             (cols >= left) & (cols < left + bw[:, None, None]))
+    new = tf.reduce_sum(tf.cast(block & ~mask, tf.int32), axis=[1, 2])
+    accept = active & fits & (new > 0) & (new <= remaining)
+    mask = mask | (block & accept[:, None, None])
+    masked = masked + tf.where(accept, new, 0)
+    fails = tf.where(accept, 0, tf.where(active, fails + 1, fails))
+    return step + 1, mask, masked, fails
+
+  def cond(step, mask, masked, fails):
+    return tf.reduce_any((count - masked >= min_patches) & (fails < attempts))
+
+  zeros = tf.zeros([n], tf.int32)
+  _, mask, masked, _ = tf.while_loop(cond, body, (tf.constant(0, tf.int64), mask, zeros, zeros))
+  return mask, masked
+
+
+def _grow(seed, mask, missing):
+  """Adds `missing` [n] patches per mask, one at a time, each 4-adjacent to the mask."""
+  n, h, w = mask.shape
+
+  def body(step, mask, missing):
+    m = tf.cast(mask, tf.int32)
+    near = tf.pad(m[:, 1:], [[0, 0], [0, 1], [0, 0]]) | tf.pad(m[:, :-1], [[0, 0], [1, 0], [0, 0]])
+    near |= tf.pad(m[:, :, 1:], [[0, 0], [0, 0], [0, 1]])
+    near |= tf.pad(m[:, :, :-1], [[0, 0], [0, 0], [1, 0]])
+    empty = ~tf.reduce_any(mask, axis=[1, 2])[:, None, None]
+    candidate = ((near > 0) | empty) & ~mask
+    score = tf.random.stateless_uniform([n, h, w], fold(seed, step))
+    score += tf.cast(candidate, tf.float32)
+    best = tf.argmax(tf.reshape(score, [n, h * w]), axis=1)  # a random candidate
+    pick = tf.one_hot(best, h * w, on_value=True, off_value=False)
+    pick = tf.reshape(pick, [n, h, w]) & candidate & (missing > 0)[:, None, None]
+    return step + 1, mask | pick, missing - tf.cast(missing > 0, tf.int32)
+
+  _, mask, _ = tf.while_loop(lambda s, m, missing: tf.reduce_any(missing > 0), body,
+                             (tf.constant(0, tf.int64), mask, missing))
+  return mask
+
+
+def masks(seed, n: int, grid: tuple[int, int], mask_type: str, ratio: float, ratio_var: float = 0.0,
+          min_patches: int = 4, aspect: tuple[float, float] = (0.3, 1 / 0.3),
+          attempts: int = 10) -> tf.Tensor:
+  """`n` independent masks, bool [n, h * w], from a stateless seed (int [2])."""
+  if mask_type not in MASK_TYPES:
+    raise ValueError(f"mask_type must be one of {MASK_TYPES}, not {mask_type!r}")
+  h, w = grid
+  num_patches = h * w
+  u = tf.random.stateless_uniform([n], fold(seed, 0))
+  ratios = ratio + ratio_var * (2.0 * u - 1.0)
+  count = tf.cast(tf.floor(ratios * num_patches + 0.5), tf.int32)
+  if mask_type == "random":
+    scores = tf.random.stateless_uniform([n, num_patches], fold(seed, 1))
+    rank = tf.argsort(tf.argsort(scores, axis=1), axis=1)
+    return rank < count[:, None]
+  mask = tf.zeros([n, h, w], tf.bool)
+  mask, masked = _blocks(fold(seed, 2), mask, count, min_patches, aspect, attempts)
+  mask = _grow(fold(seed, 3), mask, count - masked)
+  return tf.reshape(mask, [n, num_patches])

@@ -1,0 +1,519 @@
+"""Train and evaluation input: tf.data pipelines on each host, host batches -> global jax.Arrays.
+
+Training stream (SPEC section 6). Each epoch has a fixed order per process, derived from
+(seed, epoch): sources read by index get a global permutation of which process p takes every
+P-th entry (disjoint, N // P each); a TFDS stream gives each process a contiguous 1/P of the split,
+shuffles its files and a buffer of records. Every random draw of an example or batch is a
+stateless function of (seed, process, epoch, position in the epoch), so the stream depends on
+nothing else, and the iterator state is just (epoch, position): a restored run rebuilds the epoch
+and skips `position` indices (or undecoded records) instead of replaying batches.
+
+Per host: read -> decode -> crop + flip (per example when images differ in size; per batch from
+memory) -> batch (drop_remainder) -> colour/gray/blur/solarize + normalise (per batch) -> masks
+-> prefetch.
+An example that fails to decode is dropped; the gap it leaves in the positions is how it is
+counted and named in the log.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from sove_jax.data import augment, masking, sources
+
+log = logging.getLogger(__name__)
+
+AUTOTUNE = tf.data.AUTOTUNE
+STAGES = ("read", "decode", "crop", "colour", "mask")  # a pipeline can be cut after any (benchmark)
+_CROP, _COLOUR, _MASK = 1, 2, 3    # which stage a random draw belongs to...
+_GLOBAL, _LOCAL, _FLIP = 1, 2, 3    # ...and which views or what within it
+
+
+# --- validation -----------------------------------------------------------------------------------
+
+def _pair(v, name, lo=-math.inf, hi=math.inf):
+  if len(v) != 2 or not lo <= v[0] <= v[1] <= hi:
+    raise ValueError(f"data.{name} must be (low, high) with {lo} <= low <= high <= {hi}, "
+                     f"got {tuple(v)}.")
+
+
+def _prob(p, name):
+  if not 0.0 <= p <= 1.0:
+    raise ValueError(f"data.{name} must be a probability in [0, 1], got {p}.")
+
+
+def validate(data_config, *, patch_size: int, global_batch_size: int, process_count: int) -> None:
+  """Raises ValueError, one sentence, for a data config that cannot work. Touches no files."""
+  d = data_config
+  if d.source not in ("fashion_mnist", "folder", "tfds"):
+    raise ValueError(f"data.source must be 'fashion_mnist', 'folder' or 'tfds', not {d.source!r}.")
+  if d.source == "tfds" and not d.name:
+    raise ValueError("data.source='tfds' needs data.name, the TFDS dataset name "
+                     "(e.g. 'imagenet2012').")
+  if d.source == "folder" and not d.data_dir:
+    raise ValueError("data.source='folder' needs data.data_dir, the folder holding "
+                     "<split>/<class>/ images.")
+  if global_batch_size <= 0 or process_count <= 0 or global_batch_size % process_count:
+    raise ValueError(f"The global batch {global_batch_size} must be a positive multiple of the "
+                     f"process count {process_count}.")
+  if d.num_local < 0:
+    raise ValueError(f"data.num_local must be >= 0, got {d.num_local}.")
+  for name in ("global_size", "local_size", "eval_crop"):
+    size = getattr(d, name)
+    if size <= 0 or size % patch_size:
+      raise ValueError(f"data.{name}={size} must be a positive multiple of the patch size "
+                       f"{patch_size}.")
+  if d.eval_resize < d.eval_crop:
+    raise ValueError(f"data.eval_resize={d.eval_resize} must be >= data.eval_crop={d.eval_crop}.")
+  _pair(d.global_scale, "global_scale", 1e-6, 1.0)
+  _pair(d.local_scale, "local_scale", 1e-6, 1.0)
+  _pair(d.aspect_ratio, "aspect_ratio", 1e-6)
+  _pair(d.blur_sigma, "blur_sigma", 1e-6)
+  for name in ("color_jitter_prob", "grayscale_prob", "mask_ratio"):
+    _prob(getattr(d, name), name)
+  for name in ("blur_prob", "solarize_prob"):
+    if len(getattr(d, name)) != 3:
+      raise ValueError(f"data.{name} needs 3 probabilities (global 1, global 2, locals).")
+    for p in getattr(d, name):
+      _prob(p, name)
+  if len(d.color_jitter) != 4 or min(d.color_jitter) < 0 or d.color_jitter[3] > 0.5:
+    raise ValueError("data.color_jitter must be 4 values >= 0 (brightness, contrast, saturation, "
+                     f"hue <= 0.5), got {tuple(d.color_jitter)}.")
+  if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:
+    raise ValueError("data.mean and data.std need 3 values each, std > 0.")
+  if d.mask_type not in masking.MASK_TYPES:
+    raise ValueError(f"data.mask_type must be one of {masking.MASK_TYPES}, not {d.mask_type!r}.")
+  lo, hi = d.mask_ratio - d.mask_ratio_var, d.mask_ratio + d.mask_ratio_var
+  if d.mask_ratio_var < 0 or lo < 0 or hi > 1:
+    raise ValueError(f"data.mask_ratio +- data.mask_ratio_var must stay in [0, 1], "
+                     f"got [{lo}, {hi}].")
+  num_patches = (d.global_size // patch_size) ** 2
+  if d.mask_type == "block":
+    if d.mask_min_patches < 1 or d.mask_min_patches > num_patches:
+      raise ValueError(f"data.mask_min_patches={d.mask_min_patches} must be in [1, {num_patches}] "
+                       f"({d.global_size // patch_size}x{d.global_size // patch_size} patches).")
+    fewest = masking.masked_count(lo, num_patches)
+    if 0 < fewest < d.mask_min_patches:
+      raise ValueError(f"Block masks need >= data.mask_min_patches={d.mask_min_patches} patches "
+                       f"but ratio {lo:.3g} of {num_patches} patches masks only {fewest}.")
+  if d.shuffle_buffer < 1 or d.prefetch < 0 or d.threads < 0:
+    raise ValueError("data.shuffle_buffer must be >= 1, data.prefetch and data.threads >= 0.")
+
+
+# --- shared pieces --------------------------------------------------------------------------------
+
+def _processes(process_index, process_count):
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if not 0 <= index < count:
+    raise ValueError(f"process_index {index} is not in [0, {count}).")
+  return index, count
+
+
+def _options(threads: int) -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.max_intra_op_parallelism = 1
+  if threads > 0:
+    options.threading.private_threadpool_size = threads
+  return options
+
+
+def _decode(example):
+  """Encoded bytes -> uint8 [H, W, 3]; gray and palette images become RGB."""
+  example = dict(example)
+  image = tf.io.decode_image(example.pop("bytes"), channels=3, expand_animations=False)
+  return {**example, "image": image}
+
+
+def _tables(source) -> dict:
+  """The arrays an indexed source is read from, as TF variables made once per input.
+
+  Captured arrays would be serialised into every epoch's dataset graph (47 MB of Fashion-MNIST,
+  ~80 MB of ImageNet file names); a variable is captured by handle. (A numpy lookup through
+  tf.numpy_function would also do, but a Python callback in flight when an iterator is
+  dropped deadlocks on the GIL.)
+  """
+  if isinstance(source, sources.ArraySource):
+    return {"image": tf.Variable(source.images, trainable=False),
+            "label": tf.Variable(source.labels, trainable=False)}
+  if isinstance(source, sources.FileSource):
+    return {"path": tf.Variable(source.paths, trainable=False, dtype=tf.string),
+            "label": tf.Variable(source.labels, trainable=False)}
+  return {}
+
+
+def _map(ds, *fns):
+  """One parallel, order-keeping map of `fns` in sequence. Plain graph code: no AutoGraph."""
+  def chained(*x):
+    x = fns[0](*x)
+    for fn in fns[1:]:
+      x = fn(x)
+    return x
+  return ds.map(tf.autograph.experimental.do_not_convert(chained), num_parallel_calls=AUTOTUNE,
+                deterministic=True)
+
+
+def host_order(num_examples: int, seed: int, epoch: int, process_index: int,
+               process_count: int) -> tf.Tensor:
+  """Example indices this process reads in `epoch`: every P-th of one permutation shared by all."""
+  perm = tf.random.experimental.stateless_shuffle(tf.range(num_examples, dtype=tf.int64),
+                                                  seed=tf.constant([seed, epoch], tf.int64))
+  return perm[process_index::process_count][: num_examples // process_count]
+
+
+# --- training -------------------------------------------------------------------------------------
+
+class TrainInput:
+  """Iterator over host-local training batches (numpy), resumable from `get_state()`.
+
+  Each batch: "global" float32 [b, 2, G, G, 3], "local" float32 [b, N, S, S, 3] (absent when
+  N = 0), "mask" bool [b, 2, (G/p)^2] (True = masked), "label" int32 [b]; b = global batch / P.
+  """
+
+  def __init__(self, source, data_config, *, patch_size: int, global_batch_size: int, seed: int,
+               process_index: int, process_count: int):
+    self.source = source
+    self.config = d = data_config
+    self.seed = int(seed)
+    self.process_index, self.process_count = process_index, process_count
+    self.batch_size = global_batch_size // process_count
+    self.num_examples = len(source)
+    self.steps_per_epoch = self.num_examples // global_batch_size
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"{source.name}: {self.num_examples} examples do not fill one global batch "
+                       f"of {global_batch_size}.")
+    self.grid = d.global_size // patch_size
+    self.skipped: set[str] = set()  # examples that did not decode (this process), named
+    self._epoch, self._position = 0, 0
+    self._iterator, self._order = None, None
+    self._tables = _tables(source)
+    self._stages = self._stage_fns()
+
+  # Stages: functions of one element (example or batch), traced once and reused by every epoch --
+
+  def _key(self, epoch, position, stage: int):
+    """Stateless seed of one example or batch: (seed, process) + epoch, position, stage."""
+    base = tf.constant([self.seed, self.process_index], tf.int64)
+    return augment.fold(augment.fold(augment.fold(base, epoch), position), stage)
+
+  def _boxes(self, key, shape, height, width):
+    """Crop boxes and flips of the global and the local views."""
+    d = self.config
+
+    def draw(views, n, scale):
+      key_views = augment.fold(key, views)
+      boxes = augment.draw_crop_boxes(key_views, shape + [n], height, width, tuple(scale),
+                                      tuple(d.aspect_ratio))
+      flips = tf.random.stateless_uniform(shape + [n], augment.fold(key_views, _FLIP)) < 0.5
+      return boxes, (flips if d.flip else None)
+    return draw(_GLOBAL, 2, d.global_scale), draw(_LOCAL, d.num_local, d.local_scale)
+
+  def _read_arrays(self, batch):
+    batch = dict(batch)  # traced functions may not change their arguments
+    index = batch.pop("index")
+    return {**batch, "image": tf.gather(self._tables["image"], index),
+            "label": tf.gather(self._tables["label"], index)}
+
+  def _read_file(self, example):
+    example = dict(example)  # traced functions may not change their arguments
+    index = example.pop("index")
+    return {**example, "bytes": tf.io.read_file(tf.gather(self._tables["path"], index)),
+            "label": tf.gather(self._tables["label"], index)}
+
+  def _crop_batch(self, batch):
+    """Crops of a batch of same-size images in memory (gray stays 1 channel until normalised)."""
+    batch = dict(batch)  # traced functions may not change their arguments
+    d = self.config
+    image = batch.pop("image")
+    g, l = self._boxes(self._key(batch["epoch"][0], batch["position"][0], _CROP), [self.batch_size],
+                       image.shape[1], image.shape[2])
+    batch["global"] = augment.resized_crops(image, g[0], d.global_size, flip=g[1])
+    if d.num_local:
+      batch["local"] = augment.resized_crops(image, l[0], d.local_size, flip=l[1])
+    return batch
+
+  def _crop_example(self, example):
+    """Crops for one decoded image of any size."""
+    example = dict(example)  # traced functions may not change their arguments
+    d = self.config
+    image = example.pop("image")
+    g, l = self._boxes(self._key(example["epoch"], example["position"], _CROP), [],
+                       tf.shape(image)[0], tf.shape(image)[1])
+
+    def views(boxes, flips, size):
+      flips = [None] * boxes.shape[0] if flips is None else tf.unstack(flips)
+      return tf.stack([augment.resized_crop(image, box, size, flip)
+                       for box, flip in zip(tf.unstack(boxes), flips)])
+    example["global"] = views(*g, d.global_size)
+    if d.num_local:
+      example["local"] = views(*l, d.local_size)
+    return example
+
+  def _colour(self, batch):
+    batch = dict(batch)  # traced functions may not change their arguments
+    d = self.config
+    key = self._key(batch["epoch"][0], batch["position"][0], _COLOUR)
+    common = dict(jitter_prob=d.color_jitter_prob, jitter=tuple(d.color_jitter),
+                  gray_prob=d.grayscale_prob, blur_sigma=tuple(d.blur_sigma))
+
+    def finish(x):  # gray views (1 channel) become 3 channels here
+      x = tf.tile(x, [1, 1, 1, 1, 3]) if x.shape[-1] == 1 else x
+      return augment.normalize(x, d.mean, d.std)
+
+    g = augment.photometric(batch["global"], augment.fold(key, _GLOBAL), **common,
+                            blur_prob=tuple(d.blur_prob[:2]),
+                            solarize_prob=tuple(d.solarize_prob[:2]))
+    batch["global"] = finish(g)
+    if d.num_local:
+      l = augment.photometric(batch["local"], augment.fold(key, _LOCAL), **common,
+                              blur_prob=(d.blur_prob[2],) * d.num_local,
+                              solarize_prob=(d.solarize_prob[2],) * d.num_local)
+      batch["local"] = finish(l)
+    return batch
+
+  def _masks(self, batch):
+    d, b, grid = self.config, self.batch_size, self.grid
+    key = self._key(batch["epoch"][0], batch["position"][0], _MASK)
+    mask = masking.masks(key, 2 * b, (grid, grid), d.mask_type, d.mask_ratio, d.mask_ratio_var,
+                         d.mask_min_patches)
+    return {**batch, "mask": tf.reshape(mask, [b, 2, grid * grid])}
+
+  def _stage_fns(self) -> list[tuple[str, object, bool]]:
+    """(name, function, per example?) in pipeline order, for this kind of source."""
+    src = self.source
+    if isinstance(src, sources.ArraySource):
+      fns = [("read", self._read_arrays, False), ("crop", self._crop_batch, False)]
+    else:
+      read = self._read_file if isinstance(src, sources.FileSource) else (lambda e: e)
+      fns = [("read", read, True), ("decode", _decode, True), ("crop", self._crop_example, True)]
+    fns += [("colour", self._colour, False), ("mask", self._masks, False)]
+    return [(name, tf.function(fn, autograph=False), per_example) for name, fn, per_example in fns]
+
+  def stages(self) -> list[str]:
+    """The stage names of this source's pipeline, in order (arrays in memory need no decode)."""
+    return [name for name, _, _ in self._stages]
+
+  def dataset(self, epoch: int = 0, position: int = 0,
+              stop_after: str | None = None) -> tf.data.Dataset:
+    """This process's batches of `epoch` from `position` on; `stop_after` cuts after a stage.
+
+    Elements keep "epoch" and "position" (int64, per example) so consumers can count and resume.
+    """
+    if stop_after is not None and stop_after not in self.stages():
+      raise ValueError(f"stop_after must be one of {self.stages()}, not {stop_after!r}")
+    d, b, src = self.config, self.batch_size, self.source
+    if isinstance(src, sources.TfdsSource):
+      words = [self.seed, self.process_index, epoch]
+      shuffle_seed = int(np.random.SeedSequence(words).generate_state(1)[0])
+      ds = src.host_records(self.process_index, self.process_count, drop_remainder=True,
+                            shuffle_seed=shuffle_seed, shuffle_buffer=d.shuffle_buffer)
+      ds = ds.enumerate().skip(position)  # skips undecoded records
+      ds = _map(ds, lambda i, r: {"epoch": tf.constant(epoch, tf.int64), "position": i,
+                                  "bytes": r[0], "label": r[1]})
+    else:
+      order = lambda _: tf.data.Dataset.from_tensor_slices(
+          host_order(len(src), self.seed, epoch, self.process_index, self.process_count))
+      ds = tf.data.Dataset.from_tensors(0).flat_map(order).enumerate().skip(position)
+      ds = _map(ds, lambda i, index: {"epoch": tf.constant(epoch, tf.int64), "position": i,
+                                      "index": index})
+    batched = isinstance(src, sources.ArraySource)  # in memory: read and cropped per batch
+    if batched:
+      ds = ds.batch(b, drop_remainder=True)
+    fns = []
+    for name, fn, per_example in self._stages:
+      if per_example == batched:  # the first per-batch stage: finish the per-example run, batch
+        ds = (_map(ds, *fns) if fns else ds).batch(b, drop_remainder=True)
+        fns, batched = [], True
+      fns.append(fn)
+      if name == "decode":  # drops examples that fail to read or decode
+        ds, fns = _map(ds, *fns).ignore_errors(log_warning=True), []
+      if name == stop_after:
+        break
+    if fns:
+      ds = _map(ds, *fns)
+    return ds.prefetch(d.prefetch).with_options(_options(d.threads))
+
+  # Iteration and state --------------------------------------------------------------------------
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    while True:
+      if self._iterator is None:
+        self._epoch_start = self._position
+        self._yielded = False
+        self._iterator = self.dataset(self._epoch, self._position).as_numpy_iterator()
+      try:
+        batch = next(self._iterator)
+        break
+      except StopIteration:
+        if not self._yielded and self._epoch_start == 0:
+          raise RuntimeError(f"{self.source.name}: epoch {self._epoch} gave no batch; "
+                             f"{len(self.skipped)} examples failed to decode so far.") from None
+        self._epoch, self._position, self._iterator = self._epoch + 1, 0, None
+    self._yielded = True
+    batch.pop("epoch")
+    positions = batch.pop("position")
+    self._count_skipped(positions)
+    self._position = int(positions[-1]) + 1
+    return batch
+
+  def _count_skipped(self, positions):
+    """Positions missing between batches are examples dropped by the decoder: name them once."""
+    missing = sorted(set(range(self._position, int(positions[-1]) + 1)) - set(positions.tolist()))
+    if not missing:
+      return
+    if isinstance(self.source, sources.TfdsSource):
+      names = [f"{self.source.describe(p)} of epoch {self._epoch}" for p in missing]
+    else:
+      if self._order is None or self._order[0] != self._epoch:
+        self._order = (self._epoch, host_order(len(self.source), self.seed, self._epoch,
+                                               self.process_index, self.process_count).numpy())
+      names = [self.source.describe(int(self._order[1][p])) for p in missing]
+    new = sorted(set(names) - self.skipped)
+    self.skipped.update(names)
+    if new:
+      log.warning("Skipped %d example(s) that did not decode: %s (%d so far).", len(new),
+                  ", ".join(new), len(self.skipped))
+
+  def get_state(self) -> dict:
+    """Where the stream stands: the next example of this process's epoch order."""
+    return {"epoch": self._epoch, "position": self._position, "process_count": self.process_count}
+
+  def set_state(self, state: dict) -> None:
+    """Continue from `state`: the epoch is rebuilt and the consumed part skipped, not replayed."""
+    epoch, position = int(state["epoch"]), int(state["position"])
+    if int(state.get("process_count", self.process_count)) != self.process_count:
+      # Other process count, other per-process orders: keep the same fraction of the epoch.
+      position = position * int(state["process_count"]) // self.process_count
+      log.warning("Input state was saved with %s processes, resuming with %d: continuing at the "
+                  "same fraction of epoch %d, not the exact stream.", state["process_count"],
+                  self.process_count, epoch)
+    if epoch < 0 or position < 0:
+      raise ValueError(f"Bad input state {state}.")
+    self._epoch, self._position, self._iterator = epoch, position, None
+
+
+def train_input(data_config, *, patch_size: int, global_batch_size: int, seed: int,
+                process_index: int | None = None, process_count: int | None = None) -> TrainInput:
+  """The training stream of this process, from the `data` config block."""
+  process_index, process_count = _processes(process_index, process_count)
+  validate(data_config, patch_size=patch_size, global_batch_size=global_batch_size,
+           process_count=process_count)
+  source = sources.open_source(data_config, data_config.train_split)
+  return TrainInput(source, data_config, patch_size=patch_size, global_batch_size=global_batch_size,
+                    seed=seed, process_index=process_index, process_count=process_count)
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+
+class EvalInput:
+  """Re-iterable evaluation batches: "image" float32 [b, C, C, 3], "label" int32 [b], "valid" [b].
+
+  Each pass yields every example of the split (or of its first `max_examples`) exactly once over
+  all processes, in split order; every process yields the same number of batches, the last ones
+  padded with valid=False (label -1, image zeros).
+  """
+
+  def __init__(self, source, data_config, *, global_batch_size: int, process_index: int,
+               process_count: int, max_examples: int = -1):
+    self.source, self.config = source, data_config
+    self.process_index, self.process_count = process_index, process_count
+    self.batch_size = global_batch_size // process_count
+    n = len(source)
+    self.num_examples = n if max_examples < 0 else min(max_examples, n)
+    self._max_examples = max_examples if 0 <= max_examples < n else -1
+    self._tables = _tables(source)
+    per_process = -(-self.num_examples // process_count)
+    self.num_batches = -(-per_process // self.batch_size)
+    self.num_skipped = 0  # examples of the last pass that did not decode (this process)
+    self._dataset = None  # built once, iterated afresh by every pass
+
+  def _indices(self) -> np.ndarray:
+    return np.array_split(np.arange(self.num_examples), self.process_count)[self.process_index]
+
+  def dataset(self) -> tf.data.Dataset:
+    d, b, src = self.config, self.batch_size, self.source
+    total = self.num_batches * b
+    normalize = lambda x: augment.normalize(x, d.mean, d.std)
+    if isinstance(src, sources.ArraySource):
+      index = np.full(total, -1, np.int64)
+      mine = self._indices()
+      index[: len(mine)] = mine
+      tables = self._tables
+      C = src.images.shape[-1]
+
+      def prepare(idx):
+        valid = idx >= 0
+        safe = tf.maximum(idx, 0)
+        image = augment.eval_view(tf.gather(tables["image"], safe), d.eval_resize, d.eval_crop)
+        if C == 1:
+          image = tf.tile(image, [1, 1, 1, 3])
+        image = tf.where(valid[:, None, None, None], normalize(image), 0.0)
+        return {"image": image, "label": tf.where(valid, tf.gather(tables["label"], safe), -1),
+                "valid": valid}
+      ds = _map(tf.data.Dataset.from_tensor_slices(index).batch(b), prepare)
+    else:
+      if isinstance(src, sources.TfdsSource):
+        ds = src.host_records(self.process_index, self.process_count, drop_remainder=False,
+                              max_examples=self._max_examples)
+        ds = _map(ds, lambda image, label: {"bytes": image, "label": label})
+      else:
+        tables = self._tables
+        ds = _map(tf.data.Dataset.from_tensor_slices(self._indices()),
+                  lambda i: {"bytes": tf.io.read_file(tf.gather(tables["path"], i)),
+                             "label": tf.gather(tables["label"], i)})
+
+      def prepare(example):
+        image = augment.eval_view(_decode(example)["image"], d.eval_resize, d.eval_crop)
+        return {"image": normalize(image), "label": example["label"], "valid": tf.constant(True)}
+      ds = _map(ds, prepare).ignore_errors(log_warning=True)
+      pad = {"image": tf.zeros([d.eval_crop, d.eval_crop, 3]), "label": tf.constant(-1, tf.int32),
+             "valid": tf.constant(False)}
+      ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(total).batch(b)
+    return ds.prefetch(d.prefetch).with_options(_options(d.threads))
+
+  def __iter__(self):
+    if self._dataset is None:
+      self._dataset = self.dataset()
+    valid = 0
+    for batch in self._dataset.as_numpy_iterator():
+      valid += int(batch["valid"].sum())
+      yield batch
+    if not isinstance(self.source, sources.TfdsSource):
+      self.num_skipped = len(self._indices()) - valid
+      if self.num_skipped:
+        log.warning("Evaluation on %s skipped %d example(s) that did not decode.",
+                    self.source.name, self.num_skipped)
+
+
+def eval_input(data_config, *, split: str, global_batch_size: int, process_index: int | None = None,
+               process_count: int | None = None, max_examples: int = -1) -> EvalInput:
+  """The evaluation batches of `split` for this process, from the `data` config block."""
+  process_index, process_count = _processes(process_index, process_count)
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f"The global batch {global_batch_size} must be a positive multiple of the "
+                     f"process count {process_count}.")
+  source = sources.open_source(data_config, split)
+  return EvalInput(source, data_config, global_batch_size=global_batch_size,
+                   process_index=process_index, process_count=process_count,
+                   max_examples=max_examples)
+
+
+# --- host -> device -------------------------------------------------------------------------------
+
+def to_global(host_batch: dict, sharding) -> dict:
+  """Host-local numpy batch -> global jax.Arrays, batch axis 0 split over processes.
+
+  `sharding`: one jax.sharding.Sharding for every entry (e.g. NamedSharding(mesh, P("data"))),
+  or a dict of them by key.
+  """
+  pick = (lambda k: sharding[k]) if isinstance(sharding, dict) else (lambda k: sharding)
+  return {k: jax.make_array_from_process_local_data(pick(k), np.asarray(v))
+          for k, v in host_batch.items()}

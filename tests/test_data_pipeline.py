@@ -1,0 +1,203 @@
+"""Train and eval pipelines: contract shapes, determinism, resume, per-process shares, skipping."""
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default
+from sove_jax.data import pipeline, sources
+
+
+def _config(**overrides):
+  d = default.get_config().data
+  d.update(global_size=16, local_size=8, num_local=2, eval_resize=16, eval_crop=16, prefetch=1)
+  d.update(**overrides)
+  return d
+
+
+def _arrays(n=40, size=16, channels=3):
+  """Random images whose label is their index, so every batch says which examples it holds."""
+  images = np.random.default_rng(0).integers(0, 256, (n, size, size, channels), dtype=np.uint8)
+  return sources.ArraySource(images, np.arange(n), name="arrays")
+
+
+def _train(src, d=None, *, batch=8, seed=0, index=0, count=1, patch=4):
+  d = d or _config()
+  pipeline.validate(d, patch_size=patch, global_batch_size=batch, process_count=count)
+  return pipeline.TrainInput(src, d, patch_size=patch, global_batch_size=batch, seed=seed,
+                             process_index=index, process_count=count)
+
+
+def _check_train_batch(b, n, G, N, S, L):
+  assert set(b) == {"global", "local", "mask", "label"} if N else {"global", "mask", "label"}
+  assert b["global"].shape == (n, 2, G, G, 3) and b["global"].dtype == np.float32
+  if N:
+    assert b["local"].shape == (n, N, S, S, 3) and b["local"].dtype == np.float32
+  assert b["mask"].shape == (n, 2, L) and b["mask"].dtype == bool
+  assert b["label"].shape == (n,) and b["label"].dtype == np.int32
+  for k in ("global", "local"):
+    if k in b:
+      assert np.isfinite(b[k]).all() and b[k].std() > 0.1
+
+
+def test_default_config_trains_and_evaluates_on_fashion_mnist():
+  c = default.get_config()
+  d, p = c.data, c.model.patch_size
+  train = pipeline.train_input(d, patch_size=p, global_batch_size=32, seed=0, process_index=0,
+                               process_count=1)
+  assert train.num_examples == 60000 and train.steps_per_epoch == 60000 // 32
+  b = next(train)
+  L = (d.global_size // p) ** 2
+  _check_train_batch(b, 32, d.global_size, d.num_local, d.local_size, L)
+  np.testing.assert_array_equal(b["mask"].sum(-1), round(d.mask_ratio * L))
+  # Gray pictures in 3 channels: before normalisation the channels are equal.
+  raw = b["global"] * np.array(d.std) + np.array(d.mean)
+  np.testing.assert_allclose(raw[..., 0], raw[..., 2], atol=1e-5)
+  ev = pipeline.eval_input(d, split="test", global_batch_size=128, process_index=0, process_count=1,
+                           max_examples=300)
+  out = list(ev)
+  assert ev.num_examples == 300 and len(out) == 3 and out[0]["image"].shape == (128, 28, 28, 3)
+  labels = np.concatenate([x["label"][x["valid"]] for x in out])
+  np.testing.assert_array_equal(labels, sources.fashion_mnist("test").labels[:300])  # split order
+
+
+def test_paper_recipe_from_an_image_folder(tmp_path):
+  rng = np.random.default_rng(1)
+  photos = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            for h, w in [(180, 240), (260, 200), (120, 330), (300, 300)]]  # sizes differ
+  sources.write_image_folder(str(tmp_path), "train", photos, [0, 1, 0, 1], image_format="jpeg")
+  assert len(sources.image_folder(str(tmp_path), "train")) == 4
+  d = _config(source="folder", data_dir=str(tmp_path), global_size=224, local_size=96, num_local=10,
+              global_scale=(0.14, 1.0), eval_resize=256, eval_crop=224)
+  b = next(_train(sources.image_folder(str(tmp_path), "train"), d, batch=4, patch=16))
+  _check_train_batch(b, 4, 224, 10, 96, 196)
+  np.testing.assert_array_equal(b["mask"].sum(-1), round(0.3 * 196))
+
+
+def test_no_local_crops_and_random_masks():
+  b = next(_train(_arrays(), _config(num_local=0, mask_type="random", mask_ratio=0.5)))
+  _check_train_batch(b, 8, 16, 0, 8, 16)
+  np.testing.assert_array_equal(b["mask"].sum(-1), 8)
+
+
+def test_the_same_seed_gives_the_same_batches():
+  src = _arrays()
+  # The same stream on any number of threads.
+  a, b, c = _train(src, seed=3), _train(src, _config(threads=1), seed=3), _train(src, seed=4)
+  for _ in range(2):
+    x, y, z = next(a), next(b), next(c)
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+    assert not np.array_equal(x["label"], z["label"]) and not np.allclose(x["global"], z["global"])
+
+
+def test_a_restored_input_continues_the_stream():
+  src = _arrays()
+  train = _train(src)  # 5 steps per epoch
+  for _ in range(3):
+    next(train)
+  state = json.loads(json.dumps(train.get_state()))
+  expected = [next(train) for _ in range(4)]  # crosses into the second epoch
+  resumed = _train(src)
+  resumed.set_state(state)
+  for want in expected:
+    got = next(resumed)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+  assert resumed.get_state() == train.get_state()
+  assert train.get_state() == {"epoch": 1, "position": 16, "process_count": 1}
+
+
+def test_two_processes_read_disjoint_examples_that_cover_the_split():
+  src = _arrays(n=41)  # 41 // 2 = 20 each; one example waits for the next epoch's order
+  seen = []
+  for index in range(2):
+    train = _train(src, index=index, count=2)
+    assert train.steps_per_epoch == 5 and train.batch_size == 4
+    epoch = [next(train)["label"] for _ in range(5)]
+    seen.append(np.concatenate(epoch))
+    assert len(set(seen[-1])) == 20
+    second = np.concatenate([next(train)["label"] for _ in range(5)])
+    assert not np.array_equal(second, seen[-1])  # each epoch has its own order
+  assert not set(seen[0]) & set(seen[1])
+  assert len(set(seen[0]) | set(seen[1])) == 40
+
+
+def test_eval_yields_every_example_exactly_once_over_processes():
+  src = _arrays(n=37)
+  d = _config()
+  per_process = []
+  for index in range(2):
+    ev = pipeline.EvalInput(src, d, global_batch_size=8, process_index=index, process_count=2)
+    first, again = list(ev), list(ev)  # re-iterable
+    assert len(first) == ev.num_batches == 5  # ceil(ceil(37 / 2) / 4)
+    for x, y in zip(first, again):
+      np.testing.assert_array_equal(x["image"], y["image"])
+    b = first[0]
+    assert b["image"].shape == (4, 16, 16, 3) and b["image"].dtype == np.float32
+    assert b["label"].dtype == np.int32 and b["valid"].dtype == bool
+    valid = np.concatenate([x["valid"] for x in first])
+    labels = np.concatenate([x["label"] for x in first])
+    assert (labels[~valid] == -1).all()
+    per_process.append(labels[valid])
+  everything = np.concatenate(per_process)
+  np.testing.assert_array_equal(np.sort(everything), np.arange(37))
+  ev = pipeline.EvalInput(src, d, global_batch_size=8, process_index=0, process_count=1,
+                          max_examples=10)
+  assert ev.num_examples == 10
+  np.testing.assert_array_equal(np.concatenate([x["label"][x["valid"]] for x in ev]), np.arange(10))
+
+
+def test_a_folder_with_a_corrupt_image_trains_on_the_rest_and_reports_it(tmp_path, caplog):
+  rng = np.random.default_rng(2)
+  images = rng.integers(0, 256, (7, 20, 24, 3), dtype=np.uint8)
+  paths = sources.write_image_folder(str(tmp_path), "train", images, np.arange(7),
+                                     image_format="jpeg")
+  bad = paths[3]
+  with open(bad, "rb") as f:
+    data = f.read()
+  with open(bad, "wb") as f:
+    f.write(data[: len(data) // 2])  # a truncated download
+  src = sources.image_folder(str(tmp_path), "train")
+  train = _train(src, _config(source="folder", data_dir=str(tmp_path)), batch=2)
+  with caplog.at_level(logging.WARNING, logger="sove_jax.data.pipeline"):
+    labels = np.concatenate([next(train)["label"] for _ in range(3 * train.steps_per_epoch)])
+  assert set(labels) == set(range(7)) - {3}
+  assert train.skipped == {bad}
+  assert os.path.basename(bad) in caplog.text
+  ev = pipeline.EvalInput(src, _config(), global_batch_size=4, process_index=0, process_count=1)
+  valid = np.concatenate([x["label"][x["valid"]] for x in ev])
+  np.testing.assert_array_equal(valid, [0, 1, 2, 4, 5, 6])
+  assert ev.num_skipped == 1
+
+
+@pytest.mark.parametrize("overrides,patch,batch,count,message", [
+    (dict(global_size=30), 4, 8, 1, "global_size=30 must be a positive multiple of the patch size"),
+    (dict(), 4, 9, 2, "global batch 9 must be a positive multiple of the process count 2"),
+    (dict(global_scale=(0.9, 0.1)), 4, 8, 1, "global_scale"),
+    (dict(blur_prob=(1.0, 1.2, 0.5)), 4, 8, 1, "blur_prob"),
+    (dict(mask_type="stripes"), 4, 8, 1, "mask_type"),
+    (dict(mask_ratio=0.1), 4, 8, 1, "mask_min_patches=4"),
+    (dict(source="tfds", name=""), 4, 8, 1, "data.name"),
+])
+def test_validate_rejects_bad_configs(overrides, patch, batch, count, message):
+  with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    pipeline.validate(_config(**overrides), patch_size=patch, global_batch_size=batch,
+                      process_count=count)
+  pipeline.validate(_config(), patch_size=patch, global_batch_size=8, process_count=1)
+
+
+def test_to_global_shards_the_batch_axis_over_devices():
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  sharding = jax.NamedSharding(mesh, jax.P("data"))
+  rng = np.random.default_rng(4)
+  batch = {"global": rng.normal(size=(16, 2, 8, 8, 3)).astype(np.float32),
+           "mask": rng.uniform(size=(16, 2, 4)) < 0.3, "label": np.arange(16, dtype=np.int32)}
+  out = pipeline.to_global(batch, sharding)
+  for k, v in batch.items():
+    assert out[k].shape == v.shape and out[k].sharding == sharding
+    np.testing.assert_array_equal(np.asarray(out[k]), v)
+  assert len(out["global"].addressable_shards) == jax.device_count() == 8
