@@ -11,9 +11,11 @@ def get_config():
   c = default.get_config()
   c.num_epochs = 100
   c.batch_size = 256
-  c.model.update(depth=6, head_hidden=2048)
+  c.model.update(width=192, depth=6, num_heads=3, head_hidden=2048, head_out=256,
+                 dtype="bfloat16")
   c.data.num_local = 8
-  c.sove.update(class_bank_size=16384, num_anchors=4096, class_tasks=4, patch_anchors=512)
+  c.sove.update(class_bank_size=16384, patch_bank_size=4096, num_anchors=4096, class_tasks=4,
+                patch_anchors=512)
   c.optim.update(warmup_epochs=10, ema_momentum=0.996)
   c.knn_every = 2000
   return c

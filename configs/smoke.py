@@ -16,6 +16,7 @@ def get_config():
   c.sove.update(class_bank_size=256, patch_bank_size=128, num_anchors=32, num_neighbors=4,
                 class_tasks=2, patch_anchors=16, judge_chunk=16)
   c.optim.warmup_epochs = 0.0
+  c.knn_every = 0
   c.log_every = 1
   c.checkpoint_every = 2
   c.knn_train_examples = 256

@@ -21,6 +21,7 @@ def imagenet(c):
   d.mask_type, d.mask_ratio = "block", 0.3
   m = c.model
   m.patch_size, m.drop_path, m.head_hidden, m.head_out = 16, 0.1, 2048, 256
+  m.dtype = "bfloat16"
   s = c.sove
   s.class_bank_size, s.patch_bank_size = 65536, 8192
   s.num_anchors, s.num_neighbors, s.class_tasks = 8192, 8, 4

@@ -45,7 +45,16 @@ class Checkpointer:
     return self.manager.should_save(step)
 
   def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
-    """Starts an asynchronous save when the policy (or `force`) says so; True if it did."""
+    """Starts an asynchronous save when the policy (or `force`) says so; True if it did.
+
+    On CPU devices the host "copy" of an array can alias its buffer, which the next step then
+    donates and overwrites while the background write is still reading it; saving a fresh copy
+    there keeps the checkpoint exactly the state of `step`.
+    """
+    if not self.manager.should_save(step) and not force:
+      return False
+    if any(d.platform == "cpu" for x in jax.tree.leaves(state) for d in x.sharding.device_set):
+      state = jax.tree.map(lambda x: x.copy(), state)
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
 

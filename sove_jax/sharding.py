@@ -6,7 +6,6 @@ logical axis names (set in `sove_jax.models`); `LOGICAL_RULES` maps them to mesh
 config asks for FSDP, and a dimension that does not divide evenly stays replicated.
 """
 import jax
-import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -87,6 +86,3 @@ def devices_summary(mesh) -> str:
           f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']}, "
           f"{jax.process_count()} process(es)")
 
-
-def per_device_batch(global_batch: int, mesh) -> int:
-  return global_batch // int(np.prod(list(mesh.shape.values())))

@@ -10,7 +10,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sove_jax import checkpoint, configuration, optim, reporting, sharding
 from sove_jax import state as state_lib
@@ -140,7 +139,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   last, pending = {}, None
   t_log, n_log = time.time(), 0
   t_start = time.time()
-  step = start
+  step = saved = start
   stop_at = num_steps if config.run_steps < 0 else min(num_steps, start + config.run_steps)
   try:
     while step < stop_at:
@@ -169,9 +168,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         t_log, n_log = time.time(), 0
       if save_due:
         ckpt.save(step, state, train_in.get_state(), force=step == stop_at)
+        saved = step
       if preempt.requested or ckpt.reached_preemption(step):
         _check_finite(step, metrics)
-        ckpt.save(step, state, train_in.get_state(), force=True)
+        if saved != step:
+          ckpt.save(step, state, train_in.get_state(), force=True)
         ckpt.wait()
         reporting.say(f"preempted: saved step {step}, exiting")
         return last
@@ -193,7 +194,7 @@ def _knn_monitor(config, mesh, pipeline, lay):
   """A k-NN evaluation of the teacher backbone's [CLS] on the train -> eval splits."""
   from flax import nnx
 
-  from sove_jax.evaluate import features, knn
+  from sove_jax.evaluate import knn
 
   graphdef = lay.graphdef
   eval_batch = max(config.batch_size, mesh.devices.size)

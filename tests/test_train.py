@@ -3,6 +3,7 @@
 Runs that must be separate processes (resume in a new process, SIGKILL, SIGTERM, main end to
 end) go through `python -m sove_jax.main`; they inherit the 8 fake CPU devices of the session.
 """
+import json
 import os
 import signal
 import subprocess
@@ -10,7 +11,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -45,11 +45,11 @@ def _restore(workdir, step=None):
 
 
 def _assert_trees_equal(a, b):
-  leaves_a, tree_a = jax.tree.flatten(a)
-  leaves_b, tree_b = jax.tree.flatten(b)
-  assert tree_a == tree_b
-  for x, y in zip(leaves_a, leaves_b):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  differ = [jax.tree_util.keystr(path) for (path, x), (_, y) in
+            zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b))
+            if not np.array_equal(np.asarray(x), np.asarray(y))]
+  assert not differ, f"{len(differ)} leaves differ, e.g. {differ[:8]}"
 
 
 def _synthetic_batch(config, seed=0):
@@ -224,10 +224,13 @@ def test_main_end_to_end_on_image_folder(tmp_path):
             enc.numpy())
   work = tmp_path / "work"
   code, out = _run(work, "--config.data.source=folder", f"--config.data.data_dir={tmp_path / 'data'}",
-                   "--config.total_steps=3", "--config.checkpoint_every=2")
+                   "--config.total_steps=3", "--config.checkpoint_every=2",
+                   "--config.knn_every=3", "--config.knn_train_examples=-1",
+                   "--config.knn_eval_examples=-1")
   assert code == 0, out
   assert "step 3/3" in out and "img/s" in out
-  assert (work / "metrics.jsonl").exists()
+  last = [json.loads(l) for l in open(work / "metrics.jsonl")][-1]
+  assert last["step"] == 3 and 0.0 <= last["knn/top1_k20"] <= 100.0
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(work))
   ck = checkpoint.Checkpointer(str(work), save_every=1, keep=10)
   assert ck.latest_step() == 3
