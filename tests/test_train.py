@@ -5,6 +5,7 @@ end) go through `python -m sove_jax.main`; they inherit the 8 fake CPU devices o
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -181,7 +182,7 @@ def test_sigterm_saves_at_step_boundary_and_exits_zero(tmp_path):
   out = "".join(lines) + out
   assert proc.returncode == 0, out
   assert "preempted: saved step" in out
-  saved_step = int(out.split("preempted: saved step ")[1].split()[0])
+  saved_step = int(re.search(r"preempted: saved step (\d+)", out).group(1))
   ck = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=10)
   assert ck.latest_step() == saved_step
   ck.close()
