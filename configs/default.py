@@ -5,6 +5,11 @@ embedded dataset) in about 10 minutes on 2 CPU cores: 749 steps of 128 images (1
 the warm-up, EMA momentum and teacher-temperature schedules are sized to those steps:
 
     python -m sove_jax.main --config=configs/default.py --workdir=runs/default
+    python -m sove_jax.evaluate.knn --workdir=runs/default
+
+Expected (measured on 2 CPU cores, 10.7 min with the k-NN monitor): teacher [CLS] k-NN top-1 at
+k = 20 of 73.4% on the whole Fashion-MNIST test split; on the monitor's subsets 68.2%, against
+63.6% for the random initialisation and 82.8% for raw pixels (README, "Does it learn?").
 
 Fields are grouped: data (host input pipeline), model (backbone + head), sove (the objective),
 optim (optimizer and schedules), mesh (devices), and run control (logging, checkpoints, eval).
