@@ -18,31 +18,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from configs import default  # noqa: E402
 from sove_jax import sharding, state as state_lib, train  # noqa: E402
-from sove_jax.evaluate import features, knn  # noqa: E402
+from sove_jax.evaluate import features  # noqa: E402
 
 
-def _inputs(config):
-  from sove_jax.data import pipeline
-  mesh = sharding.make_mesh(config.mesh)
-  bs = max(config.batch_size, mesh.devices.size)
-  d = config.data
-  return (mesh,
-          pipeline.eval_input(d, split=d.train_split, global_batch_size=bs,
-                              max_examples=config.knn_train_examples),
-          pipeline.eval_input(d, split=d.eval_split, global_batch_size=bs,
-                              max_examples=config.knn_eval_examples))
-
-
-def baseline(config, apply_fn, mesh, train_batches, eval_batches):
-  got = knn.knn_monitor(apply_fn, train_batches, eval_batches, ks=tuple(config.knn_k),
-                        temperature=config.knn_temperature,
-                        sharding=sharding.batch_sharding(mesh))
-  return {int(k.rsplit("_k", 1)[1]): v for k, v in got.items()}
+def _by_k(metrics):
+  return {int(k.rsplit("_k", 1)[1]): v for k, v in metrics.items()}
 
 
 def main():
@@ -64,21 +47,15 @@ def main():
     node[leaf] = value if isinstance(node[leaf], str) else ast.literal_eval(value)
   config.knn_every = a.knn_every
 
-  mesh, train_batches, eval_batches = _inputs(config)
-  pixels = jax.jit(lambda x: features.l2_normalize(x.reshape(x.shape[0], -1)))
-  raw = baseline(config, pixels, mesh, train_batches, eval_batches)
-
+  from sove_jax.data import pipeline
+  mesh = train.validated_mesh(config)
   parts = train.build(config, mesh, steps_per_epoch=1)
-  init = state_lib.create(config, parts["tx"], parts["layout"], parts["image_size"])
   graphdef = parts["layout"].graphdef
-
-  @jax.jit
-  def embed(params, images):
-    cls = nnx.merge(graphdef, params).backbone(images)[:, 0]
-    return cls / jnp.linalg.norm(cls, axis=-1, keepdims=True)
-
-  random_init = baseline(config, lambda x: embed(init.teacher, x), mesh, train_batches,
-                         eval_batches)
+  pixels = jax.jit(lambda x: features.l2_normalize(x.reshape(x.shape[0], -1)))
+  monitor = train.knn_monitor(config, mesh, pipeline, graphdef)
+  raw = _by_k(monitor(apply_fn=pixels))
+  random_init = _by_k(monitor(state_lib.create(config, parts["tx"], parts["layout"],
+                                               parts["image_size"])))
 
   t0 = time.time()
   train.train_and_evaluate(config, a.workdir)

@@ -53,7 +53,7 @@ class Checkpointer:
     """
     if not self.manager.should_save(step) and not force:
       return False
-    if any(d.platform == "cpu" for x in jax.tree.leaves(state) for d in x.sharding.device_set):
+    if next(iter(jax.tree.leaves(state)[0].devices())).platform == "cpu":
       state = jax.tree.map(lambda x: x.copy(), state)
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)

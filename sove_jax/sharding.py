@@ -6,6 +6,7 @@ logical axis names (set in `sove_jax.models`); `LOGICAL_RULES` maps them to mesh
 config asks for FSDP, and a dimension that does not divide evenly stays replicated.
 """
 import jax
+import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -66,7 +67,7 @@ def param_shardings(param_specs, abstract_params, mesh, shard_params: bool):
   """
   def one(spec, x):
     if not shard_params:
-      return NamedSharding(mesh, P())
+      return replicated(mesh)
     return NamedSharding(mesh, logical_to_mesh(tuple(spec), x.shape, mesh))
 
   return jax.tree.map(one, param_specs, abstract_params, is_leaf=lambda s: isinstance(s, P))
@@ -74,10 +75,9 @@ def param_shardings(param_specs, abstract_params, mesh, shard_params: bool):
 
 def optimizer_shardings(tx, abstract_opt_state, params_shardings, mesh):
   """Optimizer-state shardings: parameter-shaped leaves follow their parameter, others replicate."""
-  import optax
   return optax.tree_utils.tree_map_params(
       tx, lambda _, s: s, abstract_opt_state, params_shardings,
-      transform_non_params=lambda _: NamedSharding(mesh, P()),
+      transform_non_params=lambda _: replicated(mesh),
       is_leaf=lambda s: isinstance(s, NamedSharding))
 
 

@@ -58,11 +58,16 @@ def build(config, mesh, steps_per_epoch: int, *, mode: str = "full"):
               image_size=image_size)
 
 
+def validated_mesh(config):
+  """Checks the config against the devices and processes, then builds the mesh."""
+  configuration.validate(config, num_devices=jax.device_count(),
+                         process_count=jax.process_count())
+  return sharding.make_mesh(config.mesh)
+
+
 def compile_only(config, steps_per_epoch: int = 1000):
   """Lowers and compiles the step for the configured mesh; returns (compiled, text report)."""
-  mesh = sharding.make_mesh(config.mesh)
-  configuration.validate(config, num_devices=mesh.devices.size,
-                         process_count=jax.process_count())
+  mesh = validated_mesh(config)
   parts = build(config, mesh, steps_per_epoch)
   abstract = state_lib.abstract_with_shardings(parts["layout"])
   t0 = time.time()
@@ -106,12 +111,13 @@ def _host_metrics(metrics) -> dict:
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
-  mesh = sharding.make_mesh(config.mesh)
-  configuration.validate(config, num_devices=mesh.devices.size,
-                         process_count=jax.process_count())
+  mesh = validated_mesh(config)
   from sove_jax.data import pipeline  # TensorFlow enters the process here, host side only
-  pipeline.validate(config.data, patch_size=config.model.patch_size,
-                    global_batch_size=config.batch_size, process_count=jax.process_count())
+  try:
+    pipeline.validate(config.data, patch_size=config.model.patch_size,
+                      global_batch_size=config.batch_size, process_count=jax.process_count())
+  except ValueError as e:
+    raise configuration.ConfigError(str(e)) from e
   reporting.say(f"sove_jax: {sharding.devices_summary(mesh)}; workdir {workdir}")
 
   train_in = pipeline.train_input(config.data, patch_size=config.model.patch_size,
@@ -134,7 +140,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   batch_sh = sharding.batch_sharding(mesh)
   writer = reporting.MetricWriter(workdir, enabled=jax.process_index() == 0)
-  monitor = _knn_monitor(config, mesh, pipeline, lay) if config.knn_every else None
+  monitor = knn_monitor(config, mesh, pipeline, lay.graphdef) if config.knn_every else None
   preempt = _Preemption()
   last, pending = {}, None
   t_log, n_log = time.time(), 0
@@ -154,14 +160,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
       save_due = ckpt.should_save(step) or step == stop_at
       if save_due:
         _check_finite(step, metrics)  # only verified states reach a checkpoint
-      if step % config.log_every == 0 or step == stop_at:
+      knn_due = monitor is not None and (step % config.knn_every == 0 or step == num_steps)
+      if step % config.log_every == 0 or step == stop_at or knn_due:
         last = _host_metrics(metrics)
         _check_finite(step, metrics)
         now = time.time()
         ips = n_log * config.batch_size / max(now - t_log, 1e-9)
         eta = (num_steps - step) * (now - t_start) / max(step - start, 1)
         last["images_per_sec"] = ips
-        if monitor is not None and (step % config.knn_every == 0 or step == num_steps):
+        if knn_due:
           last.update(monitor(state))
         writer.write(step, last)
         reporting.say(reporting.progress_line(step, num_steps, last, ips, eta))
@@ -190,13 +197,8 @@ def _check_finite(step: int, metrics):
         "checkpoint holds the last good state.")
 
 
-def _knn_monitor(config, mesh, pipeline, lay):
-  """A k-NN evaluation of the teacher backbone's [CLS] on the train -> eval splits."""
-  from flax import nnx
-
-  from sove_jax.evaluate import knn
-
-  graphdef = lay.graphdef
+def knn_inputs(config, mesh, pipeline):
+  """The monitor's (train-memory, evaluation) batches: config's splits and example counts."""
   eval_batch = max(config.batch_size, mesh.devices.size)
   train_batches = pipeline.eval_input(config.data, split=config.data.train_split,
                                       global_batch_size=eval_batch,
@@ -204,6 +206,17 @@ def _knn_monitor(config, mesh, pipeline, lay):
   eval_batches = pipeline.eval_input(config.data, split=config.data.eval_split,
                                      global_batch_size=eval_batch,
                                      max_examples=config.knn_eval_examples)
+  return train_batches, eval_batches
+
+
+def knn_monitor(config, mesh, pipeline, graphdef):
+  """run(state) -> {"knn/top1_k{k}": %}: k-NN of the teacher backbone's [CLS] on the
+  train -> eval splits; `run(apply_fn=f)` scores features `f(images)` instead (baselines)."""
+  from flax import nnx
+
+  from sove_jax.evaluate import knn
+
+  train_batches, eval_batches = knn_inputs(config, mesh, pipeline)
 
   @jax.jit
   def embed(teacher_params, images):
@@ -211,9 +224,9 @@ def _knn_monitor(config, mesh, pipeline, lay):
     cls = backbone(images)[:, 0]
     return cls / jnp.linalg.norm(cls, axis=-1, keepdims=True)
 
-  def run(state):
-    apply_fn = lambda images: embed(state.teacher, images)
-    return knn.knn_monitor(apply_fn, train_batches, eval_batches, ks=tuple(config.knn_k),
+  def run(state=None, *, apply_fn=None):
+    fn = apply_fn or (lambda images: embed(state.teacher, images))
+    return knn.knn_monitor(fn, train_batches, eval_batches, ks=tuple(config.knn_k),
                            temperature=config.knn_temperature,
                            sharding=sharding.batch_sharding(mesh))
 
