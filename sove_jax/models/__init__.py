@@ -1,13 +1,16 @@
-"""Vision Transformer backbones and the projection head (Flax NNX)."""
+"""Vision Transformer backbones, the projection head and the baselines' prototype head (NNX)."""
 from sove_jax.models.head import ProjectionHead, l2_normalize
+from sove_jax.models.prototype_head import PrototypeHead, WeightNormPrototypes
 from sove_jax.models.vit import (ATTENTION, CUDNN_SEQ_MULTIPLE, VARIANTS, ViT, create_vit,
                                  dot_product_attention, interpolate_pos_embed)
 
 # Every logical axis name a parameter carries (None marks an unsharded dim). "layers" is the
-# stacked-block axis of scan_layers=True.
-LOGICAL_AXES = ("embed", "mlp", "heads", "kv", "conv_in", "proj_hidden", "proj_out", "layers")
+# stacked-block axis of scan_layers=True; "prototypes" the DINO/iBOT prototype axis.
+LOGICAL_AXES = ("embed", "mlp", "heads", "kv", "conv_in", "proj_hidden", "proj_out", "layers",
+                "prototypes")
 
 __all__ = [
-    "ATTENTION", "CUDNN_SEQ_MULTIPLE", "LOGICAL_AXES", "ProjectionHead", "VARIANTS", "ViT",
-    "create_vit", "dot_product_attention", "interpolate_pos_embed", "l2_normalize",
+    "ATTENTION", "CUDNN_SEQ_MULTIPLE", "LOGICAL_AXES", "ProjectionHead", "PrototypeHead",
+    "VARIANTS", "ViT", "WeightNormPrototypes", "create_vit", "dot_product_attention",
+    "interpolate_pos_embed", "l2_normalize",
 ]
