@@ -178,3 +178,7 @@ def define_flags(flags):
   flags.DEFINE_string("eval_split", "", "Override of config.data.eval_split.")
   flags.DEFINE_integer("batch_size", 0, "Global evaluation batch (default config.batch_size); "
                        "a multiple of the device count.")
+  flags.DEFINE_integer("max_train_examples", -1, "Use the first N train examples only (-1: the "
+                       "whole split), for quick checks.")
+  flags.DEFINE_integer("max_eval_examples", -1, "Evaluate the first N examples only (-1: the "
+                       "whole split), for quick checks.")

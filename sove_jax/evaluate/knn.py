@@ -248,6 +248,7 @@ def main(argv):
       f.workdir, load_backbone=checkpoint.load_backbone, input_fn=pipeline.eval_input,
       step=f.step, dataset=f.dataset, data_dir=f.data_dir, train_split=f.train_split,
       eval_split=f.eval_split, batch_size=f.batch_size or None,
+      max_train_examples=f.max_train_examples, max_eval_examples=f.max_eval_examples,
       ks=[int(k) for k in f.ks] if f.ks else None, temperature=f.temperature,
       lowshot=f.lowshot, lowshot_splits={k: v for k, v in splits.items() if v})
 

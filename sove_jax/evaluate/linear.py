@@ -148,6 +148,7 @@ def main(argv):
       f.workdir, load_backbone=checkpoint.load_backbone, input_fn=pipeline.eval_input,
       step=f.step, convention=f.convention or None, dataset=f.dataset, data_dir=f.data_dir,
       train_split=f.train_split, eval_split=f.eval_split, batch_size=f.batch_size or None,
+      max_train_examples=f.max_train_examples, max_eval_examples=f.max_eval_examples,
       lrs=[float(lr) for lr in f.lrs], epochs=f.epochs, probe_batch_size=f.probe_batch_size,
       weight_decay=f.weight_decay, seed=f.seed)
 
