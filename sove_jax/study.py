@@ -423,14 +423,17 @@ def markdown(study: Study, records: Sequence[dict], failures: Sequence[dict] = (
   sweeps = [a for a in study.arms if a.base_lrs]
   seeds = ", ".join(map(str, study.seeds))
   budget = " ".join(f"`{o}`" for o in study.overrides) or "(the base config's)"
+  subset = any("max_eval_examples" in a or "max_train_examples" in a for a in study.knn_args)
+  split = ("test split, subsets as the evaluator flags below say" if subset
+           else "whole test split")
   lines = [
       f"# {study.name}",
       "",
       f"Every arm trains `python -m sove_jax.main --config={study.config}` with its overrides at "
       f"the same budget: {budget}. Seeds {seeds} (the seed sets the initialisation and the data "
       "order). Values are the mean ± sample standard deviation (n - 1) over the seeds finished "
-      f"(column n): k-NN is the top-1 (%) at k = {REPORT_K} on the whole test split, linear the "
-      "best top-1 (%) of the linear probe's learning rates.",
+      f"(column n): k-NN is the top-1 (%) at k = {REPORT_K} on the {split}, linear the best "
+      "top-1 (%) of the linear probe's learning rates.",
   ]
   flags = [f"k-NN `{' '.join(study.knn_args)}`" if study.knn_args else "",
            f"linear `{' '.join(study.linear_args)}`" if study.linear_args else ""]
@@ -468,6 +471,12 @@ def markdown(study: Study, records: Sequence[dict], failures: Sequence[dict] = (
         s = summarize(list(by_run.get((arm.name, lr), {}).values()))
         mark = "best" if lr == best else ""
         lines.append(f"| {lr:g} | {s.n} | {_pm(s.knn)} | {_pm(s.linear)} | {mark} |")
+  lines += ["", "## Arms", ""]
+  for arm in study.arms:
+    overrides = " ".join(f"`{o}`" for o in arm.overrides) or "(none)"
+    rates = f"; base_lr swept over {', '.join(f'{lr:g}' for lr in arm.base_lrs)}" \
+        if arm.base_lrs else ""
+    lines.append(f"- {arm.name} ({arm.group}): {overrides}{rates}")
   if failures:
     lines += ["", "## Failed runs (rerun the study to retry them)", ""]
     for f in failures:
@@ -499,19 +508,21 @@ def chart(study: Study, records: Sequence[dict], path: str) -> bool:
       pos = [x + (offset - 0.5) * 0.38 for x in xs]
       ax.bar(pos, [m if m is not None else 0.0 for m in means], 0.36, yerr=stds, capsize=3,
              color=color, label=label)
-      for p, m in zip(pos, means):
+      for p, m, sd in zip(pos, means, stds):
         if m is not None:
-          ax.text(p, m, f"{m:.1f}", ha="center", va="bottom", fontsize=7)
+          ax.text(p, m + sd + 0.3, f"{m:.1f}", ha="center", va="bottom", fontsize=7)
     names = [r["arm"].name + ("" if r["base_lr"] is None else f"\nlr {r['base_lr']:g}")
              + f"\nn={r['summary'].n}" for r in group_rows]
     ax.set_xticks(xs, names, fontsize=8)
-    present = [m for r in group_rows for m in (r["summary"].knn[0], r["summary"].linear[0])
-               if m is not None]
+    present = [(m, sd or 0.0) for r in group_rows
+               for m, sd in (r["summary"].knn, r["summary"].linear) if m is not None]
     if present:
-      ax.set_ylim(max(0.0, min(present) - 10.0), min(100.0, max(present) + 5.0))
+      low = min(m - sd for m, sd in present)
+      high = max(m + sd for m, sd in present)
+      ax.set_ylim(max(0.0, low - 10.0), min(105.0, high + 0.25 * (high - low) + 6.0))
     ax.set_ylabel("top-1 (%)")
     ax.set_title(f"{study.name}: {group} (mean ± std over seeds)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", ncol=2, frameon=False)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
