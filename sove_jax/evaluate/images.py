@@ -1,0 +1,225 @@
+"""Image files of any size through a frozen backbone, sharded over the devices.
+
+Retrieval, video label propagation and the PCA pictures read their own image files (JPEG, PNG)
+rather than a TFDS split, at sizes and aspect ratios that vary from image to image. This module
+holds what they share: reading files (local or gs://, through `etils.epath`, never TensorFlow),
+resizing and normalising them as the evaluation protocols do, and running a backbone over a list
+of such images on the mesh. Images are grouped by shape; each group goes through in global
+batches sharded over the devices, so a protocol compiles once per distinct shape, not once per
+image.
+"""
+import functools
+import io
+import logging
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from flax import nnx
+from PIL import Image
+
+from sove_jax.evaluate import features as features_lib
+
+log = logging.getLogger(__name__)
+
+
+def read_image(path) -> Image.Image:
+  """An RGB PIL image from a local or gs:// path (grayscale and CMYK files converted)."""
+  with epath.Path(path).open("rb") as f:
+    image = Image.open(io.BytesIO(f.read()))
+    return image.convert("RGB")
+
+
+def image_size(path) -> tuple[int, int]:
+  """(width, height) of an image file from its header, without decoding the pixels."""
+  with epath.Path(path).open("rb") as f:
+    return Image.open(f).size
+
+
+def read_label_map(path) -> tuple[np.ndarray, np.ndarray | None]:
+  """A palette PNG of integer labels (DAVIS annotations): (uint8 [H, W] labels, palette [n, 3]
+  or None). The labels are the palette indices, not the colours."""
+  with epath.Path(path).open("rb") as f:
+    image = Image.open(io.BytesIO(f.read()))
+    image.load()
+  palette = image.getpalette() if image.mode == "P" else None
+  if image.mode not in ("P", "L"):
+    raise ValueError(f"{path} is a {image.mode} image; label maps are palette or 8-bit PNGs")
+  labels = np.asarray(image, np.uint8)
+  if palette is not None:
+    palette = np.asarray(palette, np.uint8).reshape(-1, 3)
+  return labels, palette
+
+
+def write_label_map(path, labels: np.ndarray, palette: np.ndarray | None):
+  """Writes uint8 [H, W] labels as an indexed PNG with `palette` (DAVIS result format)."""
+  image = Image.fromarray(np.asarray(labels, np.uint8), mode="L")
+  if palette is not None:
+    image = image.convert("P")
+    image.putpalette(np.asarray(palette, np.uint8).ravel().tolist())
+  buffer = io.BytesIO()
+  image.save(buffer, format="PNG")
+  epath.Path(path).write_bytes(buffer.getvalue())
+
+
+def write_png(path, rgb: np.ndarray):
+  """Writes uint8 [H, W, 3] as a PNG (local or gs://)."""
+  buffer = io.BytesIO()
+  Image.fromarray(np.asarray(rgb, np.uint8), mode="RGB").save(buffer, format="PNG")
+  epath.Path(path).write_bytes(buffer.getvalue())
+
+
+def longer_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+  """(width, height) with the longer side brought down to `size`, the aspect ratio kept and the
+  shorter side rounded; never enlarged (the sizes of PIL's `thumbnail`, which DINO's retrieval
+  evaluation uses)."""
+  if width <= size and height <= size:
+    return width, height
+  if width >= height:
+    return size, max(1, round(height * size / width))
+  return max(1, round(width * size / height)), size
+
+
+def shorter_side_size(width: int, height: int, size: int, multiple: int = 1) -> tuple[int, int]:
+  """(width, height) with the shorter side at `size` and the longer side scaled with it, then
+  floored to a multiple of `multiple` (DINO's video frames: 480 and a multiple of 64)."""
+  if width <= height:
+    long = int(height * size / width) // multiple * multiple
+    return size, max(long, multiple)
+  long = int(width * size / height) // multiple * multiple
+  return max(long, multiple), size
+
+
+def to_array(image: Image.Image, mean, std) -> np.ndarray:
+  """float32 [H, W, 3]: pixels in [0, 1] standardised with the run's `data.mean` / `data.std`."""
+  x = np.asarray(image, np.float32) / 255.0
+  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def patch_multiple(width: int, height: int, patch: int) -> tuple[int, int]:
+  """The largest (width, height) of whole patches: what the patch embedding (a VALID
+  convolution with stride `patch`) reads of an image; the rest is never seen."""
+  if width < patch or height < patch:
+    raise ValueError(f"a {width}x{height} image is smaller than one {patch}x{patch} patch")
+  return width // patch * patch, height // patch * patch
+
+
+def replicated_state(model, mesh):
+  """(graphdef, state) of `model` with every parameter replicated on `mesh`, so that a jitted
+  forward over mesh-sharded images accepts them."""
+  graphdef, state = nnx.split(model)
+  replicated = jax.NamedSharding(mesh, jax.P())
+
+  def place(x):
+    s = getattr(x, "sharding", None)
+    on_mesh = isinstance(s, jax.NamedSharding) and s.mesh == mesh
+    return x if on_mesh else jax.device_put(x, replicated)
+
+  return graphdef, jax.tree.map(place, state)
+
+
+def _chunk_rows(remaining: int, batch_size: int, multiple: int) -> int:
+  """Rows of the next global batch: `batch_size`, or for the last chunk of a group the smallest
+  `multiple * 2^k` that holds the rest (few distinct shapes, little padding)."""
+  if remaining >= batch_size:
+    return batch_size
+  rows = multiple
+  while rows < remaining:
+    rows *= 2
+  return min(rows, batch_size)
+
+
+def _host_batches(items, load, shapes, *, batch_size, multiple, description):
+  """Host batches in the shape of the data package's eval input: {"image", "label" (the item's
+  index, -1 for padding), "valid"}, this process's rows of each global batch only. Logs
+  progress about every tenth of the items."""
+  done, next_report = 0, len(items) / 10
+  groups = {}
+  for index, shape in enumerate(shapes):
+    groups.setdefault(tuple(shape), []).append(index)
+  procs, me = jax.process_count(), jax.process_index()
+  for shape, members in groups.items():
+    start = 0
+    while start < len(members):
+      rows = _chunk_rows(len(members) - start, batch_size, multiple)
+      chunk = members[start:start + rows]
+      start += rows
+      local = rows // procs
+      mine = range(me * local, (me + 1) * local)
+      image = np.zeros((local,) + shape, np.float32)
+      label = np.full((local,), -1, np.int32)
+      for row, global_row in enumerate(mine):
+        if global_row < len(chunk):
+          image[row] = load(items[chunk[global_row]])
+          label[row] = chunk[global_row]
+      yield {"image": image, "label": label, "valid": label >= 0}
+      done += len(chunk)
+      if description and (done >= next_report or done == len(items)):
+        log.info("%s: %d/%d images (%d shapes)", description, done, len(items), len(groups))
+        next_report = done + len(items) / 10
+
+
+def map_images(apply_fn: Callable, items: Sequence, *, load: Callable, shape_of: Callable,
+               mesh=None, batch_size: int = 0, description: str = "") -> np.ndarray:
+  """`apply_fn` ([b, H, W, 3] images -> [b, ...] outputs of one trailing shape) over every item,
+  returned in item order as one float32 array.
+
+  `shape_of(item)` gives the item's array shape ([H, W, 3]) without decoding it; `load(item)`
+  the float32 array. Items are grouped by shape and run in global batches of `batch_size` rows
+  (default 8 per device; a multiple of the device count), sharded over the "data" axis of
+  `mesh`; each process loads only its own rows. With a `description`, progress is logged.
+  """
+  mesh = features_lib.batch_mesh() if mesh is None else mesh
+  devices = mesh.devices.size
+  batch_size = batch_size or 8 * devices
+  if batch_size % devices:
+    raise ValueError(f"batch_size {batch_size} is not a multiple of the {devices} devices")
+  if not items:
+    raise ValueError("no images to run the backbone on")
+  sharding = jax.NamedSharding(mesh, jax.P(tuple(mesh.axis_names)))
+  shapes = [tuple(shape_of(item)) for item in items]
+  batches = _host_batches(items, load, shapes, batch_size=batch_size, multiple=devices,
+                          description=description)
+  outputs, order = features_lib.extract_features(apply_fn, batches, sharding=sharding)
+  result = np.empty_like(outputs)
+  result[order] = outputs
+  return result
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _tokens(graphdef, state, images):
+  return nnx.merge(graphdef, state)(images).astype(jnp.float32)
+
+
+def patch_features(model, *, mesh, normalize: bool = True):
+  """images [b, H, W, 3] -> the last block's patch tokens (after the final LayerNorm) as
+  [b, H/p, W/p, D], L2-normalised per patch when `normalize`; [CLS] dropped. Images whose
+  sides are not multiples of the patch size are cropped to whole patches first."""
+  graphdef, state = replicated_state(model, mesh)
+  patch = model.patch_size
+
+  def apply(images):
+    b, h, w, _ = images.shape
+    gh, gw = h // patch, w // patch
+    tokens = _tokens(graphdef, state, images[:, :gh * patch, :gw * patch])
+    grid = tokens[:, 1:].reshape(b, gh, gw, -1)
+    return _normalized(grid) if normalize else grid
+
+  return apply
+
+
+_normalized = jax.jit(features_lib.l2_normalize)
+
+
+
+def define_backbone_flags(flags):
+  """The flags shared by the evaluations that read their own image files (retrieval, video,
+  PCA): which checkpoint and the global batch. Their data flags are their own: the TFDS and
+  folder splits of `features.define_flags` do not apply to these datasets."""
+  flags.DEFINE_string("workdir", None, "Training run directory (checkpoints, config).",
+                      required=True)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_integer("batch_size", 0, "Global batch of images (default 8 per device); a "
+                       "multiple of the device count.")

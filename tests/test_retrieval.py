@@ -1,0 +1,209 @@
+"""Revisited Oxford/Paris retrieval: the protocol's AP by hand, mAP of a synthetic dataset known
+by construction, the ground truth read without running code, descriptors sharded over devices.
+
+The synthetic dataset's images are solid colours whose standardised value is 1.5 (cos t, sin t, 0)
+for an angle t, and the stand-in backbone's [CLS] is the image's mean standardised colour, so the
+cosine similarity of two images is the cosine of their angle difference: the rankings, hence every
+AP, are fixed by the angles chosen.
+"""
+import json
+import os
+import pickle
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from sove_jax.evaluate import features, images, retrieval
+from sove_jax.models import vit
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class MeanColorViT(nnx.Module):
+  """Patch tokens: each patch's mean standardised colour; [CLS]: the image's mean colour."""
+
+  def __init__(self, patch=4):
+    self.patch_size = patch
+    self.scale = nnx.Param(jnp.ones(()))
+
+  def __call__(self, images, mask=None, *, key=None, return_blocks=0):
+    b, h, w, c = images.shape
+    p = self.patch_size
+    x = images.reshape(b, h // p, p, w // p, p, c).mean(axis=(2, 4)).reshape(b, -1, c)
+    x = x * self.scale[...]
+    return jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1)
+
+
+def run_config():
+  return ml_collections.ConfigDict({"data": {"mean": MEAN, "std": STD}})
+
+
+def color(degrees):
+  t = np.deg2rad(degrees)
+  v = 1.5 * np.array([np.cos(t), np.sin(t), 0.0])
+  return np.round(255 * (np.array(MEAN) + np.array(STD) * v)).astype(np.uint8)
+
+
+def save_jpg(path, pixels):
+  Image.fromarray(pixels).save(path, quality=100, subsampling=0)
+
+
+# --- the protocol's AP ---------------------------------------------------------------------------
+
+def test_average_precision_by_hand():
+  # Ranking P N P J N P, junk ignored -> P N P N P: positives at ranks 0, 2, 4 of 3.
+  # AP = 1/3 [(1 + 1)/2 + (1/2 + 2/3)/2 + (2/4 + 3/5)/2] = 0.711111...
+  ranking = np.array([10, 11, 12, 13, 14, 15])
+  ranks = retrieval.positive_ranks(ranking, positives=np.array([15, 10, 12]),
+                                   ignored=np.array([13]))
+  np.testing.assert_array_equal(ranks, [0, 2, 4])
+  assert retrieval.average_precision(ranks, 3) == pytest.approx(
+      (1.0 + (0.5 + 2 / 3) / 2 + (0.5 + 0.6) / 2) / 3)
+  assert retrieval.average_precision(ranks, 3) == pytest.approx(0.7111111111)
+  # A positive never retrieved counts zero; a first hit at rank 1 starts from precision 0.
+  assert retrieval.average_precision([1], 2) == pytest.approx((0 + 0.5) / 2 / 2)
+  assert retrieval.average_precision([0, 1, 2], 3) == 1.0
+  # Precision at k: positives at 1-based ranks 1, 3, 5.
+  assert retrieval.precision_at(ranks, 1) == 1.0
+  assert retrieval.precision_at(ranks, 5) == pytest.approx(3 / 5)
+  assert retrieval.precision_at(ranks, 10) == pytest.approx(3 / 5)  # cut at the last positive
+
+
+# Two queries. Query 0 (angle 0): database images 0-5 at 8, 16, ..., 48 degrees, labelled
+# E N H J E H; query 1 (angle 180): images 6-9 at 188-212 degrees, labelled N H J H, no easy.
+GND = [
+    {"easy": [0, 4], "hard": [2, 5], "junk": [3], "bbx": [16.3, 16.0, 63.6, 48.2]},
+    {"easy": [], "hard": [7, 9], "junk": [8], "bbx": [16.0, 15.8, 64.0, 47.9]},
+]
+DB_ANGLES = [8, 16, 24, 32, 40, 48, 188, 196, 204, 212]
+QUERY_ANGLES = [0, 180]
+# By hand (ranks after removing the ignored images):
+#   q0 easy:   P N P        -> ranks 0, 2       AP = [1 + (1/2 + 2/3)/2] / 2       = 0.791667
+#   q0 medium: P N P P P    -> ranks 0, 2, 3, 4 AP = [1 + 0.583333 + (2/3 + 3/4)/2
+#                                                      + (3/4 + 4/5)/2] / 4        = 0.766667
+#   q0 hard:   N P P        -> ranks 1, 2       AP = [(0 + 1/2)/2 + 0.583333] / 2  = 0.416667
+#   q1 medium, hard: N P P  -> 0.416667; q1 has no easy positives: left out of Easy.
+EXPECTED = {"easy": 79.1666667, "medium": (76.6666667 + 41.6666667) / 2, "hard": 41.6666667}
+
+
+def test_evaluate_rankings_known_map():
+  gnd = retrieval.check_ground_truth(
+      {"imlist": [f"d{i}" for i in range(10)], "qimlist": ["q0", "q1"], "gnd": GND})["gnd"]
+  sims = np.cos(np.deg2rad(np.subtract.outer(QUERY_ANGLES, DB_ANGLES)))
+  rankings = np.argsort(-sims, axis=1)
+  out = retrieval.evaluate_rankings(rankings, gnd)
+  for setup, value in EXPECTED.items():
+    assert out[setup]["mAP"] == pytest.approx(value, abs=1e-4), setup
+  assert out["easy"]["queries"] == 1 and out["medium"]["queries"] == 2
+  assert out["easy"]["mP@1"] == 100.0 and out["hard"]["mP@1"] == 0.0
+
+
+def write_dataset(root, *, protocol=2):
+  """roxford5k layout: jpg/ and gnd_roxford5k.pkl, database images landscape and portrait."""
+  folder = root / "roxford5k"
+  (folder / "jpg").mkdir(parents=True)
+  for i, angle in enumerate(DB_ANGLES):
+    shape = (48, 64) if i % 2 else (64, 48)
+    save_jpg(folder / "jpg" / f"d{i}.jpg", np.broadcast_to(color(angle), shape + (3,)).copy())
+  for i, (angle, g) in enumerate(zip(QUERY_ANGLES, GND)):
+    # The box holds the query colour; the larger outside holds the opposite colour, so a
+    # descriptor of the uncropped image points the other way.
+    pixels = np.broadcast_to(color(angle + 180), (64, 80, 3)).copy()
+    x0, y0, x1, y1 = (round(v) for v in g["bbx"])
+    pixels[y0:y1, x0:x1] = color(angle)
+    save_jpg(folder / "jpg" / f"q{i}.jpg", pixels)
+  gt = {"imlist": [f"d{i}" for i in range(len(DB_ANGLES))], "qimlist": ["q0", "q1"],
+        "gnd": [{k: (np.asarray(v, np.float64) if k == "bbx" else np.asarray(v, np.int64))
+                 for k, v in g.items()} for g in GND]}
+  (folder / "gnd_roxford5k.pkl").write_bytes(pickle.dumps(gt, protocol=protocol))
+  return folder
+
+
+def test_retrieval_cli_known_map(tmp_path, capsys):
+  write_dataset(tmp_path / "data")
+  model = MeanColorViT()
+  results = retrieval.evaluate_checkpoint(
+      str(tmp_path), load_backbone=lambda workdir, step, which: (run_config(), model),
+      dataset="roxford5k", data_dir=str(tmp_path / "data"), imsize=32, batch_size=8)
+  for setup, value in EXPECTED.items():
+    assert results[setup]["mAP"] == pytest.approx(value, abs=1e-4), setup
+  record = json.loads((tmp_path / "retrieval_roxford5k.json").read_text())
+  assert record["medium"]["mAP"] == pytest.approx(EXPECTED["medium"], abs=1e-4)
+  assert record["database"] == 10 and record["queries"] == 2 and record["query_crop"]
+  assert "medium" in capsys.readouterr().out
+
+  # The dataset folder itself as data_dir; three scales of a solid colour: the same descriptors.
+  multi = retrieval.evaluate_retrieval(
+      run_config(), model, dataset="roxford5k", data_dir=str(tmp_path / "data" / "roxford5k"),
+      imsize=32, multiscale=True, batch_size=8)
+  assert multi["hard"]["mAP"] == pytest.approx(EXPECTED["hard"], abs=1e-4)
+
+  # Whole queries point away from their positives: the crop is what makes the protocol.
+  whole = retrieval.evaluate_retrieval(run_config(), model, dataset="roxford5k",
+                                       data_dir=str(tmp_path / "data"), imsize=32,
+                                       query_crop=False, batch_size=8)
+  assert whole["medium"]["mAP"] < EXPECTED["medium"] - 20
+
+
+def test_ground_truth_read_without_running_code(tmp_path):
+  gt = {"imlist": ["a", "b"], "qimlist": ["q"],
+        "gnd": [{"easy": np.array([0]), "hard": [1], "junk": [], "bbx": (0.0, 0.0, 2.0, 2.0)}]}
+  for protocol in (2, 5):
+    path = tmp_path / f"gnd_{protocol}.pkl"
+    path.write_bytes(pickle.dumps(gt, protocol=protocol))
+    loaded = retrieval.load_ground_truth(path)
+    np.testing.assert_array_equal(loaded["gnd"][0]["hard"], [1])
+    assert loaded["gnd"][0]["bbx"].tolist() == [0.0, 0.0, 2.0, 2.0]
+
+  marker = tmp_path / "ran"
+
+  class Exploit:
+    def __reduce__(self):
+      return (os.system, (f"touch {marker}",))
+
+  bad = tmp_path / "gnd_bad.pkl"
+  bad.write_bytes(pickle.dumps({"imlist": [], "qimlist": [], "gnd": [Exploit()]}))
+  with pytest.raises(retrieval.GroundTruthError, match=r"holds a (posix|os|nt)\.system object"):
+    retrieval.load_ground_truth(bad)
+  assert not marker.exists()
+
+  with pytest.raises(retrieval.GroundTruthError, match="not a readable pickle"):
+    retrieval.safe_unpickle(b"\x80\x04garbage", "x.pkl")
+  with pytest.raises(retrieval.GroundTruthError, match="outside the 2 database images"):
+    retrieval.check_ground_truth(
+        {**gt, "gnd": [{"easy": [2], "hard": [], "junk": [], "bbx": [0, 0, 1, 1]}]})
+  with pytest.raises(ValueError, match="--dataset must be one of"):
+    retrieval.dataset_dir(str(tmp_path), "oxford")
+
+
+def test_descriptors_sharded_equal_single_device(tmp_path):
+  """A real (tiny) ViT on images of three shapes, position embeddings resized: 8 devices and
+  one device give the same descriptors, in item order."""
+  rng = np.random.default_rng(0)
+  paths = []
+  for i, (h, w) in enumerate([(40, 56), (56, 40), (40, 56), (33, 47), (40, 56)]):
+    paths.append(tmp_path / f"{i}.jpg")
+    save_jpg(paths[-1], rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+  model = vit.ViT(width=16, depth=1, num_heads=2, patch_size=8, image_size=16,
+                  dtype=jnp.float32, rngs=nnx.Rngs(0))
+  specs = [retrieval.ImageSpec(p, None, imsize=0, patch=8, mean=MEAN, std=STD, scales=(1.0,))
+           for p in paths]
+  assert specs[3].shape == (32, 40, 3)  # whole patches of 33x47
+
+  def descriptors(devices):
+    mesh = features.batch_mesh(devices)
+    fn = retrieval.descriptor_fn(model, mesh=mesh)
+    return images.map_images(fn, specs, load=lambda s: s.load(), shape_of=lambda s: s.shape,
+                             mesh=mesh, batch_size=len(devices))
+
+  sharded = descriptors(jax.devices())
+  single = descriptors(jax.devices()[:1])
+  np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(sharded, axis=1), 1.0, rtol=1e-5)
+  one = model(jnp.asarray(specs[1].load()[None]))[0, 0]
+  np.testing.assert_allclose(sharded[1], one / jnp.linalg.norm(one), rtol=1e-4, atol=1e-5)
