@@ -5,9 +5,7 @@ The stand-in backbone's patch tokens are each patch's mean standardised colour, 
 red square matches red patches: what propagation has to do is follow them from frame to frame.
 """
 import json
-import math
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np

@@ -157,7 +157,8 @@ def _host_batches(items, load, shapes, *, batch_size, multiple, description):
       yield {"image": image, "label": label, "valid": label >= 0}
       done += len(chunk)
       if description and (done >= next_report or done == len(items)):
-        log.info("%s: %d/%d images (%d shapes)", description, done, len(items), len(groups))
+        log.info("%s: %d/%d images, %d distinct shapes", description, done, len(items),
+                 len(groups))
         next_report = done + len(items) / 10
 
 

@@ -222,7 +222,7 @@ def rank_database(database, queries):
   return np.argsort(-sim, axis=1, kind="stable")
 
 
-# --- descriptors -----------------------------------------------------------------------------------
+# --- descriptors ---------------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _descriptor(graphdef, scales, state, images):

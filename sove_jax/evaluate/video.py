@@ -273,18 +273,16 @@ class Frame:
     return images_lib.to_array(image, self.mean, self.std)
 
 
-def segment_sequence(model, frame_paths, first_annotation, *, mean, std, frame_size, mesh,
-                     batch_size, n_last_frames, topk, radius, temperature):
+def segment_sequence(apply_fn, patch, frame_paths, first_annotation, *, mean, std, frame_size,
+                     mesh, batch_size, n_last_frames, topk, radius, temperature):
   """Predicted label maps (uint8, original frame size) of every frame of one sequence; the
-  first is the annotation itself."""
-  patch = model.patch_size
+  first is the annotation itself. `apply_fn` is `images.patch_features(model, mesh=mesh)`."""
   width, height = images_lib.image_size(frame_paths[0])
   size = images_lib.shorter_side_size(width, height, frame_size, LONG_SIDE_MULTIPLE)
   grid = (size[1] // patch, size[0] // patch)
   labels = np.where(first_annotation == VOID, 0, first_annotation)
   num_classes = int(labels.max()) + 1
   seed = one_hot_grid(labels, grid, num_classes)
-  apply_fn = images_lib.patch_features(model, mesh=mesh)
   frames = [Frame(p, size, mean, std) for p in frame_paths]
   chunk = max(batch_size or 8 * mesh.devices.size, 1)
 
@@ -314,6 +312,7 @@ def evaluate_video(config, model, *, data_dir, split="val", resolution="480p", s
   mesh = features_lib.batch_mesh() if mesh is None else mesh
   root = epath.Path(data_dir)
   names = list(sequences) if sequences else sequence_names(data_dir, split)
+  apply_fn = images_lib.patch_features(model, mesh=mesh)
   per_object, per_sequence = {}, {}
   for i, name in enumerate(names):
     frame_dir = root / "JPEGImages" / resolution / name
@@ -324,9 +323,9 @@ def evaluate_video(config, model, *, data_dir, split="val", resolution="480p", s
     annotation_paths = [annotation_dir / f"{p.stem}.png" for p in frame_paths]
     first, palette = images_lib.read_label_map(annotation_paths[0])
     predictions = segment_sequence(
-        model, frame_paths, first, mean=tuple(config.data.mean), std=tuple(config.data.std),
-        frame_size=frame_size, mesh=mesh, batch_size=batch_size, n_last_frames=n_last_frames,
-        topk=topk, radius=radius, temperature=temperature)
+        apply_fn, model.patch_size, frame_paths, first, mean=tuple(config.data.mean),
+        std=tuple(config.data.std), frame_size=frame_size, mesh=mesh, batch_size=batch_size,
+        n_last_frames=n_last_frames, topk=topk, radius=radius, temperature=temperature)
     if output_dir and jax.process_index() == 0:
       out = epath.Path(output_dir) / name
       out.mkdir(parents=True, exist_ok=True)
