@@ -207,3 +207,12 @@ def test_descriptors_sharded_equal_single_device(tmp_path):
   np.testing.assert_allclose(np.linalg.norm(sharded, axis=1), 1.0, rtol=1e-5)
   one = model(jnp.asarray(specs[1].load()[None]))[0, 0]
   np.testing.assert_allclose(sharded[1], one / jnp.linalg.norm(one), rtol=1e-4, atol=1e-5)
+
+
+def test_missing_ground_truth_fails_before_loading(tmp_path):
+  def never(*args, **kwargs):
+    raise AssertionError("the checkpoint was loaded before the data were checked")
+
+  with pytest.raises(FileNotFoundError, match="no gnd_rparis6k.pkl"):
+    retrieval.evaluate_checkpoint(str(tmp_path), load_backbone=never, dataset="rparis6k",
+                                  data_dir=str(tmp_path))

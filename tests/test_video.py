@@ -229,3 +229,14 @@ def test_propagation_tracks_moving_shapes(tmp_path, capsys):
   record = json.loads((tmp_path / "video.json").read_text())
   assert record["J&F-Mean"] == pytest.approx(results["J&F-Mean"]) and record["radius"] == 4
   assert "J&F-Mean" in capsys.readouterr().out
+
+
+def test_bad_settings_and_data_fail_before_loading(tmp_path):
+  def never(*args, **kwargs):
+    raise AssertionError("the checkpoint was loaded before the input was checked")
+
+  with pytest.raises(ValueError, match="topk >= 1"):
+    video.evaluate_checkpoint(str(tmp_path), load_backbone=never, data_dir=str(tmp_path),
+                              topk=0)
+  with pytest.raises(FileNotFoundError, match="DAVIS-2017 folder"):
+    video.evaluate_checkpoint(str(tmp_path), load_backbone=never, data_dir=str(tmp_path))

@@ -137,6 +137,9 @@ def pca_picture(config, model, paths, *, image_size=0, remove_background=False, 
 def evaluate_checkpoint(workdir, *, load_backbone, images, out="", step=None, **kwargs):
   """Loads the teacher of `workdir` (latest or `step`), writes the picture to `out` (default
   WORKDIR/pca.png) and the summary to WORKDIR/pca.json (process 0). Returns the summary."""
+  missing = [str(p) for p in images if not epath.Path(p).exists()]
+  if missing:
+    raise FileNotFoundError(f"no image at {', '.join(missing)}")
   config, model = load_backbone(workdir, step=step, which="teacher")
   canvas, summary = pca_picture(config, model, list(images), **kwargs)
   out = out or str(epath.Path(workdir) / "pca.png")

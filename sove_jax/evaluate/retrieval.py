@@ -342,7 +342,8 @@ def format_table(dataset, results, kappas=KAPPAS):
 def evaluate_checkpoint(workdir, *, load_backbone, dataset, step=None, **kwargs):
   """Loads the teacher of `workdir` (latest or `step`), runs `evaluate_retrieval`, prints the
   table and writes `retrieval_<dataset>.json` into the workdir (process 0)."""
-  config, model = load_backbone(workdir, step=step, which="teacher")
+  load_ground_truth(dataset_dir(kwargs.get("data_dir"), dataset) / f"gnd_{dataset}.pkl")
+  config, model = load_backbone(workdir, step=step, which="teacher")  # data checked first
   results = evaluate_retrieval(config, model, dataset=dataset, **kwargs)
   if jax.process_index() == 0:
     print(format_table(dataset, results))

@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 LONG_SIDE_MULTIPLE = 64  # DINO's frame sizes: 480 x (a multiple of 64)
 BOUNDARY_TOLERANCE = 0.008  # of the image diagonal (DAVIS)
 VOID = 255
+# DINO's propagation settings (eval_video_segmentation.py defaults).
+SETTINGS = {"n_last_frames": 7, "topk": 5, "radius": 12, "temperature": 0.1, "frame_size": 480}
 MEASURES = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
 
 
@@ -302,13 +304,20 @@ def segment_sequence(apply_fn, patch, frame_paths, first_annotation, *, mean, st
   return predictions
 
 
+def check_settings(*, topk, n_last_frames, temperature, radius, frame_size):
+  """One-sentence ValueError for propagation settings that cannot work."""
+  if topk < 1 or n_last_frames < 0 or temperature <= 0 or radius < 0 or frame_size < 1:
+    raise ValueError("video propagation needs topk >= 1, n_last_frames >= 0, temperature > 0, "
+                     "radius >= 0 and frame_size >= 1")
+
+
 def evaluate_video(config, model, *, data_dir, split="val", resolution="480p", sequences=None,
                    n_last_frames=7, topk=5, radius=12, temperature=0.1, frame_size=480,
                    batch_size=0, output_dir="", mesh=None):
   """DAVIS-2017 label propagation of `model`'s patch features. Returns {"J&F-Mean", ...,
   "sequences": {seq: {"J-Mean", "F-Mean", "objects"}}} (percentages)."""
-  if topk < 1 or n_last_frames < 0 or temperature <= 0:
-    raise ValueError("video propagation needs topk >= 1, n_last_frames >= 0, temperature > 0")
+  check_settings(topk=topk, n_last_frames=n_last_frames, temperature=temperature,
+                 radius=radius, frame_size=frame_size)
   mesh = features_lib.batch_mesh() if mesh is None else mesh
   root = epath.Path(data_dir)
   names = list(sequences) if sequences else sequence_names(data_dir, split)
@@ -361,13 +370,16 @@ def format_table(results):
 def evaluate_checkpoint(workdir, *, load_backbone, step=None, **kwargs):
   """Loads the teacher of `workdir` (latest or `step`), runs `evaluate_video`, prints the table
   and writes `video.json` into the workdir (process 0)."""
+  settings = {k: kwargs.get(k, v) for k, v in SETTINGS.items()}
+  check_settings(**settings)
+  if not kwargs.get("sequences"):
+    sequence_names(kwargs["data_dir"], kwargs.get("split", "val"))  # data checked first
   config, model = load_backbone(workdir, step=step, which="teacher")
   results = evaluate_video(config, model, **kwargs)
   if jax.process_index() == 0:
     print(format_table(results))
-    settings = {k: kwargs[k] for k in ("n_last_frames", "topk", "radius", "temperature",
-                                        "frame_size", "split") if k in kwargs}
-    record = {"step": "latest" if step is None else step, **settings, **results}
+    record = {"step": "latest" if step is None else step, "split": kwargs.get("split", "val"),
+              **settings, **results}
     (epath.Path(workdir) / "video.json").write_text(json.dumps(record, indent=2))
   return results
 
