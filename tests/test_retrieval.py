@@ -216,3 +216,21 @@ def test_missing_ground_truth_fails_before_loading(tmp_path):
   with pytest.raises(FileNotFoundError, match="no gnd_rparis6k.pkl"):
     retrieval.evaluate_checkpoint(str(tmp_path), load_backbone=never, dataset="rparis6k",
                                   data_dir=str(tmp_path))
+
+
+def test_map_images_keeps_item_order_across_shapes_and_chunks():
+  """21 items of two shapes, interleaved, in global batches of 8 on 8 devices: several chunks
+  per shape, padded last chunks; the outputs come back in item order, padding dropped."""
+  shapes = [(8, 12, 3) if i % 3 else (12, 8, 3) for i in range(21)]
+  loaded = []
+
+  def load(i):
+    loaded.append(i)
+    return np.full(shapes[i], float(i), np.float32)
+
+  out = images.map_images(jax.jit(lambda x: x.mean(axis=(1, 2))), list(range(21)), load=load,
+                          shape_of=lambda i: shapes[i], batch_size=8)
+  np.testing.assert_array_equal(out, np.repeat(np.arange(21.0)[:, None], 3, axis=1))
+  assert sorted(loaded) == list(range(21))  # each image decoded once
+  with pytest.raises(ValueError, match="not a multiple of the 8 devices"):
+    images.map_images(lambda x: x, [0], load=load, shape_of=lambda i: (4, 4, 3), batch_size=6)

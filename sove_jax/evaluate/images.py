@@ -8,6 +8,7 @@ of such images on the mesh. Images are grouped by shape; each group goes through
 batches sharded over the devices, so a protocol compiles once per distinct shape, not once per
 image.
 """
+import concurrent.futures
 import functools
 import io
 import logging
@@ -23,6 +24,8 @@ from PIL import Image
 from sove_jax.evaluate import features as features_lib
 
 log = logging.getLogger(__name__)
+
+LOAD_THREADS = 8
 
 
 def read_image(path) -> Image.Image:
@@ -133,33 +136,39 @@ def _chunk_rows(remaining: int, batch_size: int, multiple: int) -> int:
 
 def _host_batches(items, load, shapes, *, batch_size, multiple, description):
   """Host batches in the shape of the data package's eval input: {"image", "label" (the item's
-  index, -1 for padding), "valid"}, this process's rows of each global batch only. Logs
-  progress about every tenth of the items."""
-  done, next_report = 0, len(items) / 10
+  index, -1 for padding), "valid"}, this process's rows of each global batch only. Rows are
+  loaded by a few threads (decoding and resizing release the GIL). Logs progress about every
+  tenth of the items."""
   groups = {}
   for index, shape in enumerate(shapes):
     groups.setdefault(tuple(shape), []).append(index)
   procs, me = jax.process_count(), jax.process_index()
-  for shape, members in groups.items():
-    start = 0
-    while start < len(members):
-      rows = _chunk_rows(len(members) - start, batch_size, multiple)
-      chunk = members[start:start + rows]
-      start += rows
-      local = rows // procs
-      mine = range(me * local, (me + 1) * local)
-      image = np.zeros((local,) + shape, np.float32)
-      label = np.full((local,), -1, np.int32)
-      for row, global_row in enumerate(mine):
-        if global_row < len(chunk):
-          image[row] = load(items[chunk[global_row]])
-          label[row] = chunk[global_row]
-      yield {"image": image, "label": label, "valid": label >= 0}
-      done += len(chunk)
-      if description and (done >= next_report or done == len(items)):
-        log.info("%s: %d/%d images, %d distinct shapes", description, done, len(items),
-                 len(groups))
-        next_report = done + len(items) / 10
+  done, next_report = 0, len(items) / 10
+  with concurrent.futures.ThreadPoolExecutor(LOAD_THREADS) as pool:
+    for shape, members in groups.items():
+      for start in _chunk_starts(len(members), batch_size, multiple):
+        rows = _chunk_rows(len(members) - start, batch_size, multiple)
+        chunk = members[start:start + rows]
+        local = rows // procs
+        mine = [(row, chunk[g]) for row, g in enumerate(range(me * local, (me + 1) * local))
+                if g < len(chunk)]
+        image = np.zeros((local,) + shape, np.float32)
+        label = np.full((local,), -1, np.int32)
+        for (row, index), array in zip(mine, pool.map(lambda m: load(items[m[1]]), mine)):
+          image[row], label[row] = array, index
+        yield {"image": image, "label": label, "valid": label >= 0}
+        done += len(chunk)
+        if description and (done >= next_report or done == len(items)):
+          log.info("%s: %d/%d images, %d distinct shapes", description, done, len(items),
+                   len(groups))
+          next_report = done + len(items) / 10
+
+
+def _chunk_starts(count, batch_size, multiple):
+  start = 0
+  while start < count:
+    yield start
+    start += _chunk_rows(count - start, batch_size, multiple)
 
 
 def map_images(apply_fn: Callable, items: Sequence, *, load: Callable, shape_of: Callable,
