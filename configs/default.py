@@ -100,12 +100,12 @@ def get_config():
   o.base_lr = 1e-3            # per 256 images: lr = base_lr * batch_size / 256 (paper 5e-4)
   o.min_lr = 1e-6
   o.warmup_epochs = 0.3       # paper 10
-  o.weight_decay = 0.04
+  o.weight_decay = 0.04       # on weights only: no bias, no 1-D tensor (norm scales), as DINO
   o.weight_decay_end = 0.4
   o.b1 = 0.9
   o.b2 = 0.999
   o.clip = 3.0                # 0 disables
-  o.clip_mode = "per_tensor"  # "per_tensor" (official, DINO) | "global"
+  o.clip_mode = "per_tensor"  # "per_tensor" (official, DINO; each layer its own) | "global"
   o.ema_momentum = 0.99       # teacher EMA, cosine to ema_momentum_end (paper 0.996)
   o.ema_momentum_end = 1.0
 

@@ -174,6 +174,26 @@ class Block(nnx.Module):
     return x
 
 
+def path_names(path) -> tuple:
+  """The plain keys of a pytree path (dict keys, attribute names or sequence indices)."""
+  return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+
+
+def is_layer_stack(path) -> bool:
+  """True for a parameter of `scan_layers` blocks, whose leading axis indexes the layer.
+
+  `path` is a pytree path into a ViT's (or a whole network's) parameters. Scanned blocks are one
+  subtree `blocks/{attn, mlp, norm1, norm2}` of stacked arrays; looped blocks are `blocks/0`,
+  `blocks/1`, ... of per-layer arrays. The optimizer uses this to treat each layer slice of a
+  stack as its own tensor, so both layouts are optimized the same way.
+  """
+  names = path_names(path)
+  for here, below in zip(names, names[1:]):
+    if here == "blocks":
+      return not (isinstance(below, int) or str(below).isdigit())
+  return False
+
+
 def _bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
   """[out, in] matrix of PyTorch's bicubic resize (A = -0.75, align_corners=False, edge clamp).
 
