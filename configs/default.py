@@ -50,10 +50,16 @@ def get_config():
   d.std = (0.229, 0.224, 0.225)
   d.eval_resize = 28          # eval: resize shorter side (paper-size images: 256)...
   d.eval_crop = 28            # ...then centre crop (224)
-  d.mask_type = "block"       # "block" (BEiT/iBOT) | "random"
+  # Masks of the 2 global crops (sove_jax/data/masking.py), one per crop:
+  #   "block": the authors' (iBOT's loader, after BEiT): blocks of >= (min(h, w) // 3) ** 2
+  #     patches until ratio * h * w is reached or 10 tries in a row fail; may end short of it
+  #     (on this 4 x 4 grid: 4 of the 4.8 patches, in blocks of >= 1 patch);
+  #   "block_exact": BEiT blocks of >= 4 patches, topped up to exactly round(ratio * h * w);
+  #   "random": exactly round(ratio * h * w) uniformly drawn patches (use ratio 0.7).
+  d.mask_type = "block"
   d.mask_ratio = 0.3          # paper: 0.3 block; random option: 0.7
   d.mask_ratio_var = 0.0      # ratio drawn uniformly in ratio +- var per image
-  d.mask_min_patches = 4      # smallest block, in patches
+  d.mask_min_patches = 0      # smallest block, in patches (0: the type's own, see above)
   d.image_key = "image"       # TFDS feature holding the image
   d.label_key = "label"       # TFDS feature holding the label ("" = none; labels become -1)
   d.shuffle_buffer = 10_000   # tfds records in the shuffle buffer (folders/arrays: whole epochs)

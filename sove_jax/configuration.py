@@ -10,6 +10,8 @@ class ConfigError(ValueError):
 
 VARIANTS = ("ti", "s", "b", "l")
 DTYPES = ("bfloat16", "float32", "float16")
+# sove_jax.data.masking.MASK_TYPES, spelled out: this module must not import TensorFlow.
+MASK_TYPES = ("block", "block_exact", "random")
 
 
 def _require(ok: bool, message: str):
@@ -28,7 +30,7 @@ def validate(config, *, num_devices: int, process_count: int = 1):
   _one_of(m.dtype, DTYPES, "model.dtype")
   _one_of(s.labels, ("soft", "onehot"), "sove.labels")
   _one_of(o.clip_mode, ("per_tensor", "global"), "optim.clip_mode")
-  _one_of(d.mask_type, ("block", "random"), "data.mask_type")
+  _one_of(d.mask_type, MASK_TYPES, "data.mask_type")
   _one_of(d.source, ("fashion_mnist", "tfds", "folder"), "data.source")
   _one_of(m.get("attention", "xla"), ("xla", "cudnn"), "model.attention")
 
