@@ -77,6 +77,9 @@ def get_config():
   m.dtype = "float32"         # compute dtype (paper configs: "bfloat16"); parameters are float32
   m.remat = False             # rematerialise each block (memory for compute; ViT-L)
   m.scan_layers = False       # scan over blocks (compile time; ViT-L)
+  m.attention = "xla"         # "xla" | "cudnn" (GPU flash attention; head dim % 8, 16-bit dtype)
+  m.pos_interpolation = "size"  # resizing pos_embed for local crops: "size" (to the grid) |
+                              # "dino" (scale_factor (grid + 0.1) / n, as DINO, iBOT, the authors)
   m.head_hidden = 256         # paper: 2048
   m.head_out = 128            # d, the embedding size (paper: 256)
 

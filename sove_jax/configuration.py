@@ -32,7 +32,8 @@ def validate(config, *, num_devices: int, process_count: int = 1):
   _one_of(o.clip_mode, ("per_tensor", "global"), "optim.clip_mode")
   _one_of(d.mask_type, MASK_TYPES, "data.mask_type")
   _one_of(d.source, ("fashion_mnist", "tfds", "folder"), "data.source")
-  _one_of(m.get("attention", "xla"), ("xla", "cudnn"), "model.attention")
+  _one_of(m.attention, ("xla", "cudnn"), "model.attention")
+  _one_of(m.pos_interpolation, ("size", "dino"), "model.pos_interpolation")
 
   b = config.batch_size
   _require(b > 0 and b % num_devices == 0,

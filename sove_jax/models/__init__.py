@@ -1,13 +1,14 @@
 """Vision Transformer backbones and the projection head (Flax NNX)."""
 from sove_jax.models.head import ProjectionHead, l2_normalize
-from sove_jax.models.vit import (ATTENTION, CUDNN_SEQ_MULTIPLE, VARIANTS, ViT, create_vit,
-                                 dot_product_attention, interpolate_pos_embed)
+from sove_jax.models.vit import (ATTENTION, CUDNN_SEQ_MULTIPLE, POS_INTERPOLATIONS, VARIANTS, ViT,
+                                 create_vit, dot_product_attention, interpolate_pos_embed)
 
 # Every logical axis name a parameter carries (None marks an unsharded dim). "layers" is the
 # stacked-block axis of scan_layers=True.
 LOGICAL_AXES = ("embed", "mlp", "heads", "kv", "conv_in", "proj_hidden", "proj_out", "layers")
 
 __all__ = [
-    "ATTENTION", "CUDNN_SEQ_MULTIPLE", "LOGICAL_AXES", "ProjectionHead", "VARIANTS", "ViT",
+    "ATTENTION", "CUDNN_SEQ_MULTIPLE", "LOGICAL_AXES", "POS_INTERPOLATIONS", "ProjectionHead",
+    "VARIANTS", "ViT",
     "create_vit", "dot_product_attention", "interpolate_pos_embed", "l2_normalize",
 ]

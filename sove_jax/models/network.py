@@ -31,11 +31,13 @@ def _dtype(name: str):
 
 
 def backbone_kwargs(model_config) -> dict:
-  """ViT constructor arguments from a config's `model` block."""
+  """ViT constructor arguments from a config's `model` block. (The defaults of `get` serve
+  workdirs whose config.json predates those fields.)"""
   m = model_config
   return dict(width=m.width, depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size,
               drop_path_rate=m.drop_path, dtype=_dtype(m.dtype), remat=m.remat,
-              scan_layers=m.scan_layers, attention=m.get("attention", "xla"))
+              scan_layers=m.scan_layers, attention=m.get("attention", "xla"),
+              pos_interpolation=m.get("pos_interpolation", "size"))
 
 
 def build_backbone(model_config, image_size: int, rngs: nnx.Rngs):
