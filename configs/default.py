@@ -68,10 +68,11 @@ def get_config():
 
   # --- model: student/teacher backbone and projection head (sove_jax/models) -----------------
   c.model = m = ml_collections.ConfigDict()
-  m.variant = "ti"            # "ti" | "s" | "b" | "l" (width/depth/heads below override)
-  m.width = 128
-  m.depth = 4
-  m.num_heads = 4
+  m.variant = "ti"            # ViT size (width/depth/heads): "ti" 192/12/3, "s" 384/12/6,
+                              # "b" 768/12/12, "l" 1024/24/16
+  m.width = 128               # > 0 replaces the variant's width, 0 keeps it; here a small ViT
+  m.depth = 4                 # for CPUs (as width); the ImageNet configs set all three to 0
+  m.num_heads = 4             # (as width)
   m.patch_size = 7
   m.drop_path = 0.1           # student only
   m.dtype = "float32"         # compute dtype (paper configs: "bfloat16"); parameters are float32

@@ -3,7 +3,8 @@
 AdamW with a linear warm-up then cosine learning rate, a cosine weight-decay ramp on weights only
 (no bias, no norm scale), per-tensor gradient clipping (DINO's `clip_gradients`, one layer at a
 time under `scan_layers`) or global norm clipping, and the non-optimizer schedules the step
-reads: teacher EMA momentum and teacher temperature. Every schedule is a pure function of the step, so a resumed run sees the same values.
+reads: teacher EMA momentum and teacher temperature. Every schedule is a pure function of the
+step, so a resumed run sees the same values.
 """
 from typing import Callable, NamedTuple
 

@@ -45,7 +45,8 @@ def masked_count(ratio: float, num_patches: int) -> int:
 
 
 def _blocks(seed, mask, count, min_patches, aspect, attempts):
-  """("block_exact") BEiT's rectangle placement on masks [n, h, w] until < min_patches remain or tries run out."""
+  """("block_exact") BEiT's rectangle placement on masks [n, h, w] until < min_patches remain
+  or tries run out."""
   n, h, w = mask.shape
   rows = tf.range(h, dtype=tf.float32)[None, :, None]
   cols = tf.range(w, dtype=tf.float32)[None, None, :]
