@@ -2,9 +2,9 @@
 configs/default.py, and every declared field is read by the code.
 
 The code is scanned, not listed: a static pass over the package and the benchmarks follows each
-config object from where it enters a function (parameters named `config`, `cfg`, `c` or
-`<section>_config`, any variable named `config` or `cfg`, results of a config file's
-`get_config()`, and `self.<name>` set from one) through aliases (`m = config.model`,
+config object from where it enters a function (parameters named `config`, `c` or
+`<section>_config`, any variable named `config`, results of a config file's `get_config()`,
+and `self.<name>` set from one) through aliases (`m = config.model`,
 `m, d = config.model, config.data`) and records every field taken from it by attribute,
 `getattr`, `.get("name")` or subscript, including names that a `for` loop takes from a literal
 tuple (`for field in ("width", "depth"): m[field]`). The config files are checked by building
@@ -24,8 +24,8 @@ from configs import default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCANNED = ("sove_jax", "benchmarks")
-ROOT_NAMES = ("config", "cfg", "c")  # parameters holding a whole config
-MODULE_ROOTS = ("config", "cfg")      # names that hold one wherever they are bound
+ROOT_NAMES = ("config", "c")  # parameters holding a whole config
+MODULE_ROOTS = ("config",)     # a name that holds one wherever it is bound
 
 
 def _fields(config, prefix=""):
