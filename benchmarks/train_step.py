@@ -21,6 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from configs import default, vitb, vits  # noqa: E402
 from sove_jax import sharding, state as state_lib, train  # noqa: E402
+from sove_jax.models import network  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "TPU v4": 275.0,
                     "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6": 918.0}
@@ -41,12 +42,13 @@ def head_flops(tokens: int, width: int, hidden: int, out: int) -> float:
 def step_flops_per_image(c, mode: str = "full") -> float:
   """Analytic FLOPs of one train step, per image (backward = 2 x forward)."""
   m, d, s = c.model, c.data, c.sove
+  width, depth, _ = network.vit_size(m)
   n_g = (d.global_size // m.patch_size) ** 2 + 1
   n_l = (d.local_size // m.patch_size) ** 2 + 1
-  glob = vit_flops(n_g, m.width, m.depth, m.patch_size) + head_flops(n_g, m.width, m.head_hidden,
-                                                                        m.head_out)
-  loc = vit_flops(n_l, m.width, m.depth, m.patch_size) + head_flops(1, m.width, m.head_hidden,
-                                                                       m.head_out)
+  glob = vit_flops(n_g, width, depth, m.patch_size) + head_flops(n_g, width, m.head_hidden,
+                                                                    m.head_out)
+  loc = vit_flops(n_l, width, depth, m.patch_size) + head_flops(1, width, m.head_hidden,
+                                                                   m.head_out)
   student = 3 * (2 * glob + d.num_local * loc)
   teacher = 2 * glob
   total = student + teacher
@@ -139,7 +141,8 @@ def main():
   else:
     c = default.get_config()
     for mode in a.modes.split(","):
-      rows.append((f"default ({c.model.variant}, depth {c.model.depth}) {mode}", c, mode))
+      width, depth, _ = network.vit_size(c.model)
+      rows.append((f"default (width {width}, depth {depth}) {mode}", c, mode))
     steps = a.steps or 10
 
   kind, peak = peak_tflops()

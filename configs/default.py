@@ -50,10 +50,16 @@ def get_config():
   d.std = (0.229, 0.224, 0.225)
   d.eval_resize = 28          # eval: resize shorter side (paper-size images: 256)...
   d.eval_crop = 28            # ...then centre crop (224)
-  d.mask_type = "block"       # "block" (BEiT/iBOT) | "random"
+  # Masks of the 2 global crops (sove_jax/data/masking.py), one per crop:
+  #   "block": the authors' (iBOT's loader, after BEiT): blocks of >= (min(h, w) // 3) ** 2
+  #     patches until ratio * h * w is reached or 10 tries in a row fail; may end short of it
+  #     (on this 4 x 4 grid: 4 of the 4.8 patches, in blocks of >= 1 patch);
+  #   "block_exact": BEiT blocks of >= 4 patches, topped up to exactly round(ratio * h * w);
+  #   "random": exactly round(ratio * h * w) uniformly drawn patches (use ratio 0.7).
+  d.mask_type = "block"
   d.mask_ratio = 0.3          # paper: 0.3 block; random option: 0.7
   d.mask_ratio_var = 0.0      # ratio drawn uniformly in ratio +- var per image
-  d.mask_min_patches = 4      # smallest block, in patches
+  d.mask_min_patches = 0      # smallest block, in patches (0: the type's own, see above)
   d.image_key = "image"       # TFDS feature holding the image
   d.label_key = "label"       # TFDS feature holding the label ("" = none; labels become -1)
   d.shuffle_buffer = 10_000   # tfds records in the shuffle buffer (folders/arrays: whole epochs)
@@ -62,15 +68,19 @@ def get_config():
 
   # --- model: student/teacher backbone and projection head (sove_jax/models) -----------------
   c.model = m = ml_collections.ConfigDict()
-  m.variant = "ti"            # "ti" | "s" | "b" | "l" (width/depth/heads below override)
-  m.width = 128
-  m.depth = 4
-  m.num_heads = 4
+  m.variant = "ti"            # ViT size (width/depth/heads): "ti" 192/12/3, "s" 384/12/6,
+                              # "b" 768/12/12, "l" 1024/24/16
+  m.width = 128               # > 0 replaces the variant's width, 0 keeps it; here a small ViT
+  m.depth = 4                 # for CPUs (as width); the ImageNet configs set all three to 0
+  m.num_heads = 4             # (as width)
   m.patch_size = 7
   m.drop_path = 0.1           # student only
   m.dtype = "float32"         # compute dtype (paper configs: "bfloat16"); parameters are float32
   m.remat = False             # rematerialise each block (memory for compute; ViT-L)
   m.scan_layers = False       # scan over blocks (compile time; ViT-L)
+  m.attention = "xla"         # "xla" | "cudnn" (GPU flash attention; head dim % 8, 16-bit dtype)
+  m.pos_interpolation = "size"  # resizing pos_embed for local crops: "size" (to the grid) |
+                              # "dino" (scale_factor (grid + 0.1) / n, as DINO, iBOT, the authors)
   m.head_hidden = 256         # paper: 2048
   m.head_out = 128            # d, the embedding size (paper: 256)
 
@@ -100,12 +110,12 @@ def get_config():
   o.base_lr = 1e-3            # per 256 images: lr = base_lr * batch_size / 256 (paper 5e-4)
   o.min_lr = 1e-6
   o.warmup_epochs = 0.3       # paper 10
-  o.weight_decay = 0.04
+  o.weight_decay = 0.04       # on weights only: no bias, no 1-D tensor (norm scales), as DINO
   o.weight_decay_end = 0.4
   o.b1 = 0.9
   o.b2 = 0.999
   o.clip = 3.0                # 0 disables
-  o.clip_mode = "per_tensor"  # "per_tensor" (official, DINO) | "global"
+  o.clip_mode = "per_tensor"  # "per_tensor" (official, DINO; each layer its own) | "global"
   o.ema_momentum = 0.99       # teacher EMA, cosine to ema_momentum_end (paper 0.996)
   o.ema_momentum_end = 1.0
 

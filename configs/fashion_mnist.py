@@ -11,8 +11,8 @@ def get_config():
   c = default.get_config()
   c.num_epochs = 100
   c.batch_size = 256
-  c.model.update(width=192, depth=6, num_heads=3, head_hidden=2048, head_out=256,
-                 dtype="bfloat16")
+  c.model.update(variant="ti", width=0, num_heads=0, depth=6,  # ViT-Ti, 6 blocks
+                 head_hidden=2048, head_out=256, dtype="bfloat16")
   c.data.num_local = 8
   c.sove.update(class_bank_size=16384, patch_bank_size=4096, num_anchors=4096, class_tasks=4,
                 patch_anchors=512)

@@ -10,5 +10,5 @@ from configs import default, vits
 def get_config():
   c = vits.imagenet(default.get_config())
   c.num_epochs = 400
-  c.model.update(variant="b", width=768, depth=12, num_heads=12)
+  c.model.variant = "b"
   return c

@@ -12,8 +12,7 @@ from configs import default, vits
 def get_config():
   c = vits.imagenet(default.get_config())
   c.num_epochs = 250
-  c.model.update(variant="l", width=1024, depth=24, num_heads=16,
-                 remat=True, scan_layers=True)
+  c.model.update(variant="l", remat=True, scan_layers=True)
   c.mesh.fsdp = 8
   c.mesh.shard_params = True
   return c

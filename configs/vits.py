@@ -20,6 +20,7 @@ def imagenet(c):
   d.eval_resize, d.eval_crop = 256, 224
   d.mask_type, d.mask_ratio = "block", 0.3
   m = c.model
+  m.width = m.depth = m.num_heads = 0  # the size is model.variant's
   m.patch_size, m.drop_path, m.head_hidden, m.head_out = 16, 0.1, 2048, 256
   m.dtype = "bfloat16"
   s = c.sove
@@ -38,5 +39,5 @@ def imagenet(c):
 def get_config():
   c = imagenet(default.get_config())
   c.num_epochs = 800
-  c.model.update(variant="s", width=384, depth=12, num_heads=6)
+  c.model.variant = "s"
   return c

@@ -2,14 +2,17 @@
 
 Each mistake stops the run with one sentence that names the field, its value and the fix.
 """
+from sove_jax.models import network, vit
 
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message is meant for the user as it is."""
 
 
-VARIANTS = ("ti", "s", "b", "l")
+VARIANTS = tuple(vit.VARIANTS)
 DTYPES = ("bfloat16", "float32", "float16")
+# sove_jax.data.masking.MASK_TYPES, spelled out: this module must not import TensorFlow.
+MASK_TYPES = ("block", "block_exact", "random")
 
 
 def _require(ok: bool, message: str):
@@ -28,17 +31,22 @@ def validate(config, *, num_devices: int, process_count: int = 1):
   _one_of(m.dtype, DTYPES, "model.dtype")
   _one_of(s.labels, ("soft", "onehot"), "sove.labels")
   _one_of(o.clip_mode, ("per_tensor", "global"), "optim.clip_mode")
-  _one_of(d.mask_type, ("block", "random"), "data.mask_type")
+  _one_of(d.mask_type, MASK_TYPES, "data.mask_type")
   _one_of(d.source, ("fashion_mnist", "tfds", "folder"), "data.source")
-  _one_of(m.get("attention", "xla"), ("xla", "cudnn"), "model.attention")
+  _one_of(m.attention, ("xla", "cudnn"), "model.attention")
+  _one_of(m.pos_interpolation, vit.POS_INTERPOLATIONS, "model.pos_interpolation")
 
   b = config.batch_size
   _require(b > 0 and b % num_devices == 0,
            f"batch_size={b} must be a positive multiple of the {num_devices} devices.")
   _require(b % process_count == 0,
            f"batch_size={b} must be divisible by the {process_count} processes.")
-  _require(m.width % m.num_heads == 0,
-           f"model.width={m.width} must be divisible by model.num_heads={m.num_heads}.")
+  for field in ("width", "depth", "num_heads"):
+    _require(m[field] >= 0, f"model.{field}={m[field]} must be >= 0 (0: model.variant's).")
+  width, _, heads = network.vit_size(m)
+  _require(width % heads == 0,
+           f"The ViT width {width} must be divisible by its {heads} heads (model.variant="
+           f"{m.variant!r}, model.width={m.width}, model.num_heads={m.num_heads}).")
   for field in ("global_size", "local_size"):
     size = d[field]
     _require(size > 0 and size % m.patch_size == 0,

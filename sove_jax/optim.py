@@ -1,15 +1,18 @@
 """The optimizer and every schedule of the run (SPEC section 6).
 
-AdamW with a linear warm-up then cosine learning rate, a cosine weight-decay ramp on parameters
-with more than one dimension, per-tensor gradient clipping (DINO's `clip_gradients`) or global
-norm clipping, and the non-optimizer schedules the step reads: teacher EMA momentum and teacher
-temperature. Every schedule is a pure function of the step, so a resumed run sees the same values.
+AdamW with a linear warm-up then cosine learning rate, a cosine weight-decay ramp on weights only
+(no bias, no norm scale), per-tensor gradient clipping (DINO's `clip_gradients`, one layer at a
+time under `scan_layers`) or global norm clipping, and the non-optimizer schedules the step
+reads: teacher EMA momentum and teacher temperature. Every schedule is a pure function of the
+step, so a resumed run sees the same values.
 """
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from sove_jax.models.vit import is_layer_stack, path_names
 
 Schedule = Callable[[jax.Array], jax.Array]
 
@@ -62,22 +65,39 @@ def make_schedules(config, steps_per_epoch: int, total_steps: int) -> Schedules:
 
 
 def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
-  """Scales each gradient tensor whose L2 norm exceeds `max_norm` down to it (DINO convention)."""
+  """Scales each gradient tensor whose L2 norm exceeds `max_norm` down to it (DINO convention).
+
+  A tensor is one layer's parameter: under `scan_layers` each layer slice of a stacked gradient
+  is clipped on its own, exactly as the unstacked blocks are.
+  """
   def update_fn(updates, state, params=None):
     del params
 
-    def clip(g):
-      norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+    def clip(path, g):
+      axes = tuple(range(1, g.ndim)) if is_layer_stack(path) else None
+      norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)), axis=axes, keepdims=True))
       return (g * jnp.minimum(1.0, max_norm / (norm + 1e-6))).astype(g.dtype)
 
-    return jax.tree.map(clip, updates), state
+    return jax.tree_util.tree_map_with_path(clip, updates), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
+def decays(path, param) -> bool:
+  """Whether a parameter gets weight decay, by its role, as DINO, iBOT and the authors decide
+  it (`*.bias` and 1-D tensors are exempt): never a bias, whatever its stored shape (the fused qkv
+  bias is (3, heads, head_dim)); never a tensor that is 1-D per layer (LayerNorm scales); every
+  other tensor (kernels, patch embedding, [CLS], mask token, position embedding) is decayed. A
+  `scan_layers` stack is judged by its per-layer shape, so both layouts decay the same tensors.
+  """
+  if path_names(path)[-1] == "bias":
+    return False
+  return len(param.shape) - is_layer_stack(path) > 1
+
+
 def decay_mask(params):
-  """Weight decay on matrices and kernels only: none on biases, norm scales (or 1-D tokens)."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+  """Tree of bools: which parameters `add_decayed_weights` decays (see `decays`)."""
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(config, schedules: Schedules) -> optax.GradientTransformation:

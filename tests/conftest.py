@@ -20,3 +20,20 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "sove_jax_test_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_terminal_summary(terminalreporter):
+  """Ends the run by naming every test that did not run and why (an optional package missing,
+  say), so a green run that skipped some is never mistaken for a full one."""
+  by_reason = {}
+  for report in terminalreporter.stats.get("skipped", []):
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    by_reason.setdefault(reason.removeprefix("Skipped: "), []).append(report.nodeid)
+  if not by_reason:
+    return
+  count = sum(map(len, by_reason.values()))
+  terminalreporter.section(f"{count} test{'s' if count > 1 else ''} did not run")
+  for reason, nodeids in by_reason.items():
+    terminalreporter.write_line(f"{len(nodeids)} skipped, reason: {reason}")
+    for nodeid in nodeids:
+      terminalreporter.write_line(f"  {nodeid}")

@@ -1,6 +1,10 @@
-"""Patch masks: exact counts, ratios within their range, blocks of >= min_patches, seeded."""
+"""Patch masks: the authors' block rule against a NumPy re-implementation of it; exact-ratio
+blocks (counts, ranges, blocks of >= min_patches); random masks; seeding."""
+import math
+
 import numpy as np
 import pytest
+from scipy import ndimage, stats
 
 from sove_jax.data import masking
 
@@ -27,9 +31,10 @@ def _components(mask: np.ndarray) -> list[int]:
 
 @pytest.mark.parametrize("grid,ratio,var",
                          [((14, 14), 0.3, 0.0), ((14, 14), 0.3, 0.2), ((4, 4), 0.3, 0.0)])
-def test_block_masks_have_exact_counts_in_range_and_blocks_of_at_least_four(grid, ratio, var):
+def test_exact_block_masks_have_exact_counts_in_range_and_blocks_of_at_least_four(grid, ratio,
+                                                                                  var):
   n, L = 400, grid[0] * grid[1]
-  m = masking.masks([7, 1], n, grid, "block", ratio, var, min_patches=4).numpy()
+  m = masking.masks([7, 1], n, grid, "block_exact", ratio, var).numpy()
   assert m.shape == (n, L) and m.dtype == bool
   counts = m.sum(1)
   lo, hi = masking.masked_count(ratio - var, L), masking.masked_count(ratio + var, L)
@@ -56,10 +61,153 @@ def test_random_masks_have_ratio_in_range_and_cover_every_patch():
   assert abs(freq.mean() - 0.7) < 0.01 and freq.min() > 0.6 and freq.max() < 0.8
 
 
-def test_masks_follow_the_seed():
-  a = masking.masks([1, 2], 64, (14, 14), "block", 0.3).numpy()
-  b = masking.masks([1, 2], 64, (14, 14), "block", 0.3).numpy()
-  c = masking.masks([1, 3], 64, (14, 14), "block", 0.3).numpy()
+@pytest.mark.parametrize("mask_type", masking.MASK_TYPES)
+def test_masks_follow_the_seed(mask_type):
+  a = masking.masks([1, 2], 64, (14, 14), mask_type, 0.3).numpy()
+  b = masking.masks([1, 2], 64, (14, 14), mask_type, 0.3).numpy()
+  c = masking.masks([1, 3], 64, (14, 14), mask_type, 0.3).numpy()
   np.testing.assert_array_equal(a, b)
   assert (a != c).any()
   assert (a[0] != a[1:]).any(axis=1).all()  # masks within a call differ too
+  # A mask depends on its seed and its place only, not on how many are drawn with it.
+  np.testing.assert_array_equal(masking.masks([1, 2], 8, (14, 14), mask_type, 0.3).numpy(), a[:8])
+
+
+def test_config_module_lists_the_same_mask_types():
+  from sove_jax import configuration
+  assert configuration.MASK_TYPES == masking.MASK_TYPES
+
+
+# ------------------------------------------------------------------ the authors' block rule
+
+def authors_block_mask(rng, grid, ratio, *, min_area=None, attempts=10, aspect=(0.3, 1 / 0.3),
+                       strict_fit=True):
+  """NumPy re-implementation of the authors' block masks (iBOT's `ImageFolderMask`), one image.
+
+  Written from the algorithm's description, with Python's own rounding and inclusive randint.
+  The keyword arguments exist to build wrong variants, which the statistics must tell apart.
+  """
+  h, w = grid
+  high = ratio * h * w
+  low = (min(h, w) // 3) ** 2 if min_area is None else min_area
+  log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
+  mask = np.zeros(grid, bool)
+  masked = 0
+  while masked < high:
+    room = high - masked
+    added = 0
+    for _ in range(attempts):
+      area = low + rng.random() * (room - low)  # random.uniform(low, room)
+      aspect_ratio = math.exp(log_aspect[0] + rng.random() * (log_aspect[1] - log_aspect[0]))
+      bh, bw = round(math.sqrt(area * aspect_ratio)), round(math.sqrt(area / aspect_ratio))
+      if (bh < h and bw < w) if strict_fit else (bh <= h and bw <= w):
+        top, left = rng.integers(0, h - bh + 1), rng.integers(0, w - bw + 1)
+        new = bh * bw - int(mask[top:top + bh, left:left + bw].sum())
+        if 0 < new <= room:
+          mask[top:top + bh, left:left + bw] = True
+          added = new
+          break
+    if not added:
+      break
+    masked += added
+  return mask
+
+
+def _mask_statistics(masks: np.ndarray, grid) -> np.ndarray:
+  """Per mask (so samples are independent): masked count, number of pieces, largest piece,
+  rows and columns spanned, full rows and columns. Pieces are what blocks become; their sizes
+  are the block sizes where blocks do not touch."""
+  out = []
+  for m in masks.reshape(-1, *grid):
+    labels, pieces = ndimage.label(m)  # 4-connected
+    largest = np.bincount(labels.ravel())[1:].max() if pieces else 0
+    rows, cols = m.any(1), m.any(0)
+    span = lambda x: np.ptp(np.nonzero(x)[0]) + 1 if x.any() else 0
+    out.append((m.sum(), pieces, largest, span(rows), span(cols),
+                m.all(1).sum() + m.all(0).sum()))
+  return np.array(out)
+
+
+STATISTICS = ("masked count", "pieces", "largest piece", "rows spanned", "columns spanned",
+              "full lines")
+
+
+def _same_distribution_p(a, b) -> float:
+  """Chi-square p-value that two samples of a discrete statistic share one distribution
+  (values seen fewer than 10 times in all are pooled into one bin)."""
+  values = np.union1d(a, b)
+  table = np.array([[np.sum(x == v) for v in values] for x in (a, b)])
+  common = table.sum(0) >= 10
+  table = np.concatenate([table[:, common], table[:, ~common].sum(1, keepdims=True)], axis=1)
+  table = table[:, table.sum(0) > 0]
+  return 1.0 if table.shape[1] < 2 else float(stats.chi2_contingency(table)[1])
+
+
+def _p_values(ours, other):
+  """{statistic: p-value} for two arrays of `_mask_statistics`."""
+  return {name: _same_distribution_p(ours[:, i], other[:, i]) for i, name in enumerate(STATISTICS)}
+
+
+# (grid, ratio, ratio_var, wrong variants this case must reject). The 14 x 14 grid is the paper's
+# 224 px crop, 4 x 4 the default config's 28 px crop (patch 7), 3 x 8 a grid where the strict
+# "shorter than the grid" rule decides many blocks.
+CASES = [
+    ((14, 14), 0.3, 0.0, ("min_area_4", "attempts_5", "attempts_20", "aspect_0.5", "exact")),
+    ((14, 14), 0.3, 0.1, ("min_area_4",)),
+    ((4, 4), 0.3, 0.0, ("min_area_4", "attempts_5", "aspect_0.5", "exact", "non_strict_fit")),
+    ((3, 8), 0.5, 0.0, ("min_area_4", "attempts_5", "aspect_0.5", "non_strict_fit")),
+]
+WRONG = {"min_area_4": dict(min_area=4), "attempts_5": dict(attempts=5),
+         "attempts_20": dict(attempts=20), "aspect_0.5": dict(aspect=(0.5, 2.0)),
+         "non_strict_fit": dict(strict_fit=False)}
+SAMPLES = 4000
+
+
+def _reference(rng, grid, ratio, var, **wrong):
+  return np.stack([authors_block_mask(rng, grid, rng.uniform(ratio - var, ratio + var)
+                                      if var else ratio, **wrong) for _ in range(SAMPLES)])
+
+
+@pytest.mark.parametrize("grid,ratio,var,wrong_rules", CASES)
+def test_block_masks_follow_the_authors_rule(grid, ratio, var, wrong_rules):
+  """The TensorFlow generator against the NumPy re-implementation: the same distributions of
+  masked count (so of mean ratio and of ending short), pieces, largest piece and extent; and
+  the same statistics reject each plausible wrong rule, so passing is not for lack of power."""
+  L = grid[0] * grid[1]
+  ours = masking.masks([11, 5], SAMPLES, grid, "block", ratio, var).numpy()
+  rng = np.random.default_rng(sum(grid) + int(100 * ratio) + int(100 * var))
+  reference = _reference(rng, grid, ratio, var)
+
+  ours_stats = _mask_statistics(ours, grid)
+  p = _p_values(ours_stats, _mask_statistics(reference, grid))
+  assert min(p.values()) > 1e-3, p
+  count, ref_count = ours.sum(1), reference.reshape(SAMPLES, -1).sum(1)
+  se = math.hypot(count.std(), ref_count.std()) / math.sqrt(SAMPLES)
+  assert abs(count.mean() - ref_count.mean()) < 4 * se
+  high = (ratio + var) * L
+  assert count.max() <= math.floor(high + 1e-6)  # never more than the target: no top-up
+  if not var:  # how often it ends short of the most it could mask
+    short, ref_short = np.mean(count < math.floor(high)), np.mean(ref_count < math.floor(high))
+    pooled = (short + ref_short) / 2
+    assert abs(short - ref_short) <= 4 * math.sqrt(pooled * (1 - pooled) * 2 / SAMPLES)
+
+  for name in wrong_rules:
+    if name == "exact":  # our exact-ratio generator is not the authors' rule either
+      other = masking.masks([11, 5], SAMPLES, grid, "block_exact", ratio, var).numpy()
+    else:
+      other = _reference(rng, grid, ratio, var, **WRONG[name])
+    p = _p_values(ours_stats, _mask_statistics(other, grid))
+    assert min(p.values()) < 1e-6, (name, p)
+
+
+def test_block_masks_on_the_default_4x4_grid():
+  """What the authors' rule gives on the default config's 28 px crops (patch 7): the target is
+  0.3 * 16 = 4.8 patches, which whole patches never reach, so masks stop at 4 (25%) and rarely
+  at 3; the smallest block is (4 // 3) ** 2 = 1 patch, so pieces of 1 to 3 patches are common."""
+  n, grid = 4000, (4, 4)
+  m = masking.masks([2, 9], n, grid, "block", 0.3).numpy()
+  counts = np.bincount(m.sum(1), minlength=17)
+  assert counts[5:].sum() == 0 and counts[4] > 0.98 * n and counts[:3].sum() < 0.005 * n
+  pieces = [_components(x) for x in m.reshape(n, *grid)]
+  assert 1.3 < np.mean([len(x) for x in pieces]) < 1.6
+  assert min(min(x) for x in pieces) == 1

@@ -43,6 +43,12 @@ def _check_train_batch(b, n, G, N, S, L):
       assert np.isfinite(b[k]).all() and b[k].std() > 0.1
 
 
+def _check_block_mask_counts(mask, ratio, L):
+  """The authors' block masks never exceed ratio * L and may end a little short of it."""
+  counts = mask.sum(-1)
+  assert (counts <= ratio * L).all() and (counts >= 0.6 * ratio * L).all(), counts
+
+
 def test_default_config_trains_and_evaluates_on_fashion_mnist():
   c = default.get_config()
   d, p = c.data, c.model.patch_size
@@ -52,7 +58,7 @@ def test_default_config_trains_and_evaluates_on_fashion_mnist():
   b = next(train)
   L = (d.global_size // p) ** 2
   _check_train_batch(b, 32, d.global_size, d.num_local, d.local_size, L)
-  np.testing.assert_array_equal(b["mask"].sum(-1), round(d.mask_ratio * L))
+  _check_block_mask_counts(b["mask"], d.mask_ratio, L)
   # Gray pictures in 3 channels: before normalisation the channels are equal.
   raw = b["global"] * np.array(d.std) + np.array(d.mean)
   np.testing.assert_allclose(raw[..., 0], raw[..., 2], atol=1e-5)
@@ -74,7 +80,7 @@ def test_paper_recipe_from_an_image_folder(tmp_path):
               global_scale=(0.14, 1.0), eval_resize=256, eval_crop=224)
   b = next(_train(sources.image_folder(str(tmp_path), "train"), d, batch=4, patch=16))
   _check_train_batch(b, 4, 224, 10, 96, 196)
-  np.testing.assert_array_equal(b["mask"].sum(-1), round(0.3 * 196))
+  _check_block_mask_counts(b["mask"], 0.3, 196)
 
 
 def test_no_local_crops_and_random_masks():
@@ -180,7 +186,8 @@ def test_a_folder_with_a_corrupt_image_trains_on_the_rest_and_reports_it(tmp_pat
     (dict(global_scale=(0.9, 0.1)), 4, 8, 1, "global_scale"),
     (dict(blur_prob=(1.0, 1.2, 0.5)), 4, 8, 1, "blur_prob"),
     (dict(mask_type="stripes"), 4, 8, 1, "mask_type"),
-    (dict(mask_ratio=0.1), 4, 8, 1, "mask_min_patches=4"),
+    (dict(mask_type="block_exact", mask_ratio=0.1), 4, 8, 1, "Exact block masks need >= 4"),
+    (dict(mask_min_patches=17), 4, 8, 1, "mask_min_patches=17 must be in"),
     (dict(source="tfds", name=""), 4, 8, 1, "data.name"),
 ])
 def test_validate_rejects_bad_configs(overrides, patch, batch, count, message):

@@ -21,8 +21,14 @@ from flax import nnx
 from sove_jax.interop import torch_weights as tw
 from sove_jax.models.vit import create_vit
 
-torch = pytest.importorskip("torch")
-F = torch.nn.functional
+try:
+  import torch
+  F = torch.nn.functional
+except ImportError:  # the tests that need no PyTorch still run
+  torch = F = None
+needs_torch = pytest.mark.skipif(
+    torch is None, reason="PyTorch is not installed; for the CPU build: pip install torch "
+                          "--index-url https://download.pytorch.org/whl/cpu")
 
 SMALL = dict(width=64, depth=2, num_heads=4, patch_size=8, image_size=32, dtype=jnp.float32)
 
@@ -60,11 +66,12 @@ def _assert_bitwise_equal(a, b):
     np.testing.assert_array_equal(bits_a[k], bits_b[k], err_msg=k)
 
 
-def _torch_vit(sd, images_nchw, *, num_heads, mask=None):
+def _torch_vit(sd, images_nchw, *, num_heads, mask=None, interpolation="size"):
   """Reference forward of a DINO/iBOT ViT from its state dict: tokens after the final norm.
 
-  Position embeddings are resized like `F.interpolate(size=grid, mode="bicubic")`; masked
-  patches take `masked_embed` before the position embedding, as iBOT.
+  Position embeddings are resized bicubically by `F.interpolate(size=grid)` ("size") or, as
+  DINO's, iBOT's and SOP's `interpolate_pos_encoding`, by `scale_factor=(grid + 0.1) / n`
+  ("scale_factor"); masked patches take `masked_embed` before the position embedding, as iBOT.
   """
   t = {k: torch.from_numpy(v) for k, v in sd.items()}
   x = F.conv2d(images_nchw, t["patch_embed.proj.weight"], t["patch_embed.proj.bias"],
@@ -78,7 +85,12 @@ def _torch_vit(sd, images_nchw, *, num_heads, mask=None):
   patch_pos = pos[:, 1:]
   if (gh, gw) != (n, n):
     grid = patch_pos.reshape(1, n, n, d).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
+    if interpolation == "size":
+      grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
+    else:
+      grid = F.interpolate(grid, scale_factor=((gh + 0.1) / n, (gw + 0.1) / n), mode="bicubic",
+                           align_corners=False)
+      assert grid.shape[-2:] == (gh, gw)
     patch_pos = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, d)
   x = torch.cat([t["cls_token"].expand(b, -1, -1), x], dim=1)
   x = x + torch.cat([pos[:, :1], patch_pos], dim=1)
@@ -110,6 +122,7 @@ def state_dict(model):
 
 # ------------------------------------------------------------------ parity with PyTorch
 
+@needs_torch
 @pytest.mark.parametrize("height,width,masked", [
     (32, 32, False),   # trained size: pos_embed used as is
     (32, 32, True),    # mask token <-> masked_embed
@@ -127,6 +140,45 @@ def test_torch_forward_matches_jax_forward(model, state_dict, height, width, mas
   assert got.shape == want.shape == (2, 1 + grid, SMALL["width"])
   assert np.abs(got[:, 0] - want[:, 0]).max() < 1e-4   # [CLS]
   assert np.abs(got[:, 1:] - want[:, 1:]).max() < 1e-4  # patches
+
+
+@needs_torch
+@pytest.mark.parametrize("pos_interpolation,torch_interpolation", [
+    ("dino", "scale_factor"), ("size", "size")])
+def test_torch_forward_matches_at_96px_from_224px_weights(pos_interpolation, torch_interpolation):
+  """ViT/16 weights of 224 px (a 14 x 14 position grid) run on 96 px crops (6 x 6), the local
+  crops of every recipe: each interpolation mode matches its PyTorch counterpart, and the two
+  modes give features far enough apart that this test tells them apart."""
+  model = _vit(31, patch_size=16, image_size=224, pos_interpolation=pos_interpolation)
+  sd = tw.to_torch_state_dict(model)
+  images = jax.random.normal(jax.random.key(5), (2, 96, 96, 3), jnp.float32)
+  want = np.asarray(model(images))
+  nchw = torch.tensor(np.asarray(images).transpose(0, 3, 1, 2))
+  got = _torch_vit(sd, nchw, num_heads=SMALL["num_heads"], interpolation=torch_interpolation)
+  assert got.shape == want.shape == (2, 1 + 36, SMALL["width"])
+  assert np.abs(got.numpy() - want).max() < 1e-4
+  other = "size" if torch_interpolation == "scale_factor" else "scale_factor"
+  far = _torch_vit(sd, nchw, num_heads=SMALL["num_heads"], interpolation=other).numpy()
+  assert np.abs(far - want).max() > 1e-2
+
+
+@needs_torch
+def test_imported_weights_resize_position_embeddings_as_their_code():
+  """Importing makes the official interpolation the model's, so an imported checkpoint's
+  96 px features are those of the PyTorch code; pos_interpolation=None keeps the model's."""
+  sd = tw.to_torch_state_dict(_vit(32, patch_size=16, image_size=224))
+  target = _vit(33, patch_size=16, image_size=224)
+  assert target.pos_interpolation == "size"
+  tw.import_weights(sd, target)
+  assert target.pos_interpolation == "dino"
+  images = jax.random.normal(jax.random.key(6), (2, 96, 96, 3), jnp.float32)
+  got = _torch_vit(sd, torch.tensor(np.asarray(images).transpose(0, 3, 1, 2)),
+                   num_heads=SMALL["num_heads"], interpolation="scale_factor").numpy()
+  assert np.abs(got - np.asarray(target(images))).max() < 1e-4
+  kept = tw.import_weights(sd, _vit(34, patch_size=16, image_size=224), pos_interpolation=None)
+  assert kept.pos_interpolation == "size"
+  with pytest.raises(ValueError, match="pos_interpolation"):
+    tw.import_weights(sd, target, pos_interpolation="bilinear")
 
 
 def test_state_dict_has_dino_keys_shapes_and_order(state_dict):
@@ -176,6 +228,7 @@ def test_scan_and_loop_layouts_export_the_same_state_dict(model):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+@needs_torch
 def test_round_trip_through_pth_and_safetensors_files(tmp_path, model, state_dict):
   tw.save_pth(state_dict, str(tmp_path / "w.pth"))
   tw.save_safetensors(state_dict, str(tmp_path / "w.safetensors"), metadata={"step": 7})
@@ -233,6 +286,7 @@ def _as_torch(sd, prefix=""):
   return {prefix + k: torch.from_numpy(v.copy()) for k, v in sd.items()}
 
 
+@needs_torch
 def test_import_dino_full_training_checkpoint(tmp_path):
   """{'student', 'teacher', ...} with DDP/MultiCropWrapper prefixes, head keys and 'args'."""
   teacher, student, target = _vit(11), _vit(12), _vit(13)
@@ -257,6 +311,7 @@ def test_import_dino_full_training_checkpoint(tmp_path):
   _assert_bitwise_equal(got, want)
 
 
+@needs_torch
 @pytest.mark.parametrize("prefix", ["", "module.backbone.", "teacher.backbone."])
 def test_import_ibot_style_flat_state_dict_with_masked_embed(prefix):
   source, target = _vit(21), _vit(22)
@@ -299,6 +354,7 @@ class _NotATensor:
   """An arbitrary pickled object: weights_only loading must refuse it."""
 
 
+@needs_torch
 def test_pth_with_arbitrary_objects_needs_trust(tmp_path, state_dict):
   torch.save({"teacher": _as_torch(state_dict), "extra": _NotATensor()}, tmp_path / "x.pth")
   with pytest.raises(ValueError, match="trusted=True"):
@@ -335,6 +391,7 @@ def workdir(tmp_path_factory):
   return path, states
 
 
+@needs_torch
 def test_export_cli_on_workdir_and_import_cli(workdir, tmp_path, capsys):
   path, states = workdir
   out = str(tmp_path / "teacher.safetensors")

@@ -102,6 +102,33 @@ def test_interpolation_matches_bicubic_a075():
   np.testing.assert_allclose(interpolate_pos_embed(const, (6, 9)), 0.3, rtol=1e-6)
 
 
+def _keys_cubic(x, a=-0.75):
+  """The cubic convolution kernel PyTorch's bicubic mode uses, at distance x."""
+  x = abs(x)
+  if x <= 1:
+    return (a + 2) * x ** 3 - (a + 3) * x ** 2 + 1
+  return a * x ** 3 - 5 * a * x ** 2 + 8 * a * x - 4 * a if x < 2 else 0.0
+
+
+@pytest.mark.parametrize("mode", ["size", "dino"])
+def test_interpolation_samples_where_each_mode_says(mode):
+  """Output i of a 14 -> 6 resize (224 -> 96 px at patch 16) reads source position
+  (i + 0.5) * 14 / 6 - 0.5 ("size") or (i + 0.5) * 14 / 6.1 - 0.5 (DINO's scale factor
+  (6 + 0.1) / 14), from the 4 nearest taps with edge clamping."""
+  values = np.random.default_rng(0).standard_normal(14)
+  grid = jnp.broadcast_to(jnp.asarray(values, jnp.float32)[:, None, None], (14, 3, 1))
+  out = np.asarray(interpolate_pos_embed(grid, (6, 3), mode))[:, 0, 0]
+  step = 14 / 6 if mode == "size" else 14 / 6.1
+  want = []
+  for i in range(6):
+    src = (i + 0.5) * step - 0.5
+    taps = range(int(np.floor(src)) - 1, int(np.floor(src)) + 3)
+    want.append(sum(_keys_cubic(src - k) * values[min(max(k, 0), 13)] for k in taps))
+  np.testing.assert_allclose(out, want, atol=1e-5)
+  with pytest.raises(ValueError, match="mode"):
+    interpolate_pos_embed(grid, (6, 3), "bilinear")
+
+
 # ------------------------------------------------------------------ mask token
 
 def test_all_false_mask_equals_no_mask(tiny, images):

@@ -7,8 +7,10 @@ import numpy as np
 import optax
 import pytest
 
-from configs import default
+from configs import default, smoke
 from sove_jax import optim
+from sove_jax.interop import torch_weights
+from sove_jax.models import network
 
 
 def _np_cosine(start, end, total, warmup, warm_start, step):
@@ -76,3 +78,96 @@ def test_ema_formula():
   out = optim.ema(t, s, 0.9)
   np.testing.assert_allclose(np.asarray(out["w"]), 0.9 * np.array([1, 2]) + 0.1 * np.array([3, -2]),
                              rtol=1e-6)
+
+
+# ------------------------------------------------------------------ loop vs scan_layers layouts
+
+DEPTH = 3
+
+
+def _abstract_params(scan_layers: bool):
+  """Shapes of the smoke network's parameters, blocks looped or stacked for a scan."""
+  c = smoke.get_config()
+  c.model.update(depth=DEPTH, scan_layers=scan_layers)
+  _, state = network.abstract_network(c.model, c.data.global_size)
+  return state.to_pure_dict()
+
+
+def _stack(loop_tree):
+  """The scan layout of a loop-layout tree: block i becomes slice i of each leaf."""
+  blocks = loop_tree["backbone"]["blocks"]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[i] for i in range(DEPTH)])
+  return {**loop_tree, "backbone": {**loop_tree["backbone"], "blocks": stacked}}
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_decay_mask_is_the_pytorch_named_rule(scan_layers):
+  """DINO/iBOT/SOP decay every parameter but `*.bias` and 1-D tensors, by PyTorch names and
+  shapes. Our mask, laid over the parameters and exported to that layout, must say the same."""
+  params = _abstract_params(scan_layers)
+  mask = optim.decay_mask(params)
+  mask_arrays = jax.tree.map(lambda m, p: np.full(p.shape, m, np.float32), mask, params)
+  exported = torch_weights.to_torch_state_dict(mask_arrays["backbone"])
+  assert len(exported) == 4 + 12 * DEPTH + 3
+  for key, value in exported.items():
+    exempt = key.endswith(".bias") or value.ndim == 1
+    assert np.all(value == (0.0 if exempt else 1.0)), key
+  # The cases the old `ndim > 1` rule (or a stacked layer axis) got wrong:
+  assert exported["blocks.1.attn.qkv.bias"].max() == 0.0   # stored (3, heads, head_dim)
+  assert exported["blocks.2.norm1.weight"].max() == 0.0
+  assert exported["blocks.0.attn.proj.weight"].min() == 1.0
+  assert exported["pos_embed"].min() == exported["cls_token"].min() == 1.0
+  # The head (not exported) follows the same rule: Linear weights decayed, biases not.
+  assert mask["head"] == {f"fc{i}": {"kernel": True, "bias": False} for i in (1, 2, 3)}
+
+
+def _random_grads(params, max_norm, seed):
+  """Gradients whose per-layer norms are spread over [0.3, 3] * max_norm: some get clipped,
+  some do not, and layers of one stack differ."""
+  rng = np.random.default_rng(seed)
+
+  def draw(p):
+    g = rng.standard_normal(p.shape)
+    return jnp.asarray(g / np.linalg.norm(g) * max_norm * 10 ** rng.uniform(-0.5, 0.5),
+                       jnp.float32)
+
+  return jax.tree.map(draw, params)
+
+
+def test_clipping_a_scan_model_equals_clipping_the_loop_model():
+  max_norm = 3.0
+  loop = _random_grads(_abstract_params(False), max_norm, seed=0)
+  scan = _stack(loop)
+  assert jax.tree.structure(scan) == jax.tree.structure(_abstract_params(True))
+  clip = optim.clip_per_tensor(max_norm)
+  want, _ = clip.update(loop, optax.EmptyState())
+  got, _ = clip.update(scan, optax.EmptyState())
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=0),
+               got, _stack(want))
+  # Each slice of a stack was clipped on its own, and the test can tell: stacks mixing slices
+  # above and below max_norm (clipping the whole stack as one tensor would scale all of them).
+  mixed = 0
+  for before, after in zip(jax.tree.leaves(scan["backbone"]["blocks"]),
+                           jax.tree.leaves(got["backbone"]["blocks"])):
+    norms = np.linalg.norm(np.asarray(before).reshape(DEPTH, -1), axis=1)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(after).reshape(DEPTH, -1), axis=1),
+                               np.minimum(norms, max_norm), rtol=1e-5)
+    mixed += 0 < (norms > max_norm).sum() < DEPTH
+  assert mixed >= 3
+
+
+@pytest.mark.parametrize("clip_mode", ["per_tensor", "global"])
+def test_optimizer_step_on_a_scan_model_equals_the_loop_model(clip_mode):
+  """Clipping, Adam and weight decay together: the scan layout's update is the loop layout's,
+  stacked (global-norm clipping is layout-independent by construction; checked too)."""
+  c = default.get_config()
+  c.optim.clip, c.optim.clip_mode = 3.0, clip_mode
+  sched = optim.Schedules(lambda s: 0.1, lambda s: 0.3, lambda s: 0.0, lambda s: 0.0)
+  tx = optim.make_optimizer(c, sched)
+  params = _random_grads(_abstract_params(False), 1.0, seed=1)
+  grads = _random_grads(params, c.optim.clip, seed=2)
+  want, _ = tx.update(grads, tx.init(params), params)
+  scan_params = _stack(params)
+  got, _ = tx.update(_stack(grads), tx.init(scan_params), scan_params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               got, _stack(want))

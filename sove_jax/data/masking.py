@@ -1,18 +1,25 @@
-"""Patch masks for the two global crops (SPEC section 6): blockwise (BEiT/iBOT) and random.
+"""Patch masks for the two global crops: the authors' blocks (default), exact-ratio blocks, random.
 
 TensorFlow ops, vectorised over a batch of masks and driven by a stateless seed, so a mask
 depends only on its place in the stream. (Not numpy in tf.numpy_function: a Python callback in
 flight while an iterator is torn down deadlocks on the GIL, which a resumed or stopped trainer
-would hit.) True = masked.
+would hit.) True = masked. Each mask draws its ratio uniformly in ratio +- var.
 
-Every mask has exactly `masked_count(ratio, L)` patches, ratio drawn per mask in ratio +- var.
-The blockwise generator is BEiT's: rectangles of at least `min_patches` patches, area uniform
-between that and the remaining count, aspect ratio log-uniform in (0.3, 1/0.3), at a random
-place, accepted when it adds between 1 and the remaining count of new patches; ten failed tries
-in a row end it. BEiT then fills the last few patches with smaller rectangles or stops short;
-here the last patches (fewer than `min_patches`, or all that could not be placed) are grown one
-by one onto the edge of the mask, so the count is exact and every connected piece of the mask
-holds at least `min_patches` patches.
+"block" is the authors' rule (their loader is iBOT's `ImageFolderMask`, which follows BEiT):
+the target is `high = ratio * h * w` patches (not rounded). Rounds of up to ten attempts each
+place one rectangle: area uniform between `(min(h, w) // 3) ** 2` (16 on a 14 x 14 grid, 1 on
+4 x 4) and `high - masked`, log aspect ratio uniform in (log 0.3, log 1/0.3), sides rounded,
+both strictly shorter than the grid's, at a uniform position; an attempt succeeds when the
+rectangle adds between 1 and `high - masked` new patches, and a round ends at its first
+success. The mask is done when a whole round fails, so it may end short of the ratio (and
+never exceeds `high`).
+
+"block_exact" places BEiT rectangles of at least `min_patches` (default 4) the same way, up to
+`round(ratio * L)`, then grows the last patches (fewer than `min_patches`, or all that could not
+be placed) one by one onto the edge of the mask, so the count is exact and every connected
+piece holds at least `min_patches` patches.
+
+"random" masks exactly `round(ratio * L)` patches drawn uniformly.
 """
 from __future__ import annotations
 
@@ -22,7 +29,14 @@ import tensorflow as tf
 
 from sove_jax.data.augment import fold
 
-MASK_TYPES = ("block", "random")
+MASK_TYPES = ("block", "block_exact", "random")
+# Smallest block of "block_exact" when `min_patches` is 0 (BEiT's generator default).
+EXACT_MIN_PATCHES = 4
+
+
+def official_min_patches(grid: tuple[int, int]) -> int:
+  """Smallest block area of the authors' rule: (min(h, w) // 3) ** 2 patches."""
+  return (min(grid) // 3) ** 2
 
 
 def masked_count(ratio: float, num_patches: int) -> int:
@@ -31,7 +45,8 @@ def masked_count(ratio: float, num_patches: int) -> int:
 
 
 def _blocks(seed, mask, count, min_patches, aspect, attempts):
-  """BEiT's rectangle placement on masks [n, h, w] until < min_patches remain or tries run out."""
+  """("block_exact") BEiT's rectangle placement on masks [n, h, w] until < min_patches remain
+  or tries run out."""
   n, h, w = mask.shape
   rows = tf.range(h, dtype=tf.float32)[None, :, None]
   cols = tf.range(w, dtype=tf.float32)[None, None, :]
@@ -66,6 +81,51 @@ def _blocks(seed, mask, count, min_patches, aspect, attempts):
   return mask, masked
 
 
+def _official_blocks(seed, high, grid, min_area, aspect, attempts):
+  """The authors' block masks [n, h, w] for float targets `high` [n] (see the module doc).
+
+  One loop iteration is one attempt for every mask still running; a mask stops when it
+  reaches `high` or when `attempts` attempts in a row fail.
+  """
+  n = high.shape[0]
+  h, w = grid
+  rows = tf.range(h, dtype=tf.float32)[None, :, None]
+  cols = tf.range(w, dtype=tf.float32)[None, None, :]
+  log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
+  lo = float(min_area)
+
+  def running(masked, fails):
+    return (tf.cast(masked, tf.float32) < high) & (fails < attempts)
+
+  def body(step, mask, masked, fails):
+    active = running(masked, fails)
+    room = high - tf.cast(masked, tf.float32)
+    u = tf.random.stateless_uniform([n, 4], fold(seed, step))
+    area = lo + u[:, 0] * (room - lo)  # Python's random.uniform(lo, room), also when room < lo
+    ratio = tf.exp(log_lo + u[:, 1] * (log_hi - log_lo))
+    bh = tf.round(tf.sqrt(area * ratio))  # round half to even, as Python's round
+    bw = tf.round(tf.sqrt(area / ratio))
+    fits = (bh < h) & (bw < w)
+    top = tf.floor(u[:, 2] * (h - bh + 1))[:, None, None]  # randint(0, h - bh)
+    left = tf.floor(u[:, 3] * (w - bw + 1))[:, None, None]
+    block = ((rows >= top) & (rows < top + bh[:, None, None]) &
+             (cols >= left) & (cols < left + bw[:, None, None]))
+    new = tf.reduce_sum(tf.cast(block & ~mask, tf.int32), axis=[1, 2])
+    accept = active & fits & (new > 0) & (tf.cast(new, tf.float32) <= room)
+    mask = mask | (block & accept[:, None, None])
+    masked = masked + tf.where(accept, new, 0)
+    fails = tf.where(accept, 0, tf.where(active, fails + 1, fails))
+    return step + 1, mask, masked, fails
+
+  def cond(step, mask, masked, fails):
+    return tf.reduce_any(running(masked, fails))
+
+  zeros = tf.zeros([n], tf.int32)
+  mask = tf.zeros([n, h, w], tf.bool)
+  _, mask, _, _ = tf.while_loop(cond, body, (tf.constant(0, tf.int64), mask, zeros, zeros))
+  return mask
+
+
 def _grow(seed, mask, missing):
   """Adds `missing` [n] patches per mask, one at a time, each 4-adjacent to the mask."""
   n, h, w = mask.shape
@@ -90,20 +150,29 @@ def _grow(seed, mask, missing):
 
 
 def masks(seed, n: int, grid: tuple[int, int], mask_type: str, ratio: float, ratio_var: float = 0.0,
-          min_patches: int = 4, aspect: tuple[float, float] = (0.3, 1 / 0.3),
+          min_patches: int = 0, aspect: tuple[float, float] = (0.3, 1 / 0.3),
           attempts: int = 10) -> tf.Tensor:
-  """`n` independent masks, bool [n, h * w], from a stateless seed (int [2])."""
+  """`n` independent masks, bool [n, h * w], from a stateless seed (int [2]).
+
+  `min_patches`: the smallest block; 0 takes the type's own ((min(h, w) // 3) ** 2 for "block",
+  EXACT_MIN_PATCHES for "block_exact"); "random" ignores it.
+  """
   if mask_type not in MASK_TYPES:
     raise ValueError(f"mask_type must be one of {MASK_TYPES}, not {mask_type!r}")
   h, w = grid
   num_patches = h * w
   u = tf.random.stateless_uniform([n], fold(seed, 0))
   ratios = ratio + ratio_var * (2.0 * u - 1.0)
+  if mask_type == "block":
+    min_area = min_patches or official_min_patches(grid)
+    mask = _official_blocks(fold(seed, 4), ratios * num_patches, grid, min_area, aspect, attempts)
+    return tf.reshape(mask, [n, num_patches])
   count = tf.cast(tf.floor(ratios * num_patches + 0.5), tf.int32)
   if mask_type == "random":
     scores = tf.random.stateless_uniform([n, num_patches], fold(seed, 1))
     rank = tf.argsort(tf.argsort(scores, axis=1), axis=1)
     return rank < count[:, None]
+  min_patches = min_patches or EXACT_MIN_PATCHES
   mask = tf.zeros([n, h, w], tf.bool)
   mask, masked = _blocks(fold(seed, 2), mask, count, min_patches, aspect, attempts)
   mask = _grow(fold(seed, 3), mask, count - masked)

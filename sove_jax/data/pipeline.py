@@ -91,14 +91,16 @@ def validate(data_config, *, patch_size: int, global_batch_size: int, process_co
   if d.mask_ratio_var < 0 or lo < 0 or hi > 1:
     raise ValueError(f"data.mask_ratio +- data.mask_ratio_var must stay in [0, 1], "
                      f"got [{lo}, {hi}].")
-  num_patches = (d.global_size // patch_size) ** 2
-  if d.mask_type == "block":
-    if d.mask_min_patches < 1 or d.mask_min_patches > num_patches:
-      raise ValueError(f"data.mask_min_patches={d.mask_min_patches} must be in [1, {num_patches}] "
-                       f"({d.global_size // patch_size}x{d.global_size // patch_size} patches).")
+  side = d.global_size // patch_size
+  num_patches = side ** 2
+  if d.mask_min_patches < 0 or d.mask_min_patches > num_patches:
+    raise ValueError(f"data.mask_min_patches={d.mask_min_patches} must be in [0, {num_patches}] "
+                     f"({side}x{side} patches; 0 = the mask type's own minimum).")
+  if d.mask_type == "block_exact":
+    smallest = d.mask_min_patches or masking.EXACT_MIN_PATCHES
     fewest = masking.masked_count(lo, num_patches)
-    if 0 < fewest < d.mask_min_patches:
-      raise ValueError(f"Block masks need >= data.mask_min_patches={d.mask_min_patches} patches "
+    if 0 < fewest < smallest:
+      raise ValueError(f"Exact block masks need >= {smallest} patches (data.mask_min_patches) "
                        f"but ratio {lo:.3g} of {num_patches} patches masks only {fewest}.")
   if d.shuffle_buffer < 1 or d.prefetch < 0 or d.threads < 0:
     raise ValueError("data.shuffle_buffer must be >= 1, data.prefetch and data.threads >= 0.")

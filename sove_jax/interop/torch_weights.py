@@ -23,10 +23,11 @@ The qkv output index is (q/k/v, head, dim) flattened row-major, as DINO's `resha
 Dh)`; the projection input index is (head, dim), as its `transpose(1, 2).reshape(B, N, C)`.
 
 Position embeddings: at the trained resolution both sides add `pos_embed` as is. At other sizes
-our ViT resizes the patch grid like `F.interpolate(size=grid, mode="bicubic",
-align_corners=False)`; DINO/iBOT pass `scale_factor=(grid + 0.1) / sqrt(N)` instead, which
-samples slightly different source positions, so features at other sizes differ a little from
-theirs (not from a PyTorch model that resizes by `size`).
+DINO, iBOT and the authors' code resize the patch grid with `F.interpolate(scale_factor=(grid +
+0.1) / sqrt(N), mode="bicubic")`, which samples slightly different source positions than a
+resize to the target size. Imported weights therefore get our ViT's `pos_interpolation="dino"`,
+which computes exactly theirs (`import_weights(..., pos_interpolation=None)` keeps the model's
+own); the export records the mode its model used.
 
 torch is optional: it is imported only by the `.pth` functions. The `.safetensors` reader and
 writer are plain NumPy (format: 8-byte little-endian header length, a JSON header, raw bytes).
@@ -543,7 +544,8 @@ def export_checkpoint(workdir: str, out_path: str, *, step=None, which: str = "t
   summary = {"format": "pt", "producer": "sove_jax", "which": which, "step": int(step),
              "variant": m.variant, "width": model.width, "depth": model.depth,
              "num_heads": model.num_heads, "patch_size": model.patch_size,
-             "image_size": int(config.data.global_size)}
+             "image_size": int(config.data.global_size),
+             "pos_interpolation": model.pos_interpolation}
   if fmt == "safetensors":
     save_safetensors(state_dict, out_path, metadata=summary)
   else:
@@ -554,19 +556,30 @@ def export_checkpoint(workdir: str, out_path: str, *, step=None, which: str = "t
   return summary
 
 
-def import_weights(path, model, *, checkpoint_key: str = "teacher", trusted: bool = False):
+def import_weights(path, model, *, checkpoint_key: str = "teacher", trusted: bool = False,
+                   pos_interpolation: str | None = "dino"):
   """Load a .pth/.safetensors file (or an in-memory state dict) into `model`; returns it.
 
   `model` must be a ViT of the checkpoint's width, depth, heads, patch size and image size.
+  `pos_interpolation` becomes the model's way of resizing the position embedding for inputs of
+  another size: "dino" (default), as the DINO/iBOT/SOP code that trained such weights, so
+  features at e.g. 96 px match theirs; None keeps the model's own.
   """
   from flax import nnx
 
+  from sove_jax.models.vit import POS_INTERPOLATIONS
+
+  if pos_interpolation is not None and pos_interpolation not in POS_INTERPOLATIONS:
+    raise ValueError(f"pos_interpolation must be one of {POS_INTERPOLATIONS} or None, "
+                     f"got {pos_interpolation!r}")
   state_dict = load_weights_file(path, trusted=trusted) if isinstance(path, (str, os.PathLike)) \
       else path
   params = from_torch_state_dict(state_dict, model, checkpoint_key=checkpoint_key)
   state = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(state, params)
   nnx.update(model, state)
+  if pos_interpolation is not None:
+    model.pos_interpolation = pos_interpolation
   return model
 
 
@@ -595,12 +608,14 @@ def _import_main(args):
   tensors, ignored, source = select_backbone(raw, checkpoint_key=args.checkpoint_key)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always", MaskTokenNotLoaded)
-    import_weights(raw, model, checkpoint_key=args.checkpoint_key)
+    import_weights(raw, model, checkpoint_key=args.checkpoint_key,
+                   pos_interpolation=args.pos_interpolation)
   images = jax.random.normal(jax.random.key(0), (1, args.image_size, args.image_size, 3))
   cls = np.asarray(model(images)[0, 0])
   print(f"Loaded {len(tensors)} backbone tensors from {source} of {args.checkpoint} into "
         f"ViT width={model.width} depth={model.depth} heads={model.num_heads} "
-        f"patch={model.patch_size} image={args.image_size}.")
+        f"patch={model.patch_size} image={args.image_size} "
+        f"pos_interpolation={model.pos_interpolation}.")
   print(f"Parameters: {sum(a.size for a in tensors.values()):,}.")
   if ignored:
     print(f"Ignored {len(ignored)} head keys (e.g. {ignored[0]}).")
@@ -632,6 +647,9 @@ def main(argv=None):
   im.add_argument("--width", type=int, default=None)
   im.add_argument("--depth", type=int, default=None)
   im.add_argument("--num_heads", type=int, default=None)
+  im.add_argument("--pos_interpolation", choices=("dino", "size"), default="dino",
+                  help="position-embedding resize at other input sizes (dino: as the PyTorch "
+                       "code that trained the weights)")
   im.add_argument("--checkpoint_key", default="teacher",
                   help="entry of a full training checkpoint to load")
   im.add_argument("--trust_pickle", action="store_true",

@@ -174,11 +174,33 @@ class Block(nnx.Module):
     return x
 
 
-def _bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+def path_names(path) -> tuple:
+  """The plain keys of a pytree path (dict keys, attribute names or sequence indices)."""
+  return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+
+
+def is_layer_stack(path) -> bool:
+  """True for a parameter of `scan_layers` blocks, whose leading axis indexes the layer.
+
+  `path` is a pytree path into a ViT's (or a whole network's) parameters. Scanned blocks are one
+  subtree `blocks/{attn, mlp, norm1, norm2}` of stacked arrays; looped blocks are `blocks/0`,
+  `blocks/1`, ... of per-layer arrays. The optimizer uses this to treat each layer slice of a
+  stack as its own tensor, so both layouts are optimized the same way.
+  """
+  names = path_names(path)
+  for here, below in zip(names, names[1:]):
+    if here == "blocks":
+      return not (isinstance(below, int) or str(below).isdigit())
+  return False
+
+
+def _bicubic_matrix(in_size: int, out_size: int, step: float | None = None) -> np.ndarray:
   """[out, in] matrix of PyTorch's bicubic resize (A = -0.75, align_corners=False, edge clamp).
 
-  Built in NumPy from static sizes, so resizing is one small matmul and the native size gives
-  the identity matrix exactly.
+  Output pixel i samples the input at (i + 0.5) * step - 0.5. PyTorch's step is in / out when
+  `F.interpolate` gets a `size`, and 1 / scale_factor when it gets a `scale_factor`. Built in
+  NumPy from static sizes, so resizing is one small matmul and the native size gives the
+  identity matrix exactly.
   """
   a = -0.75
 
@@ -189,9 +211,9 @@ def _bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
 
   m = np.zeros((out_size, in_size), np.float64)
-  scale = in_size / out_size
+  step = in_size / out_size if step is None else step
   for i in range(out_size):
-    src = (i + 0.5) * scale - 0.5
+    src = (i + 0.5) * step - 0.5
     base = math.floor(src)
     t = src - base
     weights = (far(t + 1), near(t), near(1 - t), far(2 - t))
@@ -200,14 +222,26 @@ def _bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
   return m.astype(np.float32)
 
 
-def interpolate_pos_embed(grid, new_hw: tuple[int, int]):
-  """Bicubic resize of a [h, w, D] position-embedding grid to [new_h, new_w, D].
+# How a position-embedding grid of n x n is resized to a grid of h x w (both bicubic):
+#   "size": to exactly h x w, as F.interpolate(size=(h, w)): source step n / h.
+#   "dino": as DINO, iBOT and the authors' `interpolate_pos_encoding`, F.interpolate(
+#     scale_factor=((h + 0.1) / n, (w + 0.1) / n)): the output is still h x w, but the source
+#     step is n / (h + 0.1), so positions sample slightly nearer the grid's origin (by up to
+#     0.21 of a patch at 224 -> 96 px). Weights trained that way need it to give their features.
+POS_INTERPOLATIONS = ("size", "dino")
 
-  Same as PyTorch `F.interpolate(..., size=new_hw, mode="bicubic", align_corners=False)`.
+
+def interpolate_pos_embed(grid, new_hw: tuple[int, int], mode: str = "size"):
+  """Bicubic resize of a [h, w, D] position-embedding grid to [new_h, new_w, D] (`mode`: one of
+  POS_INTERPOLATIONS). Same as PyTorch `F.interpolate(..., mode="bicubic",
+  align_corners=False)` given `size=new_hw` ("size") or DINO's scale factors ("dino").
   """
+  if mode not in POS_INTERPOLATIONS:
+    raise ValueError(f"mode must be one of {POS_INTERPOLATIONS}, got {mode!r}")
   h, w, _ = grid.shape
-  mh = jnp.asarray(_bicubic_matrix(h, new_hw[0]))
-  mw = jnp.asarray(_bicubic_matrix(w, new_hw[1]))
+  steps = (None, None) if mode == "size" else (h / (new_hw[0] + 0.1), w / (new_hw[1] + 0.1))
+  mh = jnp.asarray(_bicubic_matrix(h, new_hw[0], steps[0]))
+  mw = jnp.asarray(_bicubic_matrix(w, new_hw[1], steps[1]))
   return jnp.einsum("ih,jw,hwd->ijd", mh, mw, grid.astype(jnp.float32),
                     precision=jax.lax.Precision.HIGHEST)
 
@@ -219,18 +253,23 @@ class ViT(nnx.Module):
   and runs them with `lax.scan` (one compiled block: ViT-L compile time); `remat=True`
   rematerialises each block in the backward pass (activation memory). Use both together for
   ViT-L: inside a scan, the recomputation cannot be scheduled early, so the memory saving is
-  guaranteed; with unrolled blocks it is up to XLA's scheduler.
+  guaranteed; with unrolled blocks it is up to XLA's scheduler. `pos_interpolation` says how the
+  position embedding is resized for inputs of another size (POS_INTERPOLATIONS; "dino" for
+  weights trained by DINO, iBOT or the authors' code).
   """
 
   def __init__(self, *, width: int, depth: int, num_heads: int, patch_size: int = 16,
                image_size: int | tuple[int, int] = 224, in_channels: int = 3,
                mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, dtype=jnp.bfloat16,
                param_dtype=jnp.float32, remat: bool = False, scan_layers: bool = False,
-               attention: str = "xla", rngs: nnx.Rngs):
+               attention: str = "xla", pos_interpolation: str = "size", rngs: nnx.Rngs):
     if width % num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
     if attention not in ATTENTION:
       raise ValueError(f"attention must be one of {sorted(ATTENTION)}, got {attention!r}")
+    if pos_interpolation not in POS_INTERPOLATIONS:
+      raise ValueError(f"pos_interpolation must be one of {POS_INTERPOLATIONS}, "
+                       f"got {pos_interpolation!r}")
     if attention == "cudnn" and ((width // num_heads) % 8 or jnp.dtype(dtype).itemsize != 2):
       raise ValueError("cuDNN attention needs a head dim divisible by 8 and a 16-bit dtype")
     dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)  # configs pass "bfloat16"
@@ -240,6 +279,7 @@ class ViT(nnx.Module):
     self.grid = (size[0] // patch_size, size[1] // patch_size)
     self.drop_path_rate = float(drop_path_rate)
     self.remat, self.scan_layers = remat, scan_layers
+    self.pos_interpolation = pos_interpolation  # how other input sizes resize pos_embed
     self.dtype = dtype
 
     # Patch embedding = conv with kernel = stride = patch; PyTorch's Conv2d default init
@@ -280,7 +320,8 @@ class ViT(nnx.Module):
     cls_pos, patch_pos = pos[:, :1], pos[0, 1:]
     if tuple(grid_hw) != self.grid:
       patch_pos = patch_pos.reshape(*self.grid, -1)
-      patch_pos = interpolate_pos_embed(patch_pos, grid_hw).reshape(-1, self.width)
+      patch_pos = interpolate_pos_embed(patch_pos, grid_hw, self.pos_interpolation)
+      patch_pos = patch_pos.reshape(-1, self.width)
     return jnp.concatenate([cls_pos, patch_pos[None]], axis=1)
 
   def _run_blocks(self, x, key, keep_last: int):
