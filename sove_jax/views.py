@@ -107,16 +107,11 @@ class ViewParams(NamedTuple):
 
 # --- drawing --------------------------------------------------------------------------------------
 
-def draw_boxes(key, sizes, views: int, scale, ratio, attempts: int = ATTEMPTS) -> jax.Array:
-  """torchvision RandomResizedCrop.get_params for `views` boxes per image: int32 [B, views, 4].
+UNIFORMS = 4 * ATTEMPTS + 14  # per view: box attempts, flip, 13 photometric decisions
 
-  sizes [B, 2]: each image's (height, width). Each box is (top, left, h, w): area fraction
-  uniform in `scale`, log aspect ratio (w / h) uniform in log(`ratio`), w and h rounded (half to
-  even, as Python's round); the first of `attempts` draws that fits the image wins, else the
-  whole image clipped to the ratio range, centred.
-  """
-  B = sizes.shape[0]
-  u = jax.random.uniform(key, (B, views, attempts, 4))
+
+def _boxes(u, sizes, scale, ratio) -> jax.Array:
+  """Boxes from uniforms u [B, V, attempts, 4] (see `draw_boxes`)."""
   H = sizes[:, 0].astype(jnp.float32)[:, None, None]
   W = sizes[:, 1].astype(jnp.float32)[:, None, None]
   area = H * W * (scale[0] + u[..., 0] * (scale[1] - scale[0]))
@@ -140,17 +135,28 @@ def draw_boxes(key, sizes, views: int, scale, ratio, attempts: int = ATTEMPTS) -
   return boxes.astype(jnp.int32)
 
 
-def draw_group(key, sizes, recipe: Recipe, name: str) -> ViewParams:
-  """The parameters of the "global" or "local" views of each image."""
+def draw_boxes(key, sizes, views: int, scale, ratio, attempts: int = ATTEMPTS) -> jax.Array:
+  """torchvision RandomResizedCrop.get_params for `views` boxes per image: int32 [B, views, 4].
+
+  sizes [B, 2]: each image's (height, width). Each box is (top, left, h, w): area fraction
+  uniform in `scale`, log aspect ratio (w / h) uniform in log(`ratio`), w and h rounded (half to
+  even, as Python's round); the first of `attempts` draws that fits the image wins, else the
+  whole image clipped to the ratio range, centred.
+  """
+  u = jax.random.uniform(key, (sizes.shape[0], views, attempts, 4))
+  return _boxes(u, sizes, scale, ratio)
+
+
+def _group(u, sizes, recipe: Recipe, name: str) -> ViewParams:
+  """A group's parameters from uniforms u [B, V, UNIFORMS]."""
   views, _, scale, blur_prob, solarize_prob = recipe.group(name)
-  B = sizes.shape[0]
-  k_box, k_flip, k_photo = jax.random.split(key, 3)
-  boxes = draw_boxes(k_box, sizes, views, scale, recipe.aspect_ratio)
-  flip = jax.random.uniform(k_flip, (B, views)) < 0.5
+  boxes = _boxes(u[..., :4 * ATTEMPTS].reshape(u.shape[:2] + (ATTEMPTS, 4)), sizes, scale,
+                 recipe.aspect_ratio)
+  flip = u[..., 4 * ATTEMPTS] < 0.5
   if not recipe.flip:
     flip = jnp.zeros_like(flip)
   # One uniform per decision, laid out as the host path's (augment.draw_photometric).
-  u = jax.random.uniform(k_photo, (B, views, 13))
+  u = u[..., 4 * ATTEMPTS + 1:]
   span = lambda v, r: (1.0 - min(v, 1.0)) + r * (min(v, 1.0) + v)  # uniform in [max(0, 1-v), 1+v]
   b, c, s, h = recipe.color_jitter
   factors = jnp.stack([span(b, u[..., 1]), span(c, u[..., 2]), span(s, u[..., 3]),
@@ -166,14 +172,24 @@ def draw_group(key, sizes, recipe: Recipe, name: str) -> ViewParams:
       solarize=u[..., 12] < jnp.asarray(solarize_prob, jnp.float32))
 
 
+def draw_group(key, sizes, recipe: Recipe, name: str) -> ViewParams:
+  """The parameters of the "global" or "local" views of each image, from `key`."""
+  views = recipe.group(name)[0]
+  return _group(jax.random.uniform(key, (sizes.shape[0], views, UNIFORMS)), sizes, recipe, name)
+
+
 def draw(key, sizes, recipe: Recipe) -> dict[str, ViewParams]:
   """All views' parameters, {"global": ..., "local": ...}, from `key` and sizes int [B, 2].
 
-  A function of the key and the batch size only: the same key gives the same parameters on any
-  number of devices (JAX's threefry draws are partitionable).
+  One array of uniforms, [B, 2 + n, UNIFORMS], feeds every decision (one generator to compile,
+  not one per decision). A function of the key and the batch size only: the same key gives the
+  same parameters on any number of devices (JAX's threefry draws are partitionable).
   """
-  keys = jax.random.split(key, 2)
-  return {name: draw_group(keys[i], sizes, recipe, name) for i, name in enumerate(recipe.groups)}
+  u = jax.random.uniform(key, (sizes.shape[0], 2 + recipe.num_local, UNIFORMS))
+  out = {"global": _group(u[:, :2], sizes, recipe, "global")}
+  if recipe.num_local:
+    out["local"] = _group(u[:, 2:], sizes, recipe, "local")
+  return out
 
 
 # --- geometry -------------------------------------------------------------------------------------
