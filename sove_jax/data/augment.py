@@ -12,6 +12,9 @@ recipe cheap). Two crop paths share one geometry: `resized_crop` cuts one view f
 any size with tf.image.resize; `resized_crops` cuts many views from a batch of same-size images
 with two matrix products whose weights are exactly that resize kernel (Keys cubic, a = -0.5,
 widened by the downscale factor, renormalised at the crop edges).
+
+sove_jax/views.py makes the same views on the accelerator from uint8 canvases (tests/test_views.py
+holds the two to the same parameters and the same distributions).
 """
 from __future__ import annotations
 
