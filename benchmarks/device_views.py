@@ -66,7 +66,8 @@ def measure(recipe: views.Recipe, canvas: tuple[int, int], channels: int = 3, ba
     best = min(best, (clock() - start) / batch)
   out["seconds"] = best
   out["bytes_device"] = canvas[0] * canvas[1] * channels + 2 * 4
-  out["bytes_host"] = 4 * 3 * (2 * recipe.global_size ** 2 + recipe.num_local * recipe.local_size ** 2)
+  pixels = 2 * recipe.global_size ** 2 + recipe.num_local * recipe.local_size ** 2
+  out["bytes_host"] = 4 * 3 * pixels  # float32 RGB views
   return out
 
 
