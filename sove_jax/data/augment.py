@@ -12,6 +12,9 @@ recipe cheap). Two crop paths share one geometry: `resized_crop` cuts one view f
 any size with tf.image.resize; `resized_crops` cuts many views from a batch of same-size images
 with two matrix products whose weights are exactly that resize kernel (Keys cubic, a = -0.5,
 widened by the downscale factor, renormalised at the crop edges).
+
+sove_jax/views.py makes the same views on the accelerator from uint8 canvases (tests/test_views.py
+holds the two to the same parameters and the same distributions).
 """
 from __future__ import annotations
 
@@ -218,6 +221,61 @@ def gaussian_blur(x, sigma, radius: int):
   return tf.transpose(tf.reshape(planes, [S, S, n, C]), [2, 0, 1, 3])
 
 
+def draw_photometric(seed, batch, views: int, *, jitter_prob: float, jitter, gray_prob: float,
+                     blur_prob, blur_sigma, solarize_prob) -> dict:
+  """The photometric parameters of views [batch, views], drawn from `seed` (see `photometric`).
+
+  Returns "jitter" (bool: ColorJitter fires), "factors" [batch, views, 4] (brightness, contrast,
+  saturation factors, hue shift), "order" [batch, views, 4] (a permutation of the four),
+  "gray", "blur" (bool), "sigma" (blur sigma) and "solarize" (bool), all [batch, views] unless
+  said. An op that cannot fire with these probabilities (or strengths) is None, and is skipped.
+  """
+  u = tf.random.stateless_uniform([batch, views, 13], seed)
+  per_view = lambda p: tf.constant(p, tf.float32)[None, :]
+  b, c, s, h = jitter
+  out = dict.fromkeys(("jitter", "factors", "order", "gray", "blur", "sigma", "solarize"))
+  if jitter_prob > 0 and any(v > 0 for v in jitter):
+    span = lambda v, r: (1.0 - min(v, 1.0)) + r * (min(v, 1.0) + v)  # uniform in [max(0, 1-v), 1+v]
+    out["jitter"] = u[..., 0] < jitter_prob
+    out["factors"] = tf.stack([span(b, u[..., 1]), span(c, u[..., 2]), span(s, u[..., 3]),
+                               (2.0 * u[..., 4] - 1.0) * h], -1)
+    out["order"] = tf.cast(tf.argsort(u[..., 5:9], axis=-1), tf.int32)
+  if gray_prob > 0:
+    out["gray"] = u[..., 9] < gray_prob
+  if max(blur_prob) > 0:
+    out["blur"] = u[..., 10] < per_view(blur_prob)
+    out["sigma"] = blur_sigma[0] + u[..., 11] * (blur_sigma[1] - blur_sigma[0])
+  if max(solarize_prob) > 0:
+    out["solarize"] = u[..., 12] < per_view(solarize_prob)
+  return out
+
+
+def apply_photometric(views, params: dict, *, jitter, blur_sigma) -> tf.Tensor:
+  """Colour jitter, grayscale, blur, solarize with drawn `params` on views [B, V, S, S, C].
+
+  `jitter` (the four strengths) and `blur_sigma` (its range) fix what does not vary per view:
+  whether hue runs at all, and the blur kernel's radius, 3 sigma of the widest blur.
+  """
+  B, V, S, C = tf.shape(views)[0], views.shape[1], views.shape[2], views.shape[4]
+  n = B * V
+  x = tf.reshape(views, [n, S, S, C])
+  flat = lambda t: tf.reshape(t, tf.concat([[n], tf.shape(t)[2:]], 0))
+  if params["jitter"] is not None:
+    jittered = lambda x, f, o: color_jitter(x, f, o, with_hue=jitter[3] > 0)
+    x = _on_rows(flat(params["jitter"]), jittered, x, flat(params["factors"]),
+                 flat(params["order"]))
+  if params["gray"] is not None and C == 3:
+    x = _on_rows(flat(params["gray"]), lambda x: tf.tile(grayscale(x), [1, 1, 1, 3]), x)
+  if params["blur"] is not None:
+    radius = math.ceil(3 * blur_sigma[1])
+    x = _on_rows(flat(params["blur"]), lambda x, s: gaussian_blur(x, s, radius), x,
+                 flat(params["sigma"]))
+  if params["solarize"] is not None:
+    on = flat(params["solarize"])[:, None, None, None]
+    x = tf.where(on & (x >= SOLARIZE_THRESHOLD), 1.0 - x, x)
+  return tf.reshape(x, [B, V, S, S, C])
+
+
 def photometric(views, seed, *, jitter_prob: float, jitter, gray_prob: float, blur_prob, blur_sigma,
                 solarize_prob) -> tf.Tensor:
   """Colour jitter, grayscale, blur, solarize on views float [B, V, S, S, C] in [0, 1].
@@ -226,31 +284,14 @@ def photometric(views, seed, *, jitter_prob: float, jitter, gray_prob: float, bl
   index (global 1, global 2, or the same for every local); everything else is shared by all
   views. Each op runs on the views that drew it only. C = 1 stands for a gray image in 3 equal
   channels: the result is the same as on those 3 channels, at a third of the cost (the caller
-  repeats the channel afterwards).
+  repeats the channel afterwards). Drawing (`draw_photometric`) and applying
+  (`apply_photometric`) are separate so that other implementations can be checked against this
+  one with the same parameters.
   """
-  B, V, S, C = tf.shape(views)[0], views.shape[1], views.shape[2], views.shape[4]
-  n = B * V
-  x = tf.reshape(views, [n, S, S, C])
-  u = tf.reshape(tf.random.stateless_uniform([B, V, 13], seed), [n, 13])
-  per_view = lambda p: tf.reshape(tf.tile(tf.constant(p, tf.float32)[None, :], [B, 1]), [n])
-  b, c, s, h = jitter
-  if jitter_prob > 0 and any(v > 0 for v in jitter):
-    span = lambda v, r: (1.0 - min(v, 1.0)) + r * (min(v, 1.0) + v)  # uniform in [max(0, 1-v), 1+v]
-    factors = tf.stack([span(b, u[:, 1]), span(c, u[:, 2]), span(s, u[:, 3]),
-                        (2.0 * u[:, 4] - 1.0) * h], 1)
-    order = tf.cast(tf.argsort(u[:, 5:9], axis=1), tf.int32)
-    jittered = lambda x, f, o: color_jitter(x, f, o, with_hue=h > 0)
-    x = _on_rows(u[:, 0] < jitter_prob, jittered, x, factors, order)
-  if gray_prob > 0 and C == 3:
-    x = _on_rows(u[:, 9] < gray_prob, lambda x: tf.tile(grayscale(x), [1, 1, 1, 3]), x)
-  if max(blur_prob) > 0:
-    sigma = blur_sigma[0] + u[:, 11] * (blur_sigma[1] - blur_sigma[0])
-    radius = math.ceil(3 * blur_sigma[1])
-    x = _on_rows(u[:, 10] < per_view(blur_prob), lambda x, s: gaussian_blur(x, s, radius), x, sigma)
-  if max(solarize_prob) > 0:
-    on = (u[:, 12] < per_view(solarize_prob))[:, None, None, None]
-    x = tf.where(on & (x >= SOLARIZE_THRESHOLD), 1.0 - x, x)
-  return tf.reshape(x, [B, V, S, S, C])
+  params = draw_photometric(seed, tf.shape(views)[0], views.shape[1], jitter_prob=jitter_prob,
+                            jitter=jitter, gray_prob=gray_prob, blur_prob=blur_prob,
+                            blur_sigma=blur_sigma, solarize_prob=solarize_prob)
+  return apply_photometric(views, params, jitter=jitter, blur_sigma=blur_sigma)
 
 
 def normalize(x, mean, std):
