@@ -316,7 +316,7 @@ class Swin(nnx.Module):
                   param_dtype=param_dtype, rngs=rngs)
         for i in range(len(depths))])
     self.norm = _layer_norm(self.width, norm_eps, param_dtype, rngs)
-    self.head = (Dense((self.width,), (num_classes,), in_names=("embed",), out_names=(None,),
+    self.head = (Dense((self.width,), (num_classes,), in_names=("embed",), out_names=("classes",),
                        dtype=dtype, param_dtype=param_dtype, out_dtype=jnp.float32, rngs=rngs)
                  if num_classes else None)
 
