@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sove_jax.models import LOGICAL_AXES
+from sove_jax.models import LOGICAL_AXES, ProjectionHead
+from sove_jax.models.network import Network
 from sove_jax.models.swin import (SwinBlock, create_swin, relative_position_index,
                                   shifted_window_mask, stage_windows, upsample_mask)
 
@@ -369,6 +370,25 @@ def test_forward_matches_pytorch_reference(tiny, h, w, masked):
     np.testing.assert_allclose(ours_logits, ref_logits.numpy(), atol=1e-4, rtol=1e-4)
 
 
+# ------------------------------------------------------------------ in the SOVE network
+
+def test_network_calls_as_the_step_does(images):
+  """The step's three calls: masked student globals, unmasked teacher globals, student locals
+  ([CLS] only). The [CLS] embedding is the head of the pooled token; patch embeddings are one
+  per final-grid cell, matching the mask the loss reads."""
+  swin = create_swin(rngs=nnx.Rngs(0), **{**TINY, "num_classes": 0, "dtype": jnp.float32})
+  net = Network(swin, ProjectionHead(swin.width, hidden_dim=32, out_dim=16, dtype=jnp.float32,
+                                     rngs=nnx.Rngs(1)))
+  mask = jnp.zeros((4, FINAL * FINAL), bool).at[:, ::2].set(True)
+  cls, patches = net(images, mask, key=jax.random.key(0))
+  assert cls.shape == (4, 16) and patches.shape == (4, FINAL * FINAL, 16)
+  np.testing.assert_allclose(jnp.linalg.norm(patches, axis=-1), 1.0, rtol=1e-5)
+  t_cls, _ = net(images)
+  local_cls, none = net(images[:, :12, :12], key=jax.random.key(1), patch_tokens=False)
+  assert none is None and local_cls.shape == t_cls.shape == (4, 16)
+  np.testing.assert_allclose(net(images, patch_tokens=False)[0], t_cls, atol=1e-6)
+
+
 # ------------------------------------------------------------------ determinism and drop-path
 
 def test_determinism_and_drop_path(tiny, images):
@@ -459,7 +479,9 @@ def test_logical_axes_shard_over_a_mesh(tiny, images):
 
 def test_init_and_bad_options():
   model = create_swin(rngs=nnx.Rngs(0), **TINY)
-  np.testing.assert_array_equal(model.mask_token[...], 0.0)  # iBOT's Swin starts it at zero
+  token = np.asarray(model.mask_token[...])
+  # Not zero (a zero token meets the first LayerNorm at its singular point), within 2 sigma.
+  assert np.abs(token).min() > 0 and np.abs(token).max() <= 2 * 0.02 / 0.8796 + 1e-6
   np.testing.assert_array_equal(model.layers[0].blocks[0].norm1.scale[...], 1.0)
   np.testing.assert_array_equal(model.layers[0].blocks[0].attn.qkv.bias[...], 0.0)
   cases = [(dict(depths=(2, 2), num_heads=(2,)), "equal length"),
