@@ -44,7 +44,6 @@ the gradient norm (and, under global-norm clipping, shrinking every other update
 from __future__ import annotations
 
 import functools
-import math
 from typing import Sequence
 
 import jax
