@@ -15,9 +15,9 @@ The checked figure is per image at batch 32: the float32 -> bf16 cast of every w
 once per call, not per image (at batch 1 it adds ~2.5% at 96 px); the batch-1 figure is shown
 too. Blocks are unrolled here, since XLA counts a scanned loop body once.
 
-    python benchmarks/model_flops.py            # ViT-S/16, ViT-B/16 and Swin-T at 224 and 96 px
+    python benchmarks/model_flops.py   # ViT-S/16, ViT-B/16, Swin-T/7 and Swin-T/14 at 224 and 96 px
     python benchmarks/model_flops.py --variants s,b,l --swin t --sizes 224,96
-    python benchmarks/model_flops.py --variants "" --swin t   # Swin-T only
+    python benchmarks/model_flops.py --variants "" --swin t/14   # the paper's Swin-T/14 only
 """
 import argparse
 import pathlib
@@ -34,7 +34,7 @@ from sove_jax.models import SWIN_VARIANTS, VARIANTS, create_swin, create_vit
 # Published per-image forward cost in GFLOP (2 x multiply-adds), to check the formula itself.
 # Swin-T: 4.5 G multiply-adds at 224 px (Liu et al. 2021, Table 1).
 REFERENCE_GFLOP = {("s", 224): 9.2, ("s", 96): 1.6, ("b", 224): 35.1, ("b", 96): 6.4,
-                   ("swin_t", 224): 9.0}
+                   ("swin_t", 224): 9.0}  # window 7; no published figure for window 14
 TOLERANCE = {"vit": 0.05, "swin": 0.08}
 
 
@@ -76,9 +76,11 @@ def swin_analytic_flops(model, height: int, width_px: int, channels: int = 3,
 
 
 def build(variant: str):
-  """Abstract backbone: "swin_<v>" for Swin, else a ViT variant."""
+  """Abstract backbone: "swin_<v>" or "swin_<v>/<window>" for Swin, else a ViT variant."""
   if variant.startswith("swin_"):
-    return nnx.eval_shape(lambda: create_swin(variant[len("swin_"):], rngs=nnx.Rngs(0)))
+    name, _, window = variant[len("swin_"):].partition("/")
+    return nnx.eval_shape(lambda: create_swin(name, window_size=int(window or 7),
+                                              rngs=nnx.Rngs(0)))
   return nnx.eval_shape(lambda: create_vit(variant, rngs=nnx.Rngs(0)))
 
 
@@ -97,8 +99,9 @@ def compiled_flops(variant: str, size: int, batch: int) -> float:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--variants", default="s,b", help="ViT variants; empty for none")
-  parser.add_argument("--swin", default="t", help=f"Swin variants of {sorted(SWIN_VARIANTS)}; "
-                      "empty for none")
+  parser.add_argument("--swin", default="t,t/14",
+                      help=f"Swin variants of {sorted(SWIN_VARIANTS)}, '/W' for window W "
+                      "(default 7); empty for none")
   parser.add_argument("--sizes", default="224,96")
   parser.add_argument("--batch", type=int, default=32)
   args = parser.parse_args(argv)
@@ -114,7 +117,8 @@ def main(argv=None) -> int:
       if variant.startswith("swin_"):
         model = build(variant)
         analytic = swin_analytic_flops(model, size, size)
-        name, tokens = f"Swin-{variant[5:].upper()}", model.token_grid(size, size)
+        name, tokens = f"Swin-{variant[5:].partition('/')[0].upper()}/{model.windows[0][0]}", \
+            model.token_grid(size, size)
         tokens = 1 + tokens[0] * tokens[1]
       else:
         width, depth, _ = VARIANTS[variant]

@@ -213,6 +213,12 @@ def test_swin_t_parameter_count():
   assert _count(nnx.state(backbone, nnx.Param)) == 27_519_354 + 96
   assert backbone.windows == ((7, 3), (7, 3), (7, 3), (7, 0))  # last stage: one 7x7 window
   assert backbone.width == 768 and backbone.depth == 12 and backbone.stride == 32
+  # Swin-T/14, the paper's (window 14 as iBOT and EsViT train it): the bias tables of stages 1-3
+  # grow from 13^2 to 27^2 rows (stage 4's 7x7 grid keeps a 7x7 window): +560 x (2*3 + 2*6 + 6*12).
+  t14 = nnx.eval_shape(lambda: create_swin("t", window_size=14, num_classes=1000,
+                                           rngs=nnx.Rngs(0)))
+  assert _count(nnx.state(t14, nnx.Param)) - 96 == 28_288_354 + 50_400
+  assert t14.windows == ((14, 7), (14, 7), (14, 0), (7, 0))
 
 
 def test_swin_t_output_shapes():
