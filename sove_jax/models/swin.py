@@ -5,7 +5,9 @@ stages of blocks that alternate regular and shifted window attention with a lear
 position bias per head, a patch merging (2x2 neighbours concatenated, LayerNorm, linear 4C -> 2C
 without bias) between stages, and a final LayerNorm. Swin-T: width 96, depths (2, 2, 6, 2),
 heads (3, 6, 12, 24), window 7, MLP ratio 4; 28,288,354 parameters with the 1000-class
-classifier of the reference (27,519,354 without it, plus 96 for the mask token).
+classifier of the reference (27,519,354 without it, plus 96 for the mask token). The SOVE paper
+reports Swin-T/14, window 14 as iBOT and EsViT train it: `create_swin("t", window_size=14)`,
+50,400 more parameters in the larger relative position tables.
 
 How SOVE uses it, as iBOT does for its Swin:
 - The [CLS] role is taken by the average of the final stage's tokens after the final LayerNorm;
