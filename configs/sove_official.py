@@ -4,7 +4,9 @@ r"""ViT-S/16 with the official code's objective settings (SPEC section 1).
 
     python -m sove_jax.main --config=configs/sove_official.py --workdir=DIR
 """
-from configs import vits
+from sove_jax import configuration
+
+vits = configuration.sibling("vits", of=__file__)
 
 
 def get_config():

@@ -1,7 +1,11 @@
-"""Config checks, in one place, run before anything is traced or compiled.
+"""Config files and config checks, in one place, run before anything is traced or compiled.
 
 Each mistake stops the run with one sentence that names the field, its value and the fix.
+Config files are loaded by path: a variant loads the file it builds on from its own folder
+(`sibling`), so every config works from any working directory.
 """
+import importlib.util
+import pathlib
 
 
 class ConfigError(ValueError):
@@ -10,6 +14,26 @@ class ConfigError(ValueError):
 
 VARIANTS = ("ti", "s", "b", "l")
 DTYPES = ("bfloat16", "float32", "float16")
+
+
+def sibling(name: str, *, of: str):
+  """The config module `name` from the folder of the file `of` (a config's `__file__`).
+
+  Loaded by path, not imported as `configs.NAME`: that import works only when the repository
+  root is on `sys.path` (running from the root), this works wherever the run starts.
+  """
+  path = pathlib.Path(of).resolve().with_name(f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"sove_jax_config_{name}", path)
+  if spec is None or not path.is_file():
+    raise FileNotFoundError(f"No config {name!r} beside {of}: {path} does not exist.")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load(path: str):
+  """`get_config()` of the config file at `path` (what `--config=PATH` gives)."""
+  return sibling(pathlib.Path(path).stem, of=str(path)).get_config()
 
 
 def _require(ok: bool, message: str):

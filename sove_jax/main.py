@@ -5,12 +5,15 @@ fields can be overridden on the command line (`--config.batch_size=256`). `--com
 lowers and compiles the step for the configured mesh and prints its per-device memory.
 """
 import os
+import pathlib
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Run config file.")
+# The repository's default config, found from this file, so the default works from any folder.
+_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
+_CONFIG = config_flags.DEFINE_config_file("config", str(_DEFAULT_CONFIG), "Run config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard events.")
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False,
                                   "Compile the train step, print its memory, and exit.")
