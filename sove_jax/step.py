@@ -121,7 +121,7 @@ def make_train_step(config, graphdef, tx, schedules: optim.Schedules, *, anchor_
     updates, opt_state = tx.update(grads, state.opt_state, state.student)
     student = optax.apply_updates(state.student, updates)
     momentum = schedules.ema_momentum(step_no)
-    teacher_params = optim.ema(state.teacher, student, momentum)
+    teacher_params = optax.incremental_update(student, state.teacher, 1.0 - momentum)
 
     class_bank, patch_bank = state.class_bank, state.patch_bank
     if mode == "full":
