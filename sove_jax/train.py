@@ -7,9 +7,11 @@ SIGTERM (preemption), and stops with the step number on a non-finite loss.
 """
 import signal
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from sove_jax import checkpoint, configuration, optim, reporting, sharding
 from sove_jax import state as state_lib
@@ -42,20 +44,31 @@ def batch_shapes(config, mesh):
   return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh) for k, (shape, dt) in spec.items()}
 
 
-def build(config, mesh, steps_per_epoch: int, *, mode: str = "full"):
-  """Everything static about the run: optimizer, schedules, state layout and the jitted step."""
+class Setup(NamedTuple):
+  """Everything static about a run, from `build`."""
+  tx: optax.GradientTransformation
+  schedules: optim.Schedules
+  layout: state_lib.Layout  # the module graph, every state leaf's shape and sharding
+  step: Any                 # the jitted step(state, batch) -> (state, metrics), state donated
+  total_steps: int
+  image_size: int
+
+
+def build(config, mesh, steps_per_epoch: int, *, make_step=step_lib.make_train_step) -> Setup:
+  """The optimizer, schedules, state layout and the jitted step. `make_step` builds the step
+  function (benchmarks pass other steps through the same shardings)."""
   num_steps = total_steps(config, steps_per_epoch)
   schedules = optim.make_schedules(config, steps_per_epoch, num_steps)
   tx = optim.make_optimizer(config, schedules)
   image_size = config.data.global_size
-  lay = state_lib.layout(config, tx, mesh, image_size)
-  step_fn = step_lib.make_train_step(config, lay.graphdef, tx, schedules,
-                                     anchor_sharding=sharding.batch_sharding(mesh), mode=mode)
-  batch_sh = jax.tree.map(lambda x: x.sharding, batch_shapes(config, mesh))
-  jitted = jax.jit(step_fn, in_shardings=(lay.shardings, batch_sh),
-                   out_shardings=(lay.shardings, sharding.replicated(mesh)), donate_argnums=0)
-  return dict(tx=tx, schedules=schedules, layout=lay, step=jitted, total_steps=num_steps,
-              image_size=image_size)
+  layout = state_lib.layout(config, tx, mesh, image_size)
+  step_fn = make_step(config, layout.graphdef, tx, schedules,
+                      anchor_sharding=sharding.batch_sharding(mesh))
+  batch_shardings = jax.tree.map(lambda x: x.sharding, batch_shapes(config, mesh))
+  jitted = jax.jit(step_fn, in_shardings=(layout.shardings, batch_shardings),
+                   out_shardings=(layout.shardings, sharding.replicated(mesh)), donate_argnums=0)
+  return Setup(tx=tx, schedules=schedules, layout=layout, step=jitted, total_steps=num_steps,
+               image_size=image_size)
 
 
 def validated_mesh(config):
@@ -68,12 +81,12 @@ def validated_mesh(config):
 def compile_only(config, steps_per_epoch: int = 1000):
   """Lowers and compiles the step for the configured mesh; returns (compiled, text report)."""
   mesh = validated_mesh(config)
-  parts = build(config, mesh, steps_per_epoch)
-  abstract = state_lib.abstract_with_shardings(parts["layout"])
+  setup = build(config, mesh, steps_per_epoch)
+  abstract = state_lib.abstract_with_shardings(setup.layout)
   t0 = time.time()
-  compiled = parts["step"].lower(abstract, batch_shapes(config, mesh)).compile()
+  compiled = setup.step.lower(abstract, batch_shapes(config, mesh)).compile()
   mem = compiled.memory_analysis()
-  n_params = sum(x.size for x in jax.tree.leaves(parts["layout"].abstract.student))
+  n_params = sum(x.size for x in jax.tree.leaves(setup.layout.abstract.student))
   lines = [f"compiled the train step in {time.time() - t0:.1f} s on "
            f"{sharding.devices_summary(mesh)}",
            f"parameters (student, incl. head): {n_params / 1e6:.1f} M"]
@@ -122,14 +135,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   train_in = pipeline.train_input(config.data, patch_size=config.model.patch_size,
                                   global_batch_size=config.batch_size, seed=config.seed)
-  parts = build(config, mesh, train_in.steps_per_epoch)
-  lay, num_steps = parts["layout"], parts["total_steps"]
+  setup = build(config, mesh, train_in.steps_per_epoch)
+  lay, num_steps = setup.layout, setup.total_steps
   checkpoint.write_config(config, workdir)
   ckpt = checkpoint.Checkpointer(workdir, save_every=config.checkpoint_every,
                                  keep=config.keep_checkpoints)
   restored = ckpt.restore(state_lib.abstract_with_shardings(lay))
   if restored is None:
-    state = state_lib.create(config, parts["tx"], lay, parts["image_size"])
+    state = state_lib.create(config, setup.tx, lay, setup.image_size)
     reporting.say(f"new run: {num_steps} steps of {config.batch_size} images "
                   f"({train_in.steps_per_epoch} steps per epoch)")
   else:
@@ -150,7 +163,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   try:
     while step < stop_at:
       batch = pipeline.to_global(next(train_in), batch_sh)
-      state, metrics = parts["step"](state, batch)
+      state, metrics = setup.step(state, batch)
       # The previous step's metrics are read only now, so the host never stalls the device.
       if pending is not None:
         _check_finite(*pending)

@@ -27,9 +27,9 @@ config.checkpoint_every = 2
 metrics = train.train_and_evaluate(config, workdir)
 
 mesh = sharding.make_mesh(config.mesh)
-parts = train.build(config, mesh, steps_per_epoch=1)
+setup = train.build(config, mesh, steps_per_epoch=1)
 ck = checkpoint.Checkpointer(workdir, save_every=1, keep=10)
-restored, data_state = ck.restore(state_lib.abstract_with_shardings(parts["layout"]))
+restored, data_state = ck.restore(state_lib.abstract_with_shardings(setup.layout))
 ck.close()
 
 

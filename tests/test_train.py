@@ -11,12 +11,14 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import numpy as np
 import pytest
 
 from configs import smoke
 from sove_jax import checkpoint, configuration, sharding, state as state_lib, train
+from sove_jax import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,9 +40,9 @@ def _restore(workdir, step=None):
   """The whole saved state of a smoke run, as host numpy arrays."""
   config = checkpoint.read_config(str(workdir))
   mesh = sharding.make_mesh(config.mesh)
-  parts = train.build(config, mesh, steps_per_epoch=1)
+  setup = train.build(config, mesh, steps_per_epoch=1)
   ck = checkpoint.Checkpointer(str(workdir), save_every=1, keep=10)
-  got = ck.restore(state_lib.abstract_with_shardings(parts["layout"]), step=step)
+  got = ck.restore(state_lib.abstract_with_shardings(setup.layout), step=step)
   ck.close()
   return jax.device_get(got[0]), got[1]
 
@@ -65,29 +67,37 @@ def _synthetic_batch(config, seed=0):
   }
 
 
-def _two_steps(config, devices):
+def _traced_once(*args, **kwargs):
+  """The train step, refusing to be traced a second time (a retrace is a recompilation)."""
+  return chex.assert_max_traces(step_lib.make_train_step(*args, **kwargs), n=1)
+
+
+def _steps(config, devices, num_steps=3):
+  chex.clear_trace_counter()  # chex counts by source location: each setup starts at 0
   mesh = sharding.make_mesh(config.mesh, devices=devices)
-  parts = train.build(config, mesh, steps_per_epoch=10)
-  st = state_lib.create(config, parts["tx"], parts["layout"], parts["image_size"])
+  setup = train.build(config, mesh, steps_per_epoch=10, make_step=_traced_once)
+  st = state_lib.create(config, setup.tx, setup.layout, setup.image_size)
   batch_sh = sharding.batch_sharding(mesh)
   metrics = None
-  for i in range(2):
+  for i in range(num_steps):
     batch = jax.device_put(_synthetic_batch(config, seed=i), batch_sh)
-    st, metrics = parts["step"](st, batch)
+    st, metrics = setup.step(st, batch)
   return jax.device_get(st), jax.device_get(metrics)
 
 
-def test_sharded_step_equals_single_device_step():
+def test_sharded_step_equals_single_device_step_and_compiles_once():
+  """Three steps on one device and on eight agree; each setup traces its step once only
+  (chex.assert_max_traces), so the donated state's types stay fixed from step to step."""
   config = smoke.get_config()
   config.model.dtype = "float32"  # compare the sharding, not bf16 rounding differences
-  one, m1 = _two_steps(config, jax.devices()[:1])
-  eight, m8 = _two_steps(config, jax.devices())
+  one, m1 = _steps(config, jax.devices()[:1])
+  eight, m8 = _steps(config, jax.devices())
   assert len(jax.devices()) == 8
   np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-4)
   for name in ("student", "teacher", "opt_state", "class_bank", "patch_bank"):
     for x, y in zip(jax.tree.leaves(getattr(one, name)), jax.tree.leaves(getattr(eight, name))):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
-  assert int(one.step) == int(eight.step) == 2
+  assert int(one.step) == int(eight.step) == 3
   assert m1["finite"] and np.isfinite(m1["grad_norm"])
   assert 0.0 <= m1["agreement"] <= 1.0
 
@@ -96,12 +106,12 @@ def test_fsdp_shards_parameters():
   config = smoke.get_config()
   config.mesh.fsdp, config.mesh.shard_params = 4, True
   mesh = sharding.make_mesh(config.mesh)
-  parts = train.build(config, mesh, steps_per_epoch=10)
-  specs = [s.spec for s in jax.tree.leaves(parts["layout"].shardings.student)]
+  setup = train.build(config, mesh, steps_per_epoch=10)
+  specs = [s.spec for s in jax.tree.leaves(setup.layout.shardings.student)]
   assert any("fsdp" in tuple(s) for s in specs)
-  st = state_lib.create(config, parts["tx"], parts["layout"], parts["image_size"])
+  st = state_lib.create(config, setup.tx, setup.layout, setup.image_size)
   batch = jax.device_put(_synthetic_batch(config), sharding.batch_sharding(mesh))
-  st, metrics = parts["step"](st, batch)
+  st, metrics = setup.step(st, batch)
   assert bool(metrics["finite"])
 
 
