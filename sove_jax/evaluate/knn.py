@@ -240,12 +240,12 @@ def main(argv):
   del argv
   from absl import flags
 
-  from sove_jax import checkpoint
   from sove_jax.data import pipeline  # TensorFlow, host side only
+  from sove_jax.evaluate import backbone
   f = flags.FLAGS
   splits = {0.01: f.lowshot_split_1pct, 0.1: f.lowshot_split_10pct}
   evaluate_checkpoint(
-      f.workdir, load_backbone=checkpoint.load_backbone, input_fn=pipeline.eval_input,
+      f.workdir, load_backbone=backbone.load_backbone, input_fn=pipeline.eval_input,
       step=f.step, dataset=f.dataset, data_dir=f.data_dir, train_split=f.train_split,
       eval_split=f.eval_split, batch_size=f.batch_size or None,
       ks=[int(k) for k in f.ks] if f.ks else None, temperature=f.temperature,

@@ -141,11 +141,11 @@ def main(argv):
   del argv
   from absl import flags
 
-  from sove_jax import checkpoint
   from sove_jax.data import pipeline  # TensorFlow, host side only
+  from sove_jax.evaluate import backbone
   f = flags.FLAGS
   evaluate_checkpoint(
-      f.workdir, load_backbone=checkpoint.load_backbone, input_fn=pipeline.eval_input,
+      f.workdir, load_backbone=backbone.load_backbone, input_fn=pipeline.eval_input,
       step=f.step, convention=f.convention or None, dataset=f.dataset, data_dir=f.data_dir,
       train_split=f.train_split, eval_split=f.eval_split, batch_size=f.batch_size or None,
       lrs=[float(lr) for lr in f.lrs], epochs=f.epochs, probe_batch_size=f.probe_batch_size,

@@ -458,6 +458,7 @@ def export_checkpoint(workdir: str, out_path: str, *, step=None, which: str = "t
   The .safetensors metadata records the step and the ViT shape, so it can be rebuilt.
   """
   from sove_jax import checkpoint
+  from sove_jax.evaluate import backbone
 
   fmt = _format(out_path, fmt)
   checkpoint.read_config(workdir)  # fails on a path that is no workdir, before Orbax creates dirs
@@ -465,7 +466,7 @@ def export_checkpoint(workdir: str, out_path: str, *, step=None, which: str = "t
     step = _latest_step(workdir)
     if step is None:
       raise FileNotFoundError(f"No checkpoint under {os.path.join(workdir, 'checkpoints')}")
-  config, model = checkpoint.load_backbone(workdir, step=step, which=which)
+  config, model = backbone.load_backbone(workdir, step=step, which=which)
   state_dict = to_torch_state_dict(model, mask_token=mask_token)
   m = config.model
   summary = {"format": "pt", "producer": "sove_jax", "which": which, "step": int(step),
