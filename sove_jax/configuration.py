@@ -5,6 +5,7 @@ Config files are loaded by path: a variant loads the file it builds on from its 
 (`sibling`), so every config works from any working directory.
 """
 import importlib.util
+import math
 import pathlib
 
 
@@ -14,6 +15,8 @@ class ConfigError(ValueError):
 
 VARIANTS = ("ti", "s", "b", "l")
 DTYPES = ("bfloat16", "float32", "float16")
+SOURCES = ("fashion_mnist", "tfds", "folder")
+MASK_TYPES = ("block", "random")
 
 
 def sibling(name: str, *, of: str):
@@ -45,30 +48,83 @@ def _one_of(value, allowed, field: str):
   _require(value in allowed, f"{field}={value!r} is not one of {', '.join(map(repr, allowed))}.")
 
 
+def _pair(value, field: str, low=-math.inf, high=math.inf):
+  _require(len(value) == 2 and low <= value[0] <= value[1] <= high,
+           f"data.{field} must be (low, high) with {low} <= low <= high <= {high}, "
+           f"got {tuple(value)}.")
+
+
+def _probability(p, field: str):
+  _require(0.0 <= p <= 1.0, f"data.{field} must be a probability in [0, 1], got {p}.")
+
+
+def validate_data(d, *, patch_size: int, global_batch_size: int, process_count: int = 1):
+  """The `data` block's checks (also run by the input pipeline alone); touches no files."""
+  _one_of(d.source, SOURCES, "data.source")
+  _require(d.source != "tfds" or d.name,
+           "data.source='tfds' needs data.name, the TFDS dataset name (e.g. 'imagenet2012').")
+  _require(d.source != "folder" or d.data_dir,
+           "data.source='folder' needs data.data_dir, the folder holding <split>/<class>/ images.")
+  b = global_batch_size
+  _require(b > 0 and process_count > 0 and b % process_count == 0,
+           f"batch_size={b} must be a positive multiple of the {process_count} processes.")
+  _require(d.num_local >= 0, f"data.num_local={d.num_local} must be >= 0.")
+  for field in ("global_size", "local_size", "eval_crop"):
+    size = d[field]
+    _require(size > 0 and size % patch_size == 0,
+             f"data.{field}={size} must be a positive multiple of model.patch_size={patch_size}.")
+  _require(d.eval_resize >= d.eval_crop,
+           f"data.eval_resize={d.eval_resize} must be >= data.eval_crop={d.eval_crop}.")
+  _pair(d.global_scale, "global_scale", 1e-6, 1.0)
+  _pair(d.local_scale, "local_scale", 1e-6, 1.0)
+  _pair(d.aspect_ratio, "aspect_ratio", 1e-6)
+  _pair(d.blur_sigma, "blur_sigma", 1e-6)
+  for field in ("color_jitter_prob", "grayscale_prob"):
+    _probability(d[field], field)
+  for field in ("blur_prob", "solarize_prob"):
+    _require(len(d[field]) == 3,
+             f"data.{field} needs 3 probabilities (global 1, global 2, locals).")
+    for p in d[field]:
+      _probability(p, field)
+  _require(len(d.color_jitter) == 4 and min(d.color_jitter) >= 0 and d.color_jitter[3] <= 0.5,
+           "data.color_jitter must be 4 values >= 0 (brightness, contrast, saturation, "
+           f"hue <= 0.5), got {tuple(d.color_jitter)}.")
+  _require(len(d.mean) == 3 and len(d.std) == 3 and min(d.std) > 0,
+           "data.mean and data.std need 3 values each, std > 0.")
+  _one_of(d.mask_type, MASK_TYPES, "data.mask_type")
+  _require(0.0 <= d.mask_ratio < 1.0, f"data.mask_ratio={d.mask_ratio} must be in [0, 1).")
+  low, high = d.mask_ratio - d.mask_ratio_var, d.mask_ratio + d.mask_ratio_var
+  _require(d.mask_ratio_var >= 0 and low >= 0 and high <= 1,
+           f"data.mask_ratio +- data.mask_ratio_var must stay in [0, 1], got [{low}, {high}].")
+  grid = d.global_size // patch_size
+  if d.mask_type == "block":
+    _require(1 <= d.mask_min_patches <= grid * grid,
+             f"data.mask_min_patches={d.mask_min_patches} must be in [1, {grid * grid}] "
+             f"({grid}x{grid} patches).")
+    fewest = math.floor(low * grid * grid + 0.5)  # data.masking.masked_count
+    _require(not 0 < fewest < d.mask_min_patches,
+             f"Block masks need >= data.mask_min_patches={d.mask_min_patches} patches but ratio "
+             f"{low:.3g} of {grid * grid} patches masks only {fewest}.")
+  _require(d.shuffle_buffer >= 1 and d.prefetch >= 0 and d.threads >= 0,
+           "data.shuffle_buffer must be >= 1, data.prefetch and data.threads >= 0.")
+
+
 def validate(config, *, num_devices: int, process_count: int = 1):
   """Raises ConfigError on the first problem found."""
-  m, s, o, d = config.model, config.sove, config.optim, config.data
+  m, s, o = config.model, config.sove, config.optim
   _one_of(m.variant, VARIANTS, "model.variant")
   _one_of(m.dtype, DTYPES, "model.dtype")
   _one_of(s.labels, ("soft", "onehot"), "sove.labels")
   _one_of(o.clip_mode, ("per_tensor", "global"), "optim.clip_mode")
-  _one_of(d.mask_type, ("block", "random"), "data.mask_type")
-  _one_of(d.source, ("fashion_mnist", "tfds", "folder"), "data.source")
   _one_of(m.get("attention", "xla"), ("xla", "cudnn"), "model.attention")
 
   b = config.batch_size
   _require(b > 0 and b % num_devices == 0,
            f"batch_size={b} must be a positive multiple of the {num_devices} devices.")
-  _require(b % process_count == 0,
-           f"batch_size={b} must be divisible by the {process_count} processes.")
+  validate_data(config.data, patch_size=m.patch_size, global_batch_size=b,
+                process_count=process_count)
   _require(m.width % m.num_heads == 0,
            f"model.width={m.width} must be divisible by model.num_heads={m.num_heads}.")
-  for field in ("global_size", "local_size"):
-    size = d[field]
-    _require(size > 0 and size % m.patch_size == 0,
-             f"data.{field}={size} must be a positive multiple of model.patch_size={m.patch_size}.")
-  _require(d.num_local >= 0, f"data.num_local={d.num_local} must be >= 0.")
-  _require(0.0 <= d.mask_ratio < 1.0, f"data.mask_ratio={d.mask_ratio} must be in [0, 1).")
   _require(config.num_epochs > 0 or config.total_steps > 0,
            "Set num_epochs > 0 or total_steps > 0: the run has no length.")
 

@@ -126,11 +126,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
   mesh = validated_mesh(config)
   from sove_jax.data import pipeline  # TensorFlow enters the process here, host side only
-  try:
-    pipeline.validate(config.data, patch_size=config.model.patch_size,
-                      global_batch_size=config.batch_size, process_count=jax.process_count())
-  except ValueError as e:
-    raise configuration.ConfigError(str(e)) from e
   reporting.say(f"sove_jax: {sharding.devices_summary(mesh)}; workdir {workdir}")
 
   train_in = pipeline.train_input(config.data, patch_size=config.model.patch_size,

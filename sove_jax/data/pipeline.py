@@ -17,12 +17,12 @@ counted and named in the log.
 from __future__ import annotations
 
 import logging
-import math
 
 import jax
 import numpy as np
 import tensorflow as tf
 
+from sove_jax import configuration
 from sove_jax.data import augment, masking, sources
 
 log = logging.getLogger(__name__)
@@ -31,77 +31,6 @@ AUTOTUNE = tf.data.AUTOTUNE
 STAGES = ("read", "decode", "crop", "colour", "mask")  # a pipeline can be cut after any (benchmark)
 _CROP, _COLOUR, _MASK = 1, 2, 3    # which stage a random draw belongs to...
 _GLOBAL, _LOCAL, _FLIP = 1, 2, 3    # ...and which views or what within it
-
-
-# --- validation -----------------------------------------------------------------------------------
-
-def _pair(v, name, lo=-math.inf, hi=math.inf):
-  if len(v) != 2 or not lo <= v[0] <= v[1] <= hi:
-    raise ValueError(f"data.{name} must be (low, high) with {lo} <= low <= high <= {hi}, "
-                     f"got {tuple(v)}.")
-
-
-def _prob(p, name):
-  if not 0.0 <= p <= 1.0:
-    raise ValueError(f"data.{name} must be a probability in [0, 1], got {p}.")
-
-
-def validate(data_config, *, patch_size: int, global_batch_size: int, process_count: int) -> None:
-  """Raises ValueError, one sentence, for a data config that cannot work. Touches no files."""
-  d = data_config
-  if d.source not in ("fashion_mnist", "folder", "tfds"):
-    raise ValueError(f"data.source must be 'fashion_mnist', 'folder' or 'tfds', not {d.source!r}.")
-  if d.source == "tfds" and not d.name:
-    raise ValueError("data.source='tfds' needs data.name, the TFDS dataset name "
-                     "(e.g. 'imagenet2012').")
-  if d.source == "folder" and not d.data_dir:
-    raise ValueError("data.source='folder' needs data.data_dir, the folder holding "
-                     "<split>/<class>/ images.")
-  if global_batch_size <= 0 or process_count <= 0 or global_batch_size % process_count:
-    raise ValueError(f"The global batch {global_batch_size} must be a positive multiple of the "
-                     f"process count {process_count}.")
-  if d.num_local < 0:
-    raise ValueError(f"data.num_local must be >= 0, got {d.num_local}.")
-  for name in ("global_size", "local_size", "eval_crop"):
-    size = getattr(d, name)
-    if size <= 0 or size % patch_size:
-      raise ValueError(f"data.{name}={size} must be a positive multiple of the patch size "
-                       f"{patch_size}.")
-  if d.eval_resize < d.eval_crop:
-    raise ValueError(f"data.eval_resize={d.eval_resize} must be >= data.eval_crop={d.eval_crop}.")
-  _pair(d.global_scale, "global_scale", 1e-6, 1.0)
-  _pair(d.local_scale, "local_scale", 1e-6, 1.0)
-  _pair(d.aspect_ratio, "aspect_ratio", 1e-6)
-  _pair(d.blur_sigma, "blur_sigma", 1e-6)
-  for name in ("color_jitter_prob", "grayscale_prob", "mask_ratio"):
-    _prob(getattr(d, name), name)
-  for name in ("blur_prob", "solarize_prob"):
-    if len(getattr(d, name)) != 3:
-      raise ValueError(f"data.{name} needs 3 probabilities (global 1, global 2, locals).")
-    for p in getattr(d, name):
-      _prob(p, name)
-  if len(d.color_jitter) != 4 or min(d.color_jitter) < 0 or d.color_jitter[3] > 0.5:
-    raise ValueError("data.color_jitter must be 4 values >= 0 (brightness, contrast, saturation, "
-                     f"hue <= 0.5), got {tuple(d.color_jitter)}.")
-  if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:
-    raise ValueError("data.mean and data.std need 3 values each, std > 0.")
-  if d.mask_type not in masking.MASK_TYPES:
-    raise ValueError(f"data.mask_type must be one of {masking.MASK_TYPES}, not {d.mask_type!r}.")
-  lo, hi = d.mask_ratio - d.mask_ratio_var, d.mask_ratio + d.mask_ratio_var
-  if d.mask_ratio_var < 0 or lo < 0 or hi > 1:
-    raise ValueError(f"data.mask_ratio +- data.mask_ratio_var must stay in [0, 1], "
-                     f"got [{lo}, {hi}].")
-  num_patches = (d.global_size // patch_size) ** 2
-  if d.mask_type == "block":
-    if d.mask_min_patches < 1 or d.mask_min_patches > num_patches:
-      raise ValueError(f"data.mask_min_patches={d.mask_min_patches} must be in [1, {num_patches}] "
-                       f"({d.global_size // patch_size}x{d.global_size // patch_size} patches).")
-    fewest = masking.masked_count(lo, num_patches)
-    if 0 < fewest < d.mask_min_patches:
-      raise ValueError(f"Block masks need >= data.mask_min_patches={d.mask_min_patches} patches "
-                       f"but ratio {lo:.3g} of {num_patches} patches masks only {fewest}.")
-  if d.shuffle_buffer < 1 or d.prefetch < 0 or d.threads < 0:
-    raise ValueError("data.shuffle_buffer must be >= 1, data.prefetch and data.threads >= 0.")
 
 
 # --- shared pieces --------------------------------------------------------------------------------
@@ -404,8 +333,8 @@ def train_input(data_config, *, patch_size: int, global_batch_size: int, seed: i
                 process_index: int | None = None, process_count: int | None = None) -> TrainInput:
   """The training stream of this process, from the `data` config block."""
   process_index, process_count = _processes(process_index, process_count)
-  validate(data_config, patch_size=patch_size, global_batch_size=global_batch_size,
-           process_count=process_count)
+  configuration.validate_data(data_config, patch_size=patch_size,
+                              global_batch_size=global_batch_size, process_count=process_count)
   source = sources.open_source(data_config, data_config.train_split)
   return TrainInput(source, data_config, patch_size=patch_size, global_batch_size=global_batch_size,
                     seed=seed, process_index=process_index, process_count=process_count)
