@@ -113,7 +113,11 @@ def get_config():
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1            # -1: all devices not used by fsdp
   c.mesh.fsdp = 1             # parameter/optimizer sharding axis
-  c.mesh.shard_params = False  # FSDP-shard parameters by their logical axes
+  c.mesh.shard_params = False  # FSDP-shard parameters by their logical axes, by these rules:
+  # (logical axis, mesh axis) pairs; one matrix dimension per parameter is enough to divide its
+  # memory by the fsdp size, and the model width ("embed") is in every block matrix.
+  c.mesh.rules = (("embed", "fsdp"), ("proj_hidden", "fsdp"))
+  c.mesh.max_replicated = 0.02  # FSDP: largest share of parameter bytes left whole (else error)
 
   # --- run control ------------------------------------------------------------------------------
   c.log_every = 20            # steps between metric lines / TensorBoard points

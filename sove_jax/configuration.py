@@ -153,3 +153,8 @@ def validate(config, *, num_devices: int, process_count: int = 1):
   fsdp = config.mesh.fsdp
   _require(fsdp >= 1 and num_devices % fsdp == 0,
            f"mesh.fsdp={fsdp} must divide the {num_devices} devices.")
+  rules = config.mesh.rules
+  _require(all(len(rule) == 2 and all(isinstance(name, str) for name in rule) for rule in rules),
+           f"mesh.rules={rules!r} must be (logical axis, mesh axis) pairs of names.")
+  _require(0.0 <= config.mesh.max_replicated <= 1.0,
+           f"mesh.max_replicated={config.mesh.max_replicated} must be in [0, 1].")

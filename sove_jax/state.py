@@ -59,8 +59,11 @@ def layout(config, tx, mesh, image_size: int) -> Layout:
   graphdef, abstract_params = network.abstract_network(config.model, image_size)
   specs = nnx.get_partition_spec(abstract_params).to_pure_dict()
   abstract = jax.eval_shape(make_init(config, tx, image_size), jax.random.PRNGKey(0))
-  params_sh = sharding.param_shardings(specs, abstract.student, mesh,
-                                       bool(config.mesh.shard_params))
+  rules = tuple(tuple(rule) for rule in config.mesh.rules) if config.mesh.shard_params else ()
+  params_sh = sharding.param_shardings(specs, abstract.student, mesh, rules)
+  if config.mesh.shard_params:
+    sharding.check_param_shardings(params_sh, abstract.student,
+                                   max_replicated=config.mesh.max_replicated)
   rep = sharding.replicated(mesh)
   shardings = TrainState(
       step=rep,

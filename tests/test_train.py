@@ -4,6 +4,7 @@ Runs that must be separate processes (resume in a new process, SIGKILL, SIGTERM,
 end) go through `python -m sove_jax.main`; they inherit the 8 fake CPU devices of the session.
 """
 import json
+import logging
 import os
 import re
 import signal
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from sove_jax import checkpoint, configuration, sharding, state as state_lib, train
+from sove_jax import checkpoint, configuration, optim, sharding, state as state_lib, train
 from sove_jax import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,6 +114,28 @@ def test_fsdp_shards_parameters():
   batch = jax.device_put(_synthetic_batch(config), sharding.batch_sharding(mesh))
   st, metrics = setup.step(st, batch)
   assert bool(metrics["finite"])
+
+
+def test_fsdp_logs_each_parameter_layout_and_refuses_replicated_parameters(caplog):
+  """Rules come from config.mesh.rules; every layout is logged (blocks grouped); a rule set
+  that leaves most bytes whole on every device, or names no parameter's axis, is refused."""
+  config = smoke.get_config()
+  config.mesh.fsdp, config.mesh.shard_params = 4, True
+  mesh = sharding.make_mesh(config.mesh)
+  tx = optim.make_optimizer(config, optim.make_schedules(config, 10, 10))
+  layout = lambda: state_lib.layout(config, tx, mesh, config.data.global_size)
+  with caplog.at_level(logging.INFO):
+    layout()
+  assert re.search(r"backbone\.blocks\.\*\.attn\.qkv\.kernel +x2 +\(32, 3, 2, 16\) +"
+                   r"P\('fsdp', None, None, None\)", caplog.text), caplog.text
+  assert re.search(r"head\.fc3\.bias +\(32,\) +P\(None,\)", caplog.text)
+  config.mesh.rules = (("mlp", "fsdp"),)
+  with pytest.raises(configuration.ConfigError, match=r"mesh.fsdp=4, 57\.5% of the parameter "
+                     "bytes stay replicated, more than mesh.max_replicated=0.02"):
+    layout()
+  config.mesh.rules = (("embedding", "fsdp"),)
+  with pytest.raises(configuration.ConfigError, match="'embedding', which no parameter carries"):
+    layout()
 
 
 @pytest.mark.parametrize("field,value,words", [
