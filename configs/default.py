@@ -74,7 +74,7 @@ def get_config():
   m.head_hidden = 256         # paper: 2048
   m.head_out = 128            # d, the embedding size (paper: 256)
 
-  # --- sove: the objective (sove_jax/objective.py, SPEC sections 1-5) ------------------------
+  # --- sove: the objective (sove_jax/objective.py, docs/method.md §2-§7) ------------------------
   c.sove = s = ml_collections.ConfigDict()
   s.class_bank_size = 4096    # M_c (paper 65536)
   s.patch_bank_size = 2048    # M_p (paper 8192)
@@ -120,7 +120,8 @@ def get_config():
   c.mesh.max_replicated = 0.02  # FSDP: largest share of parameter bytes left whole (else error)
 
   # --- run control ------------------------------------------------------------------------------
-  c.log_every = 20            # steps between metric lines / TensorBoard points
+  c.log_every = 20            # steps between metric lines / TensorBoard points (window means)
+  c.profile = False           # trace 5 steps (after the first) with jax.profiler into the workdir
   c.checkpoint_every = 500    # steps between asynchronous checkpoints (and at the end)
   c.keep_checkpoints = 3
   c.knn_every = 250           # steps between k-NN monitor evaluations (0: never)

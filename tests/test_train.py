@@ -22,6 +22,7 @@ from sove_jax import checkpoint, configuration, optim, sharding, state as state_
 from sove_jax import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_STEP_LINE = re.compile(r"\bstep +\d+/\d+ \| loss")  # the console's progress line
 
 
 def _main(workdir, *overrides, config="configs/smoke.py", **kw):
@@ -194,9 +195,12 @@ def test_resume_in_new_process_is_bitwise_exact(tmp_path):
   code, out = _run(split, "--config.total_steps=6", "--config.run_steps=3")
   assert code == 0, out
   assert "new run" in out
-  code, out = _run(split, "--config.total_steps=6")
+  # The console is quiet by default: our lines, not Orbax's INFO detail; --verbose shows it.
+  assert "Saving checkpoint" not in out and "checkpoint_manager" not in out
+  code, out = _run(split, "--config.total_steps=6", "--verbose")
   assert code == 0, out
   assert "resumed from step 3" in out
+  assert "checkpoint_manager.py" in out and "Saving checkpoint" in out
   a, data_a = _restore(straight, 6)
   b, data_b = _restore(split, 6)
   _assert_trees_equal(a, b)
@@ -208,7 +212,7 @@ def test_sigterm_saves_at_step_boundary_and_exits_zero(tmp_path):
   lines = []
   for line in proc.stdout:
     lines.append(line)
-    if line.startswith("step "):
+    if _STEP_LINE.search(line):
       proc.send_signal(signal.SIGTERM)
       break
   out, _ = proc.communicate(timeout=120)
@@ -226,7 +230,7 @@ def test_sigkill_during_async_save_restarts_from_last_complete(tmp_path):
                "--config.log_every=1")
   seen = 0
   for line in proc.stdout:
-    if line.startswith("step "):
+    if _STEP_LINE.search(line):
       seen += 1
       if seen == 5:  # a save is started after every step: kill while one is in flight
         proc.kill()
@@ -257,15 +261,21 @@ def test_main_end_to_end_on_image_folder(tmp_path):
         (tmp_path / "data" / split / cls / f"{i}.{'png' if i % 2 else 'jpg'}").write_bytes(
             enc.numpy())
   work = tmp_path / "work"
-  code, out = _run(work, "--config.data.source=folder", f"--config.data.data_dir={tmp_path / 'data'}",
-                   "--config.total_steps=3", "--config.checkpoint_every=2",
-                   "--config.knn_every=3", "--config.knn_train_examples=-1",
-                   "--config.knn_eval_examples=-1")
+  code, out = _run(work, "--config.data.source=folder",
+                   f"--config.data.data_dir={tmp_path / 'data'}", "--config.total_steps=3",
+                   "--config.checkpoint_every=2", "--config.knn_every=3",
+                   "--config.knn_train_examples=-1", "--config.knn_eval_examples=-1",
+                   "--config.profile=True")
   assert code == 0, out
-  assert "step 3/3" in out and "img/s" in out
-  last = [json.loads(l) for l in open(work / "metrics.jsonl")][-1]
-  assert last["step"] == 3 and 0.0 <= last["knn/top1_k20"] <= 100.0
+  assert "step 3/3" in out and "img/s" in out and "k-NN top-1 at step 3" in out
+  rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
+  assert [row["step"] for row in rows] == [1, 2, 3]  # log_every=1: one line per step
+  # Throughput from the second logged step on: the first step (compilation) starts the clock.
+  assert not any(k.startswith("perf/") for k in rows[0])
+  assert rows[2]["perf/images_per_sec"] == pytest.approx(16 * rows[2]["perf/steps_per_sec"])
+  assert 0.0 <= rows[2]["knn/top1_k20"] <= 100.0 and np.isfinite(rows[2]["train/loss"])
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(work))
+  assert list((work / "plugins" / "profile").glob("*/*.xplane.pb"))  # config.profile
   ck = checkpoint.Checkpointer(str(work), save_every=1, keep=10)
   assert ck.latest_step() == 3
   ck.close()

@@ -1,4 +1,4 @@
-"""Frozen-backbone features for the evaluation protocols (SPEC section 7).
+"""Frozen-backbone features for the evaluation protocols (docs/method.md §12).
 
 Evaluation runs the teacher backbone once over a split and keeps the features on the host:
 k-NN and the linear probe then work on arrays, not on images. This module holds what both
@@ -7,12 +7,15 @@ run through it on the mesh (`extract_features`), and how a checkpoint's data con
 at another dataset (`define_flags`, `override_data`).
 """
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+
+from sove_jax import reporting
 
 PROBE_CONVENTIONS = ("last4_cls", "cls_meanpatch")
 
@@ -98,16 +101,18 @@ def _row_sharding(sharding):
   return jax.NamedSharding(sharding.mesh, jax.P(spec[0] if spec else None))
 
 
-def extract_features(apply_fn, batches, *, sharding=None):
+def extract_features(apply_fn, batches, *, sharding=None, name="features"):
   """Runs `apply_fn` (images -> [b, D]) over eval host batches and returns the valid rows.
 
   With `sharding` (a NamedSharding of the batch axis) each host batch becomes one global array
   on the mesh, as the data package does, and the outputs, labels and valid masks are gathered
-  back in global order; so every process returns the whole split, in the same order.
+  back in global order; so every process returns the whole split, in the same order. A pass
+  longer than `PROGRESS_EVERY_SECONDS` logs its progress (`name`, batches done, images/s, ETA).
   Returns (features float32 [N, D], labels int32 [N]).
   """
   feats, labels = [], []
   pending = None
+  progress = _Progress(name, getattr(batches, "num_batches", None))
 
   def collect(out):
     f, y, v = (np.asarray(x) for x in out)
@@ -128,11 +133,40 @@ def extract_features(apply_fn, batches, *, sharding=None):
     if pending is not None:
       collect(pending)
     pending = out
+    progress.update(len(batch["image"]))
   if pending is not None:
     collect(pending)
   if not feats:
     raise ValueError("no batches to extract features from")
   return np.concatenate(feats), np.concatenate(labels)
+
+
+PROGRESS_EVERY_SECONDS = 30.0
+
+
+class _Progress:
+  """A console line every PROGRESS_EVERY_SECONDS of a long feature pass (process 0)."""
+
+  def __init__(self, name: str, total_batches):
+    self.name, self.total = name, total_batches
+    self.start = self.last = time.monotonic()
+    self.batches = self.images = 0
+
+  def update(self, images: int):
+    self.batches += 1
+    self.images += images
+    now = time.monotonic()
+    if now - self.last < PROGRESS_EVERY_SECONDS:
+      return
+    self.last = now
+    rate = self.batches / max(now - self.start, 1e-9)
+    line = f"{self.name}: {self.batches}"
+    if self.total:
+      line += (f"/{self.total} batches, ETA "
+               f"{reporting.duration((self.total - self.batches) / rate)}")
+    else:
+      line += " batches"
+    reporting.say(f"{line} ({self.images / (now - self.start):,.0f} images/s per process)")
 
 
 def override_data(data_config, *, dataset=None, data_dir=None, train_split=None,
@@ -163,7 +197,7 @@ def split_features(apply_fn, input_fn, data_config, *, split, batch_size, shardi
   `input_fn` (passed in, so that TensorFlow is imported only by the CLIs)."""
   batches = input_fn(data_config, split=split, global_batch_size=batch_size,
                      max_examples=max_examples)
-  return extract_features(apply_fn, batches, sharding=sharding)
+  return extract_features(apply_fn, batches, sharding=sharding, name=f"features of {split}")
 
 
 def define_flags(flags):

@@ -1,4 +1,4 @@
-r"""Weighted k-NN classification on frozen features (SPEC section 7; the DINO protocol).
+r"""Weighted k-NN classification on frozen features (docs/method.md §12; the DINO protocol).
 
 Train-set features are the memory, sharded by rows over the devices; test features go through
 in chunks. Each device takes the top-k of its shard for a chunk, the candidates are gathered and
@@ -11,11 +11,12 @@ Evaluate a run's latest teacher checkpoint:
 """
 import functools
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
+from etils import epath
 
 from sove_jax.evaluate import features as features_lib
 
@@ -157,9 +158,8 @@ def class_balanced_subset(labels, fraction, seed=0):
 def read_split_file(path):
   """Indices of a low-shot split file: one integer index (into the train split, in the order
   the evaluation input gives it) per line; blank lines and '#' comments are skipped."""
-  with open(path, encoding="utf-8") as f:
-    lines = (line.split("#", 1)[0].strip() for line in f)
-    return np.array([int(line) for line in lines if line], np.int64)
+  lines = (line.split("#", 1)[0].strip() for line in epath.Path(path).read_text().splitlines())
+  return np.array([int(line) for line in lines if line], np.int64)
 
 
 def knn_monitor(apply_fn, train_batches, eval_batches, *, ks=DEFAULT_KS, temperature=0.07,
@@ -167,8 +167,10 @@ def knn_monitor(apply_fn, train_batches, eval_batches, *, ks=DEFAULT_KS, tempera
   """k-NN accuracy for the training log: {"knn/top1_k{k}": acc}. `apply_fn` is e.g.
   `features.cls_features(teacher, mesh=...)`, the batches are eval-input host batches of a
   train subset (the memory) and of the eval split, `sharding` the batch sharding."""
-  train_f, train_y = features_lib.extract_features(apply_fn, train_batches, sharding=sharding)
-  test_f, test_y = features_lib.extract_features(apply_fn, eval_batches, sharding=sharding)
+  train_f, train_y = features_lib.extract_features(apply_fn, train_batches, sharding=sharding,
+                                                   name="k-NN monitor, train memory")
+  test_f, test_y = features_lib.extract_features(apply_fn, eval_batches, sharding=sharding,
+                                                 name="k-NN monitor, evaluation")
   mesh = None if sharding is None else sharding.mesh
   acc = knn_classify(train_f, train_y, test_f, test_y, ks=ks, temperature=temperature,
                      num_classes=num_classes, mesh=mesh)
@@ -226,19 +228,21 @@ def evaluate_checkpoint(workdir, *, load_backbone, input_fn, step=None, **kwargs
   results = evaluate_knn(config, model, input_fn=input_fn, **kwargs)
   ks = tuple(kwargs.get("ks") or config.knn_k)
   if jax.process_index() == 0:
-    print(format_table(results, ks))
+    logging.info("k-NN of %s:\n%s", workdir, format_table(results, ks))
     record = {"step": "latest" if step is None else step,
               "temperature": kwargs.get("temperature") or config.knn_temperature,
               "top1": {name: {str(k): v for k, v in acc.items()}
                        for name, acc in results.items()}}
-    with open(os.path.join(workdir, "knn.json"), "w", encoding="utf-8") as f:
-      json.dump(record, f, indent=2)
+    (epath.Path(workdir) / "knn.json").write_text(json.dumps(record, indent=2))
   return results
 
 
 def main(argv):
   del argv
   from absl import flags
+
+  from sove_jax import reporting
+  reporting.configure_console()
 
   from sove_jax.data import pipeline  # TensorFlow, host side only
   from sove_jax.evaluate import backbone

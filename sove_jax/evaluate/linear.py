@@ -1,4 +1,4 @@
-r"""Linear probe on frozen features (SPEC section 7).
+r"""Linear probe on frozen features (docs/method.md §12).
 
 Features are extracted once (no augmentation), standardised with train-set statistics, and a
 linear layer is trained with cross-entropy: SGD with momentum 0.9 and a cosine schedule to 0,
@@ -10,12 +10,13 @@ the best top-1 is reported, as DINOv2 does on ImageNet.
 """
 import functools
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
+from etils import epath
 
 from sove_jax.evaluate import features as features_lib
 
@@ -128,18 +129,21 @@ def evaluate_checkpoint(workdir, *, load_backbone, input_fn, step=None, **kwargs
   results = evaluate_linear(config, model, input_fn=input_fn, **kwargs)
   if jax.process_index() == 0:
     per_lr = "  ".join(f"lr={lr:g}: {acc:.2f}" for lr, acc in results["per_lr"].items())
-    print(f"linear probe ({results['convention']}) top-1 {results['top1']:.2f}%  [{per_lr}]")
+    logging.info("linear probe (%s) top-1 %.2f%%  [%s]", results["convention"], results["top1"],
+                 per_lr)
     record = {"step": "latest" if step is None else step, "convention": results["convention"],
               "top1": results["top1"],
               "per_lr": {f"{lr:g}": acc for lr, acc in results["per_lr"].items()}}
-    with open(os.path.join(workdir, "linear.json"), "w", encoding="utf-8") as f:
-      json.dump(record, f, indent=2)
+    (epath.Path(workdir) / "linear.json").write_text(json.dumps(record, indent=2))
   return results
 
 
 def main(argv):
   del argv
   from absl import flags
+
+  from sove_jax import reporting
+  reporting.configure_console()
 
   from sove_jax.data import pipeline  # TensorFlow, host side only
   from sove_jax.evaluate import backbone

@@ -135,7 +135,8 @@ def _pure_params(obj) -> dict:
   if not isinstance(obj, Mapping):
     raise TypeError(f"Expected a ViT module, an nnx.State or a dict of parameters, got {type(obj)}")
   if "blocks" not in obj and "backbone" in obj:
-    logging.info("Using the 'backbone' entry of a network parameter tree (the head is not exported).")
+    logging.info("Using the 'backbone' entry of a network parameter tree (the head is not "
+                 "exported).")
     obj = obj["backbone"]
   if "blocks" not in obj:
     raise ValueError(f"Not ViT backbone parameters: top-level keys {sorted(map(str, obj))}")
