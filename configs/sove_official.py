@@ -1,4 +1,4 @@
-r"""ViT-S/16 with the official code's objective settings (SPEC section 1).
+r"""ViT-S/16 with the official code's objective settings (docs/method.md §3, §13).
 
 64 anchors per class task, a random half kept: 32 concepts of 9 judges, 4 tasks.
 

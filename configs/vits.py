@@ -1,4 +1,4 @@
-r"""ViT-S/16 on ImageNet-1k, the paper's recipe (SPEC section 6), 800 epochs.
+r"""ViT-S/16 on ImageNet-1k, the paper's recipe (docs/method.md §9, §10), 800 epochs.
 
     python -m sove_jax.main --config=configs/vits.py --workdir=gs://BUCKET/sove/vits \
         --config.data.data_dir=gs://BUCKET/tensorflow_datasets

@@ -1,4 +1,4 @@
-"""The optimizer and every schedule of the run (SPEC section 6).
+"""The optimizer and every schedule of the run (docs/method.md §8, §10).
 
 AdamW with a linear warm-up then cosine learning rate, a cosine weight-decay ramp on parameters
 with more than one dimension, per-tensor gradient clipping (DINO's `clip_gradients`) or global

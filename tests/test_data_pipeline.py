@@ -176,7 +176,7 @@ def test_a_folder_with_a_corrupt_image_trains_on_the_rest_and_reports_it(tmp_pat
 
 
 @pytest.mark.parametrize("overrides,patch,batch,count,message", [
-    (dict(global_size=30), 4, 8, 1, "global_size=30 must be a positive multiple of model.patch_size"),
+    (dict(global_size=30), 4, 8, 1, "global_size=30 must be a positive multiple of model.patch"),
     (dict(), 4, 9, 2, "batch_size=9 must be a positive multiple of the 2 processes"),
     (dict(global_scale=(0.9, 0.1)), 4, 8, 1, "global_scale"),
     (dict(blur_prob=(1.0, 1.2, 0.5)), 4, 8, 1, "blur_prob"),

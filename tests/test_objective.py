@@ -1,6 +1,7 @@
-"""Tests of sove_jax.objective against an independent float64 NumPy implementation of SPEC 1-4.
+"""Tests of sove_jax.objective against an independent float64 NumPy implementation of the
+method (docs/method.md §3-§7).
 
-The references below build the dense label matrix Y and follow the SPEC's definitions literally
+The references below build the dense label matrix Y and follow the definitions literally
 (loops over view pairs, explicit softmax, dense backpropagation); the library never builds Y
 and works in log space, so agreement checks the reformulation, not a copy of it.
 Relative error of x against a reference r is max|x - r| / max|r|.
@@ -30,7 +31,7 @@ def rel_err(x, ref):
 
 
 def ref_judges(bank, anchor_idx, k, smoothing, labels, exclude_idx=None):
-  """SPEC 1 literally: similarities, excluded columns -inf, top-k by full sort."""
+  """docs/method.md §3 literally: similarities, excluded columns -inf, top-k by full sort."""
   bank = np.asarray(bank, np.float64)
   anchor_idx = np.asarray(anchor_idx)
   exclude_idx = anchor_idx if exclude_idx is None else np.asarray(exclude_idx)
@@ -46,7 +47,8 @@ def ref_judges(bank, anchor_idx, k, smoothing, labels, exclude_idx=None):
 
 
 def ref_label_matrix(weights):
-  """Y[(i, j), c] = w_ij if c == i else (1 - w_ij) / (K - 1): the K*J x K matrix of SPEC 1.5."""
+  """Y[(i, j), c] = w_ij if c == i else (1 - w_ij) / (K - 1): the K*J x K matrix of
+  docs/method.md §4."""
   num_c, num_j = weights.shape
   y = np.empty((num_c * num_j, num_c))
   for i in range(num_c):
@@ -86,7 +88,8 @@ def ref_log_probs_vjp(u, vectors, weights, tau, g):
 
 
 def ref_class_loss_per_example(ls, pt):
-  """SPEC 3: mean over pairs (v teacher, u student, u != v) of -sum_c Pt[v] log Ps[u]."""
+  """docs/method.md §6 (paper eq. 2): mean over pairs (v teacher, u student, u != v) of
+  -sum_c Pt[v] log Ps[u]."""
   ls, pt = np.asarray(ls, np.float64), np.asarray(pt, np.float64)
   total, pairs = 0.0, 0
   for v in range(pt.shape[0]):

@@ -1,4 +1,4 @@
-"""Multi-crop views (SPEC section 6) as TensorFlow ops, and the evaluation resize + centre crop.
+"""Multi-crop views (docs/method.md §9) as TensorFlow ops, and the evaluation resize + centre crop.
 
 The recipe is DINO's/iBOT's torchvision one: RandomResizedCrop (bicubic, antialiased like PIL),
 horizontal flip, ColorJitter applied with probability p in a random order, RandomGrayscale,

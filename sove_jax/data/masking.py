@@ -1,4 +1,4 @@
-"""Patch masks for the two global crops (SPEC section 6): blockwise (BEiT/iBOT) and random.
+"""Patch masks for the two global crops (docs/method.md §9): blockwise (BEiT/iBOT) and random.
 
 TensorFlow ops, vectorised over a batch of masks and driven by a stateless seed, so a mask
 depends only on its place in the stream. (Not numpy in tf.numpy_function: a Python callback in

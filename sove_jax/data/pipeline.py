@@ -1,6 +1,6 @@
 """Train and evaluation input: tf.data pipelines on each host, host batches -> global jax.Arrays.
 
-Training stream (SPEC section 6). Each epoch has a fixed order per process, derived from
+Training stream (docs/method.md §9). Each epoch has a fixed order per process, derived from
 (seed, epoch): sources read by index get a global permutation of which process p takes every
 P-th entry (disjoint, N // P each); a TFDS stream gives each process a contiguous 1/P of the split,
 shuffles its files and a buffer of records. Every random draw of an example or batch is a

@@ -1,4 +1,4 @@
-"""Vision Transformer backbone for the SOVE student and teacher (SPEC section 6), in Flax NNX.
+"""Vision Transformer backbone for the SOVE student and teacher (docs/method.md §9), in Flax NNX.
 
 Design points, each for a reason:
 - Parameters are float32 and carry logical axis names (`nnx.with_partitioning`), so a config
