@@ -285,3 +285,36 @@ def test_compile_only_prints_memory(tmp_path):
   code, out = _run(tmp_path, "--compile_only")
   assert code == 0, out
   assert "per device temp_size" in out and "GiB" in out
+
+
+def test_distributed_initialization_uses_the_flags_or_jax_cluster_detection(monkeypatch):
+  """Explicit flags start that job; without them JAX's own detection decides (SLURM, TPU pods,
+  Open MPI, Kubernetes), and finding no cluster means one process. A cluster that was found but
+  cannot be joined is an error, not a silent single-process run."""
+  from absl import flags
+  from absl.testing import flagsaver
+
+  from sove_jax import main
+  calls = []
+
+  def initialize(**kwargs):
+    calls.append(kwargs)
+    if not kwargs:  # what jax.distributed.initialize() says where it detects no cluster
+      raise ValueError("coordinator_address should be defined.")
+
+  monkeypatch.setattr(jax.distributed, "initialize", initialize)
+  monkeypatch.setenv("JAX_PLATFORMS", "")  # not the CPU-only gloo set-up in this process
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  main._initialize_distributed()
+  assert calls == [{}]
+  with flagsaver.flagsaver(coordinator_address="host:1234", num_processes=2, process_id=1):
+    main._initialize_distributed()
+  assert calls[-1] == dict(coordinator_address="host:1234", num_processes=2, process_id=1)
+
+  def unreachable(**kwargs):
+    raise ValueError("Number of processes must be defined.")
+
+  monkeypatch.setattr(jax.distributed, "initialize", unreachable)
+  with pytest.raises(ValueError, match="Number of processes"):
+    main._initialize_distributed()
