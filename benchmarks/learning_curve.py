@@ -3,7 +3,7 @@ r"""Does SOVE learn? k-NN top-1 on Fashion-MNIST along a default-config run, aga
     pip install -e '.[plot]'
     python benchmarks/learning_curve.py --workdir=runs/curve --knn_every=100
 
-Measures k-NN top-1 (k = 20, and the other ks) of raw pixels and of the randomly initialised
+Measures k-NN top-1 (k = 20, and the other ks) of raw pixels and of the randomly initialized
 network, trains `configs/default.py` with the k-NN monitor every `--knn_every` steps, then prints
 a table and draws `docs/fashion_mnist_knn.png`. Every figure uses the same train-memory and
 evaluation subsets (config `knn_train_examples`, `knn_eval_examples`; -1 = whole splits).

@@ -9,7 +9,7 @@ the warm-up, EMA momentum and teacher-temperature schedules are sized to those s
 
 Expected (measured on 2 CPU cores, 10.7 min with the k-NN monitor): teacher [CLS] k-NN top-1 at
 k = 20 of 73.4% on the whole Fashion-MNIST test split; on the monitor's subsets 68.2%, against
-63.6% for the random initialisation and 82.8% for raw pixels (README, "Does it learn?").
+63.6% for the random initialization and 82.8% for raw pixels (README, "Does it learn?").
 
 Fields are grouped: data (host input pipeline), model (backbone + head), sove (the objective),
 optim (optimizer and schedules), mesh (devices), and run control (logging, checkpoints, eval).
@@ -49,7 +49,7 @@ def get_config():
   d.mean = (0.485, 0.456, 0.406)
   d.std = (0.229, 0.224, 0.225)
   d.eval_resize = 28          # eval: resize shorter side (paper-size images: 256)...
-  d.eval_crop = 28            # ...then centre crop (224)
+  d.eval_crop = 28            # ...then center crop (224)
   d.mask_type = "block"       # "block" (BEiT/iBOT) | "random"
   d.mask_ratio = 0.3          # paper: 0.3 block; random option: 0.7
   d.mask_ratio_var = 0.0      # ratio drawn uniformly in ratio +- var per image
@@ -69,7 +69,7 @@ def get_config():
   m.patch_size = 7
   m.drop_path = 0.1           # student only
   m.dtype = "float32"         # compute dtype (paper configs: "bfloat16"); parameters are float32
-  m.remat = False             # rematerialise each block (memory for compute; ViT-L)
+  m.remat = False             # rematerialize each block (memory for compute; ViT-L)
   m.scan_layers = False       # scan over blocks (compile time; ViT-L)
   m.head_hidden = 256         # paper: 2048
   m.head_out = 128            # d, the embedding size (paper: 256)

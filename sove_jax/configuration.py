@@ -138,7 +138,7 @@ def validate(config, *, num_devices: int, process_count: int = 1):
              "bank holds.")
     _require(0 <= k_n <= size - k_a,
              f"sove.{neighbors}={k_n} must be <= sove.{bank} - sove.{anchors} = {size - k_a}: "
-             "neighbours are searched among the non-anchor rows.")
+             "neighbors are searched among the non-anchor rows.")
     _require(s[tasks] >= 1, f"sove.{tasks}={s[tasks]} must be >= 1.")
   _require(0.0 < s.anchor_keep <= 1.0, f"sove.anchor_keep={s.anchor_keep} must be in (0, 1].")
   _require(0.0 <= s.smoothing < 1.0, f"sove.smoothing={s.smoothing} must be in [0, 1).")

@@ -135,7 +135,7 @@ def _replicate(anchor_sharding, arrays):
   return tuple(lax.with_sharding_constraint(x, spec) for x in arrays)
 
 
-def _neighbour_search(bank, anchors, excluded, k, chunk_size, anchor_sharding):
+def _neighbor_search(bank, anchors, excluded, k, chunk_size, anchor_sharding):
   """Top-k bank rows (not excluded) per anchor, `chunk` anchors at a time: (sims, idx) [K, k].
 
   The [chunk, M] similarity is the only large temporary. With `anchor_sharding`, each chunk's
@@ -209,9 +209,9 @@ def select_judges(bank: jax.Array,
     anchor_idx: int[K] distinct bank rows, the concepts' anchors.
     num_neighbors: k; J = k + 1. 0 gives the anchor alone (no search runs).
     smoothing: the anchor's weight is `1 - smoothing`.
-    labels: "soft" (neighbour weight = clip(similarity to its anchor, 0, 1)) or "onehot"
+    labels: "soft" (neighbor weight = clip(similarity to its anchor, 0, 1)) or "onehot"
       (every judge `1 - smoothing`).
-    exclude_idx: int[E] bank rows that may not be neighbours; default `anchor_idx`. The official
+    exclude_idx: int[E] bank rows that may not be neighbors; default `anchor_idx`. The official
       setting draws 64 anchors, keeps 32 as concepts and excludes all 64.
     chunk_size: anchors per similarity chunk: peak memory ~ chunk_size x M floats.
     anchor_sharding: optional jax.NamedSharding, or jax.P with a mesh set, for each chunk's
@@ -266,7 +266,7 @@ def _select_judges(bank, anchor_idx, exclude_idx, smoothing, *, k, labels, chunk
     return Judges(vectors=anchors[:, None, :], weights=anchor_w)
 
   excluded = jnp.zeros((bank_size,), jnp.bool_).at[exclude_idx].set(True)
-  sims, nbr = _neighbour_search(bank, anchors, excluded, k, chunk_size, anchor_sharding)
+  sims, nbr = _neighbor_search(bank, anchors, excluded, k, chunk_size, anchor_sharding)
   vectors = jnp.concatenate([anchors[:, None, :], bank[nbr]], axis=1)
   if labels == "soft":
     nbr_w = jnp.clip(sims, 0.0, 1.0)
@@ -284,7 +284,7 @@ def _select_judges(bank, anchor_idx, exclude_idx, smoothing, *, k, labels, chunk
 # r_j = (1 - w_j) / (K - 1): two non-negative parts, so no cancellation even when w_j = 0. In logs:
 #   log P[c] = logaddexp(log sum_{c' != c} R[c'], log W[c]),
 #   R[c] = sum_{j in c} p_j r_j,  W[c] = sum_{j in c} p_j w_j,
-# each a logsumexp over the concept's J judges, normalised by the logsumexp over all judges.
+# each a logsumexp over the concept's J judges, normalized by the logsumexp over all judges.
 
 
 def _log_label_weights(weights):
@@ -335,7 +335,7 @@ def _clp_forward(chunk_size, u, vectors, weights, tau):
   log_w, log_r = _log_label_weights(weights)
 
   def chunk_masses(start, size):
-    """Per-concept log R and log W of a chunk, unnormalised, and its logits."""
+    """Per-concept log R and log W of a chunk, unnormalized, and its logits."""
     z = _judge_logits(u, vectors, tau, start, size)
     lr = jax.nn.logsumexp(z + lax.dynamic_slice_in_dim(log_r, start, size, axis=0), axis=-1)
     lw = jax.nn.logsumexp(z + lax.dynamic_slice_in_dim(log_w, start, size, axis=0), axis=-1)

@@ -3,7 +3,7 @@
 Parameters are stored as pure nested dicts (`nnx.State.to_pure_dict()`), so optax, Orbax and the
 sharding rules see plain pytrees; the step rebuilds the module with `nnx.merge(graphdef, params)`.
 The state is created the big_vision way: `jax.eval_shape(init)` gives shapes, the sharding rules
-give each leaf's layout, and `jax.jit(init, out_shardings=...)` materialises it in place.
+give each leaf's layout, and `jax.jit(init, out_shardings=...)` materializes it in place.
 """
 from typing import Any, NamedTuple
 

@@ -54,7 +54,7 @@ def test_default_config_trains_and_evaluates_on_fashion_mnist():
   L = (d.global_size // p) ** 2
   _check_train_batch(b, 32, d.global_size, d.num_local, d.local_size, L)
   np.testing.assert_array_equal(b["mask"].sum(-1), round(d.mask_ratio * L))
-  # Gray pictures in 3 channels: before normalisation the channels are equal.
+  # Gray pictures in 3 channels: before normalization the channels are equal.
   raw = b["global"] * np.array(d.std) + np.array(d.mean)
   np.testing.assert_allclose(raw[..., 0], raw[..., 2], atol=1e-5)
   ev = pipeline.eval_input(d, split="test", global_batch_size=128, process_index=0, process_count=1,

@@ -77,7 +77,7 @@ def image_split(rng, n, num_classes, prototypes=None):
 
 def knn_reference(train_f, train_y, test_f, k, temperature, num_classes):
   """float64 DINO k-NN; also which rows have a clear decision (no near-tie among the class
-  scores nor at the k-th neighbour), where float32 must agree exactly."""
+  scores nor at the k-th neighbor), where float32 must agree exactly."""
   tr = train_f.astype(np.float64)
   te = test_f.astype(np.float64)
   tr /= np.linalg.norm(tr, axis=1, keepdims=True)

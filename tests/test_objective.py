@@ -178,9 +178,9 @@ class JudgesTest(chex.TestCase):
     assert not np.isin(order, anchor_idx).any()
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_anchors_never_neighbours(self):
+  def test_anchors_never_neighbors(self):
     # Rows come in near-identical pairs and both rows of some pairs are anchors: without the
-    # exclusion each such anchor's nearest neighbour would be its twin.
+    # exclusion each such anchor's nearest neighbor would be its twin.
     rng = np.random.default_rng(2)
     base = unit_rows(rng, (24, 16))
     twins = unit_rows(rng, (24, 16)) * 1e-3 + base
@@ -189,7 +189,7 @@ class JudgesTest(chex.TestCase):
     anchor_idx = np.array([0, 24, 1, 25, 2, 26, 3, 27], np.int32)
     fn = self.variant(functools.partial(obj.select_judges, num_neighbors=5, chunk_size=3))
     judges = fn(bank, anchor_idx)
-    # Identify each neighbour vector by its nearest bank row.
+    # Identify each neighbor vector by its nearest bank row.
     nbr_rows = np.argmax(np.asarray(judges.vectors[:, 1:]) @ bank.T, axis=-1)
     assert not np.isin(nbr_rows, anchor_idx).any()
     _, _, order = ref_judges(bank, anchor_idx, 5, 0.1, "soft")
@@ -197,7 +197,7 @@ class JudgesTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_exclude_idx_official_setting(self):
-    # 16 anchors drawn, the first 8 kept as concepts, all 16 excluded from neighbours.
+    # 16 anchors drawn, the first 8 kept as concepts, all 16 excluded from neighbors.
     rng = np.random.default_rng(3)
     bank = unit_rows(rng, (64, 8)).astype(np.float32)
     idx = np.asarray(obj.sample_anchors(jax.random.key(1), 64, 16))
@@ -210,7 +210,7 @@ class JudgesTest(chex.TestCase):
     assert rel_err(judges.weights, weights) < 1e-5
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_no_neighbours_is_the_anchor_alone(self):
+  def test_no_neighbors_is_the_anchor_alone(self):
     rng = np.random.default_rng(4)
     bank = unit_rows(rng, (32, 8)).astype(np.float32)
     anchor_idx = np.array([5, 0, 31], np.int32)

@@ -9,7 +9,7 @@ nothing else, and the iterator state is just (epoch, position): a restored run r
 and skips `position` indices (or undecoded records) instead of replaying batches.
 
 Per host: read -> decode -> crop + flip (per example when images differ in size; per batch from
-memory) -> batch (drop_remainder) -> colour/gray/blur/solarize + normalise (per batch) -> masks
+memory) -> batch (drop_remainder) -> color/gray/blur/solarize + normalize (per batch) -> masks
 -> prefetch.
 An example that fails to decode is dropped; the gap it leaves in the positions is how it is
 counted and named in the log.
@@ -28,8 +28,8 @@ from sove_jax.data import augment, masking, sources
 log = logging.getLogger(__name__)
 
 AUTOTUNE = tf.data.AUTOTUNE
-STAGES = ("read", "decode", "crop", "colour", "mask")  # a pipeline can be cut after any (benchmark)
-_CROP, _COLOUR, _MASK = 1, 2, 3    # which stage a random draw belongs to...
+STAGES = ("read", "decode", "crop", "color", "mask")  # a pipeline can be cut after any (benchmark)
+_CROP, _COLOR, _MASK = 1, 2, 3    # which stage a random draw belongs to...
 _GLOBAL, _LOCAL, _FLIP = 1, 2, 3    # ...and which views or what within it
 
 
@@ -62,7 +62,7 @@ def _decode(example):
 def _tables(source) -> dict:
   """The arrays an indexed source is read from, as TF variables made once per input.
 
-  Captured arrays would be serialised into every epoch's dataset graph (47 MB of Fashion-MNIST,
+  Captured arrays would be serialized into every epoch's dataset graph (47 MB of Fashion-MNIST,
   ~80 MB of ImageNet file names); a variable is captured by handle. (A numpy lookup through
   tf.numpy_function would also do, but a Python callback in flight when an iterator is
   dropped deadlocks on the GIL.)
@@ -155,7 +155,7 @@ class TrainInput:
             "label": tf.gather(self._tables["label"], index)}
 
   def _crop_batch(self, batch):
-    """Crops of a batch of same-size images in memory (gray stays 1 channel until normalised)."""
+    """Crops of a batch of same-size images in memory (gray stays 1 channel until normalized)."""
     batch = dict(batch)  # traced functions may not change their arguments
     d = self.config
     image = batch.pop("image")
@@ -183,10 +183,10 @@ class TrainInput:
       example["local"] = views(*l, d.local_size)
     return example
 
-  def _colour(self, batch):
+  def _color(self, batch):
     batch = dict(batch)  # traced functions may not change their arguments
     d = self.config
-    key = self._key(batch["epoch"][0], batch["position"][0], _COLOUR)
+    key = self._key(batch["epoch"][0], batch["position"][0], _COLOR)
     common = dict(jitter_prob=d.color_jitter_prob, jitter=tuple(d.color_jitter),
                   gray_prob=d.grayscale_prob, blur_sigma=tuple(d.blur_sigma))
 
@@ -220,7 +220,7 @@ class TrainInput:
     else:
       read = self._read_file if isinstance(src, sources.FileSource) else (lambda e: e)
       fns = [("read", read, True), ("decode", _decode, True), ("crop", self._crop_example, True)]
-    fns += [("colour", self._colour, False), ("mask", self._masks, False)]
+    fns += [("color", self._color, False), ("mask", self._masks, False)]
     return [(name, tf.function(fn, autograph=False), per_example) for name, fn, per_example in fns]
 
   def stages(self) -> list[str]:

@@ -62,7 +62,7 @@ def _apply_fn(model, convention, mesh):
 
 
 def cls_features(model, *, mesh=None):
-  """images -> L2-normalised [CLS] of the final LayerNorm output: the k-NN features."""
+  """images -> L2-normalized [CLS] of the final LayerNorm output: the k-NN features."""
   return _apply_fn(model, "cls", mesh)
 
 

@@ -3,7 +3,7 @@ r"""Weighted k-NN classification on frozen features (docs/method.md §12; the DI
 Train-set features are the memory, sharded by rows over the devices; test features go through
 in chunks. Each device takes the top-k of its shard for a chunk, the candidates are gathered and
 merged, so neither a train-by-test matrix nor the whole memory sits on one device. One top-k with
-the largest k serves every k. Votes are `exp(sim / T)` per neighbour, summed per class.
+the largest k serves every k. Votes are `exp(sim / T)` per neighbor, summed per class.
 
 Evaluate a run's latest teacher checkpoint:
 
@@ -93,7 +93,7 @@ def knn_predict(train_features, train_labels, test_features, *, ks=DEFAULT_KS, t
                 num_classes=None, chunk_size=256, mesh=None):
   """Predicted class of every test row for every k: int32 [len(ks), N_test].
 
-  Features are L2-normalised here (cosine similarity). A k larger than the memory uses the
+  Features are L2-normalized here (cosine similarity). A k larger than the memory uses the
   whole memory. `mesh` (default: all devices in a 1-D mesh) shards the memory by rows.
   """
   train_features = np.asarray(train_features, np.float32)
@@ -259,7 +259,7 @@ def main(argv):
 def _define_flags():
   from absl import flags
   features_lib.define_flags(flags)
-  flags.DEFINE_list("ks", [], "Neighbour counts (default config.knn_k).")
+  flags.DEFINE_list("ks", [], "Neighbor counts (default config.knn_k).")
   flags.DEFINE_float("temperature", None, "Vote temperature (default config.knn_temperature).")
   flags.DEFINE_bool("lowshot", False, "Also report k-NN with 1% and 10% of the train labels.")
   flags.DEFINE_string("lowshot_split_1pct", "", "1% split file (one train index per line); "

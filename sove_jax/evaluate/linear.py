@@ -1,6 +1,6 @@
 r"""Linear probe on frozen features (docs/method.md §12).
 
-Features are extracted once (no augmentation), standardised with train-set statistics, and a
+Features are extracted once (no augmentation), standardized with train-set statistics, and a
 linear layer is trained with cross-entropy: SGD with momentum 0.9 and a cosine schedule to 0,
 as DINO's linear evaluation. Several learning rates train together as independent heads over
 the same batches (SGD is linear in the learning rate, so one update, scaled per head, is exact);

@@ -517,7 +517,7 @@ def _import_main(args):
 
   overrides = {k: getattr(args, k) for k in ("width", "depth", "num_heads")
                if getattr(args, k) is not None}
-  # Abstract: nothing is initialised only to be overwritten (a DINO mask token becomes zeros).
+  # Abstract: nothing is initialized only to be overwritten (a DINO mask token becomes zeros).
   model = nnx.eval_shape(lambda: create_vit(
       args.variant, patch_size=args.patch_size, image_size=args.image_size, dtype=jnp.float32,
       rngs=nnx.Rngs(0), **overrides))

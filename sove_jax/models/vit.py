@@ -40,7 +40,7 @@ ATTENTION = {
 LN_EPS = 1e-6
 INIT_STD = 0.02
 # jax's truncated normal (cut at +-2 sigma) has std 0.8796 sigma; dividing by it makes the
-# initialised weights' standard deviation exactly INIT_STD.
+# initialized weights' standard deviation exactly INIT_STD.
 _TRUNC_CORRECTION = 0.87962566103423978
 
 
@@ -217,7 +217,7 @@ class ViT(nnx.Module):
 
   `scan_layers=True` stacks the block parameters along a leading axis (logical name "layers")
   and runs them with `lax.scan` (one compiled block: ViT-L compile time); `remat=True`
-  rematerialises each block in the backward pass (activation memory). Use both together for
+  rematerializes each block in the backward pass (activation memory). Use both together for
   ViT-L: inside a scan, the recomputation cannot be scheduled early, so the memory saving is
   guaranteed; with unrolled blocks it is up to XLA's scheduler.
   """
