@@ -47,12 +47,12 @@ def step_flops_per_image(c, mode: str = "full") -> float:
   m, d, s = c.model, c.data, c.sove
   n_g = (d.global_size // m.patch_size) ** 2 + 1
   n_l = (d.local_size // m.patch_size) ** 2 + 1
-  glob = vit_flops(n_g, m.width, m.depth, m.patch_size) + head_flops(n_g, m.width, m.head_hidden,
-                                                                        m.head_out)
-  loc = vit_flops(n_l, m.width, m.depth, m.patch_size) + head_flops(1, m.width, m.head_hidden,
-                                                                       m.head_out)
-  student = 3 * (2 * glob + d.num_local * loc)
-  teacher = 2 * glob
+  global_view = (vit_flops(n_g, m.width, m.depth, m.patch_size)
+                 + head_flops(n_g, m.width, m.head_hidden, m.head_out))
+  local_view = (vit_flops(n_l, m.width, m.depth, m.patch_size)
+                + head_flops(1, m.width, m.head_hidden, m.head_out))
+  student = 3 * (2 * global_view + d.num_local * local_view)
+  teacher = 2 * global_view
   total = student + teacher
   if mode == "full":
     dim, views = m.head_out, 2 + d.num_local

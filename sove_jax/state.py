@@ -77,13 +77,13 @@ def layout(config, tx, mesh, image_size: int) -> Layout:
   return Layout(graphdef, abstract, shardings)
 
 
-def create(config, tx, lay: Layout, image_size: int) -> TrainState:
-  """The initial state, sharded as `lay` says, from `config.seed`."""
-  init = jax.jit(make_init(config, tx, image_size), out_shardings=lay.shardings)
+def create(config, tx, layout: Layout, image_size: int) -> TrainState:
+  """The initial state, sharded as `layout` says, from `config.seed`."""
+  init = jax.jit(make_init(config, tx, image_size), out_shardings=layout.shardings)
   return init(jax.random.PRNGKey(config.seed))
 
 
-def abstract_with_shardings(lay: Layout):
+def abstract_with_shardings(layout: Layout):
   """ShapeDtypeStructs carrying shardings: the target of a sharded checkpoint restore."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      lay.abstract, lay.shardings)
+                      layout.abstract, layout.shardings)

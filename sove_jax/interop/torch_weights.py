@@ -310,8 +310,8 @@ def from_torch_state_dict(state_dict, model_or_abstract, *, checkpoint_key: str 
     elif path[0] != "blocks":
       value = fetch(key, kind, leaf.shape)
     elif scanned:
-      parts = [fetch(key.format(i), kind, leaf.shape[1:]) for i in range(depth)]
-      value = None if any(p is None for p in parts) else np.stack(parts)
+      layers = [fetch(key.format(i), kind, leaf.shape[1:]) for i in range(depth)]
+      value = None if any(layer is None for layer in layers) else np.stack(layers)
     else:
       value = fetch(key.format(index), kind, leaf.shape)
     if value is not None:
