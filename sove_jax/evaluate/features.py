@@ -200,6 +200,17 @@ def split_features(apply_fn, input_fn, data_config, *, split, batch_size, shardi
   return extract_features(apply_fn, batches, sharding=sharding, name=f"features of {split}")
 
 
+def train_and_eval_features(apply_fn, input_fn, data_config, *, batch_size, sharding,
+                            max_train_examples=-1, max_eval_examples=-1):
+  """((train features, labels), (eval features, labels), number of classes) of a run's two
+  splits, as `split_features` gives them."""
+  train = split_features(apply_fn, input_fn, data_config, split=data_config.train_split,
+                         batch_size=batch_size, sharding=sharding, max_examples=max_train_examples)
+  test = split_features(apply_fn, input_fn, data_config, split=data_config.eval_split,
+                        batch_size=batch_size, sharding=sharding, max_examples=max_eval_examples)
+  return train, test, int(max(train[1].max(), test[1].max())) + 1
+
+
 def define_flags(flags):
   """The flags both evaluation CLIs share: which checkpoint, which data."""
   flags.DEFINE_string("workdir", None, "Training run directory (checkpoints, config).",
@@ -212,3 +223,18 @@ def define_flags(flags):
   flags.DEFINE_string("eval_split", "", "Override of config.data.eval_split.")
   flags.DEFINE_integer("batch_size", 0, "Global evaluation batch (default config.batch_size); "
                        "a multiple of the device count.")
+
+
+def flag_arguments(flag_values) -> dict:
+  """`evaluate_checkpoint`'s shared arguments from the flags of `define_flags`, with the real
+  checkpoint loader and input (TensorFlow enters the CLI process here); the console quiet."""
+  from sove_jax import reporting
+  from sove_jax.data import pipeline
+  from sove_jax.evaluate import backbone
+
+  reporting.configure_console()
+  f = flag_values
+  return dict(workdir=f.workdir, load_backbone=backbone.load_backbone,
+              input_fn=pipeline.eval_input, step=f.step, dataset=f.dataset,
+              data_dir=f.data_dir, train_split=f.train_split, eval_split=f.eval_split,
+              batch_size=f.batch_size or None)

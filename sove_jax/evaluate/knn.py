@@ -194,13 +194,9 @@ def evaluate_knn(config, model, *, input_fn, dataset=None, data_dir=None, train_
   ks = tuple(config.knn_k if ks is None else ks)
   temperature = config.knn_temperature if temperature is None else temperature
   apply_fn = features_lib.cls_features(model, mesh=mesh)
-  train_f, train_y = features_lib.split_features(
-      apply_fn, input_fn, data, split=data.train_split, batch_size=batch_size,
-      sharding=sharding, max_examples=max_train_examples)
-  test_f, test_y = features_lib.split_features(
-      apply_fn, input_fn, data, split=data.eval_split, batch_size=batch_size,
-      sharding=sharding, max_examples=max_eval_examples)
-  num_classes = int(max(train_y.max(), test_y.max())) + 1
+  (train_f, train_y), (test_f, test_y), num_classes = features_lib.train_and_eval_features(
+      apply_fn, input_fn, data, batch_size=batch_size, sharding=sharding,
+      max_train_examples=max_train_examples, max_eval_examples=max_eval_examples)
   run = functools.partial(knn_classify, test_features=test_f, test_labels=test_y, ks=ks,
                           temperature=temperature, num_classes=num_classes, mesh=mesh)
   results = {"full": run(train_f, train_y)}
@@ -240,20 +236,12 @@ def evaluate_checkpoint(workdir, *, load_backbone, input_fn, step=None, **kwargs
 def main(argv):
   del argv
   from absl import flags
-
-  from sove_jax import reporting
-  reporting.configure_console()
-
-  from sove_jax.data import pipeline  # TensorFlow, host side only
-  from sove_jax.evaluate import backbone
   f = flags.FLAGS
   splits = {0.01: f.lowshot_split_1pct, 0.1: f.lowshot_split_10pct}
   evaluate_checkpoint(
-      f.workdir, load_backbone=backbone.load_backbone, input_fn=pipeline.eval_input,
-      step=f.step, dataset=f.dataset, data_dir=f.data_dir, train_split=f.train_split,
-      eval_split=f.eval_split, batch_size=f.batch_size or None,
-      ks=[int(k) for k in f.ks] if f.ks else None, temperature=f.temperature,
-      lowshot=f.lowshot, lowshot_splits={k: v for k, v in splits.items() if v})
+      **features_lib.flag_arguments(f), ks=[int(k) for k in f.ks] if f.ks else None,
+      temperature=f.temperature, lowshot=f.lowshot,
+      lowshot_splits={k: v for k, v in splits.items() if v})
 
 
 def _define_flags():

@@ -109,13 +109,9 @@ def evaluate_linear(config, model, *, input_fn, convention=None, dataset=None, d
                                     train_split=train_split, eval_split=eval_split)
   batch_size = batch_size or config.batch_size
   apply_fn = features_lib.probe_features(model, convention, mesh=mesh)
-  train_f, train_y = features_lib.split_features(
-      apply_fn, input_fn, data, split=data.train_split, batch_size=batch_size,
-      sharding=sharding, max_examples=max_train_examples)
-  test_f, test_y = features_lib.split_features(
-      apply_fn, input_fn, data, split=data.eval_split, batch_size=batch_size,
-      sharding=sharding, max_examples=max_eval_examples)
-  num_classes = int(max(train_y.max(), test_y.max())) + 1
+  (train_f, train_y), (test_f, test_y), num_classes = features_lib.train_and_eval_features(
+      apply_fn, input_fn, data, batch_size=batch_size, sharding=sharding,
+      max_train_examples=max_train_examples, max_eval_examples=max_eval_examples)
   per_lr = linear_probe_sweep(train_f, train_y, test_f, test_y, num_classes=num_classes,
                               lrs=lrs, epochs=epochs, batch_size=probe_batch_size,
                               weight_decay=weight_decay, seed=seed)
@@ -141,17 +137,9 @@ def evaluate_checkpoint(workdir, *, load_backbone, input_fn, step=None, **kwargs
 def main(argv):
   del argv
   from absl import flags
-
-  from sove_jax import reporting
-  reporting.configure_console()
-
-  from sove_jax.data import pipeline  # TensorFlow, host side only
-  from sove_jax.evaluate import backbone
   f = flags.FLAGS
   evaluate_checkpoint(
-      f.workdir, load_backbone=backbone.load_backbone, input_fn=pipeline.eval_input,
-      step=f.step, convention=f.convention or None, dataset=f.dataset, data_dir=f.data_dir,
-      train_split=f.train_split, eval_split=f.eval_split, batch_size=f.batch_size or None,
+      **features_lib.flag_arguments(f), convention=f.convention or None,
       lrs=[float(lr) for lr in f.lrs], epochs=f.epochs, probe_batch_size=f.probe_batch_size,
       weight_decay=f.weight_decay, seed=f.seed)
 
