@@ -276,6 +276,15 @@ def test_main_end_to_end_on_image_folder(tmp_path):
   assert 0.0 <= rows[2]["knn/top1_k20"] <= 100.0 and np.isfinite(rows[2]["train/loss"])
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(work))
   assert list((work / "plugins" / "profile").glob("*/*.xplane.pb"))  # config.profile
+  # The k-NN command on the trained run, on one device where it trained on eight.
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  result = subprocess.run([sys.executable, "-m", "sove_jax.evaluate.knn", f"--workdir={work}",
+                           "--batch_size=8"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "k-NN top-1 (%)" in result.stderr and "Traceback" not in result.stderr
+  record = json.loads((work / "knn.json").read_text())
+  assert 0.0 <= record["top1"]["full"]["20"] <= 100.0
   ck = checkpoint.Checkpointer(str(work), save_every=1, keep=10)
   assert ck.latest_step() == 3
   ck.close()
@@ -285,6 +294,13 @@ def test_compile_only_prints_memory(tmp_path):
   code, out = _run(tmp_path, "--compile_only")
   assert code == 0, out
   assert "per device temp_size" in out and "GiB" in out
+
+
+def test_itstime_is_every_cadence_of_the_loop():
+  """Logging, the monitor and checkpoints: every N steps and at the last step; 0 is never."""
+  assert [s for s in range(1, 11) if train.itstime(s, 4, last=10)] == [4, 8, 10]
+  assert [s for s in range(1, 11) if train.itstime(s, 0, last=10)] == [10]
+  assert [s for s in range(1, 11) if train.itstime(s, 3)] == [3, 6, 9]
 
 
 def test_distributed_initialization_uses_the_flags_or_jax_cluster_detection(monkeypatch):

@@ -5,6 +5,7 @@ from flax import nnx
 
 from sove_jax import checkpoint, optim
 from sove_jax import state as state_lib
+from sove_jax.evaluate import features
 from sove_jax.models import network
 
 
@@ -18,6 +19,10 @@ def load_backbone(workdir: str, step=None, which: str = "teacher"):
   # The optimizer only fixes the state's structure for the restore; its values are not used.
   tx = optim.make_optimizer(config, optim.make_schedules(config, 1, 1))
   abstract = jax.eval_shape(state_lib.make_init(config, tx, image_size), jax.random.PRNGKey(0))
+  # Restored whole on every device here, whatever devices and mesh the run was trained on.
+  replicated = jax.NamedSharding(features.batch_mesh(), jax.P())
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          abstract)
   ckpt = checkpoint.Checkpointer(workdir, save_every=1, keep=1)
   try:
     got = ckpt.restore(abstract, step=step)
