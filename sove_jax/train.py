@@ -177,12 +177,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
       every_secs=None, on_steps=(stop_at,))
   profile = _profiler(config, workdir, start, stop_at)
   window = reporting.Window(last=step_lib.SCHEDULE_METRICS)
+  train_step = _compiled_everywhere(setup, config, mesh)
   preemption = _Preemption()
   last, pending = {}, None
   try:
     for step in range(start + 1, stop_at + 1):
       batch = pipeline.to_global(next(train_in), batch_sharding)
-      state, metrics = setup.step(state, batch)
+      state, metrics = train_step(state, batch)
       # The previous step's metrics are read only now, so the host never stalls the device.
       if pending is not None:
         window.add(_verified(*pending))
@@ -225,6 +226,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ckpt.close()
     writer.close()
     preemption.restore()
+
+
+def _compiled_everywhere(setup: Setup, config, mesh):
+  """The step compiled ahead of the loop; then every process waits for the others at a barrier
+  of the coordination service, so the first step's collectives start together (CPU processes'
+  gloo collectives wait only 30 s for a late one, less than compilation can differ)."""
+  t0 = time.time()
+  compiled = setup.step.lower(state_lib.abstract_with_shardings(setup.layout),
+                              batch_shapes(config, mesh)).compile()
+  reporting.say(f"compiled the train step in {time.time() - t0:.1f} s")
+  if jax.process_count() > 1:
+    from orbax.checkpoint import multihost
+    multihost.get_barrier_sync_fn()(key="sove_jax_train_step_compiled", timeout_ms=3_600_000)
+  return compiled
 
 
 def _profiler(config, workdir, start: int, stop_at: int):
