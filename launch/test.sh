@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the whole test suite (about N minutes on 2 CPU cores). Extra arguments go to pytest.
+# Runs the whole test suite (6-13 minutes on 2 shared CPU cores). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exec python3 -m pytest -q tests "$@"
