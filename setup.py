@@ -18,6 +18,12 @@ setup(
         "ml-collections>=1.0,<2",
         "absl-py>=2.1",
         "numpy>=1.26",
+        # Metric writers and periodic actions (progress, profiling); paths local or on buckets.
+        "clu>=0.0.12",
+        "etils[epath]>=1.7",
+        # What `tensorboard --logdir WORKDIR` needs, and CLU's writer reads its hparams API.
+        "tensorboard>=2.18,<2.22",
+        "safetensors>=0.4",
         # tf.data only (host side); the CPU build so TensorFlow never claims an accelerator.
         "tensorflow-cpu>=2.18,<2.22; platform_system == 'Linux' and platform_machine == 'x86_64'",
         "tensorflow>=2.18,<2.22; platform_system != 'Linux' or platform_machine != 'x86_64'",

@@ -35,7 +35,7 @@ def _flops(fn, *args) -> float:
 
 
 def crops_only(recipe: views.Recipe) -> views.Recipe:
-  """The recipe with every photometric op off: crops, flips and normalisation only."""
+  """The recipe with every photometric op off: crops, flips and normalization only."""
   return dataclasses.replace(recipe, color_jitter_prob=0.0, grayscale_prob=0.0,
                              blur_prob=(0.0,) * 3, solarize_prob=(0.0,) * 3)
 

@@ -37,7 +37,7 @@ def photograph(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
   """A synthetic photo: smooth gradients and blobs, a few hard-edged shapes, fine texture, noise."""
   y, x = np.mgrid[0:h, 0:w].astype(np.float32)
   img = np.zeros((h, w, 3), np.float32)
-  for _ in range(6):  # low-frequency light and colour
+  for _ in range(6):  # low-frequency light and color
     fy, fx = rng.uniform(0.5, 4, 2) * np.pi / np.array([h, w])
     img += rng.uniform(20, 60, 3) * np.sin(fy * y + fx * x + rng.uniform(0, 6.3))[..., None]
   for _ in range(8):  # objects with edges

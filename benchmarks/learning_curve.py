@@ -3,7 +3,7 @@ r"""Does SOVE learn? k-NN top-1 on Fashion-MNIST along a default-config run, aga
     pip install -e '.[plot]'
     python benchmarks/learning_curve.py --workdir=runs/curve --knn_every=100
 
-Measures k-NN top-1 (k = 20, and the other ks) of raw pixels and of the randomly initialised
+Measures k-NN top-1 (k = 20, and the other ks) of raw pixels and of the randomly initialized
 network, trains `configs/default.py` with the k-NN monitor every `--knn_every` steps, then prints
 a table and draws `docs/fashion_mnist_knn.png`. Every figure uses the same train-memory and
 evaluation subsets (config `knn_train_examples`, `knn_eval_examples`; -1 = whole splits).
@@ -49,13 +49,13 @@ def main():
 
   from sove_jax.data import pipeline
   mesh = train.validated_mesh(config)
-  parts = train.build(config, mesh, steps_per_epoch=1)
-  graphdef = parts["layout"].graphdef
+  setup = train.build(config, mesh, steps_per_epoch=1)
+  graphdef = setup.layout.graphdef
   pixels = jax.jit(lambda x: features.l2_normalize(x.reshape(x.shape[0], -1)))
   monitor = train.knn_monitor(config, mesh, pipeline, graphdef)
   raw = _by_k(monitor(apply_fn=pixels))
-  random_init = _by_k(monitor(state_lib.create(config, parts["tx"], parts["layout"],
-                                               parts["image_size"])))
+  random_init = _by_k(monitor(state_lib.create(config, setup.tx, setup.layout,
+                                               setup.image_size)))
 
   t0 = time.time()
   train.train_and_evaluate(config, a.workdir)

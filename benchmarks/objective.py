@@ -4,7 +4,7 @@ Measures the jitted value-and-gradient (w.r.t. the student embeddings) of the cl
 averaged over T tasks (each task: draw anchors, select judges, student and teacher log-probs):
 - compiled peak temporary memory, `compiled.memory_analysis().temp_size_in_bytes`. On CPU it is
   given twice: under XLA's default CPU scheduler, which trades memory for concurrency between
-  independent ops (the T tasks, student and teacher), and under its memory-minimising scheduler
+  independent ops (the T tasks, student and teacher), and under its memory-minimizing scheduler
   (`--xla_cpu_enable_concurrency_optimized_scheduler=false`, compiled in a subprocess), which is
   closer to how GPU and TPU compilers schedule;
 - wall time per call (median of --repeats runs after one warm-up), default scheduler.
@@ -37,7 +37,7 @@ MIN_MEMORY_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
 def dense_log_probs(u, judges, tau):
-  """The formulation this package avoids: materialise Y (K*J x K), then log(softmax(z) @ Y)."""
+  """The formulation this package avoids: materialize Y (K*J x K), then log(softmax(z) @ Y)."""
   num_c, num_j, dim = judges.vectors.shape
   w = judges.weights.reshape(num_c * num_j, 1)
   r = (1.0 - w) / (num_c - 1)
@@ -95,7 +95,7 @@ def seconds(compiled, example, repeats):
 
 
 def min_memory_temps(argv):
-  """Temp bytes per configuration under the memory-minimising CPU scheduler (a subprocess:
+  """Temp bytes per configuration under the memory-minimizing CPU scheduler (a subprocess:
   XLA reads its flags once per process)."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + MIN_MEMORY_FLAG).strip()

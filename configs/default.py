@@ -9,7 +9,7 @@ the warm-up, EMA momentum and teacher-temperature schedules are sized to those s
 
 Expected (measured on 2 CPU cores, 10.7 min with the k-NN monitor): teacher [CLS] k-NN top-1 at
 k = 20 of 73.4% on the whole Fashion-MNIST test split; on the monitor's subsets 68.2%, against
-63.6% for the random initialisation and 82.8% for raw pixels (README, "Does it learn?").
+63.6% for the random initialization and 82.8% for raw pixels (README, "Does it learn?").
 
 Fields are grouped: data (host input pipeline), model (backbone + head), sove (the objective),
 optim (optimizer and schedules), mesh (devices), and run control (logging, checkpoints, eval).
@@ -49,7 +49,7 @@ def get_config():
   d.mean = (0.485, 0.456, 0.406)
   d.std = (0.229, 0.224, 0.225)
   d.eval_resize = 28          # eval: resize shorter side (paper-size images: 256)...
-  d.eval_crop = 28            # ...then centre crop (224)
+  d.eval_crop = 28            # ...then center crop (224)
   # Masks of the 2 global crops (sove_jax/data/masking.py), one per crop:
   #   "block": the authors' (iBOT's loader, after BEiT): blocks of >= (min(h, w) // 3) ** 2
   #     patches until ratio * h * w is reached or 10 tries in a row fail; may end short of it
@@ -76,7 +76,7 @@ def get_config():
   m.patch_size = 7
   m.drop_path = 0.1           # student only
   m.dtype = "float32"         # compute dtype (paper configs: "bfloat16"); parameters are float32
-  m.remat = False             # rematerialise each block (memory for compute; ViT-L)
+  m.remat = False             # rematerialize each block (memory for compute; ViT-L)
   m.scan_layers = False       # scan over blocks (compile time; ViT-L)
   m.attention = "xla"         # "xla" | "cudnn" (GPU flash attention; head dim % 8, 16-bit dtype)
   m.pos_interpolation = "size"  # resizing pos_embed for local crops: "size" (to the grid) |
@@ -84,7 +84,7 @@ def get_config():
   m.head_hidden = 256         # paper: 2048
   m.head_out = 128            # d, the embedding size (paper: 256)
 
-  # --- sove: the objective (sove_jax/objective.py, SPEC sections 1-5) ------------------------
+  # --- sove: the objective (sove_jax/objective.py, docs/method.md §2-§7) ------------------------
   c.sove = s = ml_collections.ConfigDict()
   s.class_bank_size = 4096    # M_c (paper 65536)
   s.patch_bank_size = 2048    # M_p (paper 8192)
@@ -123,10 +123,15 @@ def get_config():
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1            # -1: all devices not used by fsdp
   c.mesh.fsdp = 1             # parameter/optimizer sharding axis
-  c.mesh.shard_params = False  # FSDP-shard parameters by their logical axes
+  c.mesh.shard_params = False  # FSDP-shard parameters by their logical axes, by these rules:
+  # (logical axis, mesh axis) pairs; one matrix dimension per parameter is enough to divide its
+  # memory by the fsdp size, and the model width ("embed") is in every block matrix.
+  c.mesh.rules = (("embed", "fsdp"), ("proj_hidden", "fsdp"))
+  c.mesh.max_replicated = 0.02  # FSDP: largest share of parameter bytes left whole (else error)
 
   # --- run control ------------------------------------------------------------------------------
-  c.log_every = 20            # steps between metric lines / TensorBoard points
+  c.log_every = 20            # steps between metric lines / TensorBoard points (window means)
+  c.profile = False           # trace 5 steps (after the first) with jax.profiler into the workdir
   c.checkpoint_every = 500    # steps between asynchronous checkpoints (and at the end)
   c.keep_checkpoints = 3
   c.knn_every = 250           # steps between k-NN monitor evaluations (0: never)

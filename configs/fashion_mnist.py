@@ -4,7 +4,9 @@ r"""A longer Fashion-MNIST run than the default (for a GPU or a patient CPU): 10
 
 Reports the k-NN monitor every 2000 steps.
 """
-from configs import default
+from sove_jax import configuration
+
+default = configuration.sibling("default", of=__file__)
 
 
 def get_config():

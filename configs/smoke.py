@@ -4,7 +4,9 @@ r"""A few steps of a tiny model on Fashion-MNIST, for tests and for checking an 
 
 Expected: 4 steps in well under a minute on a CPU, a checkpoint at steps 2 and 4.
 """
-from configs import default
+from sove_jax import configuration
+
+default = configuration.sibling("default", of=__file__)
 
 
 def get_config():

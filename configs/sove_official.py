@@ -1,10 +1,12 @@
-r"""ViT-S/16 with the official code's objective settings (SPEC section 1).
+r"""ViT-S/16 with the official code's objective settings (docs/method.md §3, §13).
 
 64 anchors per class task, a random half kept: 32 concepts of 9 judges, 4 tasks.
 
     python -m sove_jax.main --config=configs/sove_official.py --workdir=DIR
 """
-from configs import vits
+from sove_jax import configuration
+
+vits = configuration.sibling("vits", of=__file__)
 
 
 def get_config():

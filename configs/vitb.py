@@ -4,7 +4,10 @@ r"""ViT-B/16 on ImageNet-1k, the paper's recipe, 400 epochs.
 
 Expected (paper): k-NN top-1 78.4, linear 79.9.
 """
-from configs import default, vits
+from sove_jax import configuration
+
+default = configuration.sibling("default", of=__file__)
+vits = configuration.sibling("vits", of=__file__)
 
 
 def get_config():

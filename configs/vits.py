@@ -1,4 +1,4 @@
-r"""ViT-S/16 on ImageNet-1k, the paper's recipe (SPEC section 6), 800 epochs.
+r"""ViT-S/16 on ImageNet-1k, the paper's recipe (docs/method.md §9, §10), 800 epochs.
 
     python -m sove_jax.main --config=configs/vits.py --workdir=gs://BUCKET/sove/vits \
         --config.data.data_dir=gs://BUCKET/tensorflow_datasets
@@ -6,7 +6,9 @@ r"""ViT-S/16 on ImageNet-1k, the paper's recipe (SPEC section 6), 800 epochs.
 Expected (paper): k-NN top-1 75.2, linear 77.8 (ImageNet-1k val). Check memory first with
 `--compile_only`. ImageNet must be prepared once as the TFDS `imagenet2012` dataset.
 """
-from configs import default
+from sove_jax import configuration
+
+default = configuration.sibling("default", of=__file__)
 
 
 def imagenet(c):

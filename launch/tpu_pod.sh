@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every worker of a TPU pod slice, one command. jax.distributed initialises itself on TPU VMs.
+# Every worker of a TPU pod slice, one command. jax.distributed initializes itself on TPU VMs.
 # The repository must be checked out at the same path on every worker; data and workdir on GCS.
 #
 #   TPU=my-v4-64 ZONE=us-central2-b bash launch/tpu_pod.sh configs/vitl.py gs://BUCKET/sove/vitl

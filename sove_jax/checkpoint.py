@@ -2,7 +2,8 @@
 
 Saves are asynchronous and atomic: Orbax writes into a temporary directory and renames it when
 complete, so a process killed mid-save leaves the previous checkpoint as the latest one. The
-run's config is written beside the checkpoints so that evaluation can rebuild the network.
+run's config is written beside the checkpoints so that evaluation can rebuild the network
+(`sove_jax.evaluate.backbone`). This layer knows arrays and files, not the model or the step.
 """
 import json
 import os
@@ -10,6 +11,7 @@ import os
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 CONFIG_FILE = "config.json"
 
@@ -71,18 +73,19 @@ class Checkpointer:
 
 
 def write_config(config, workdir: str):
+  """The run's config as JSON beside the checkpoints (process 0)."""
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    directory = epath.Path(workdir)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  """The config a run in `workdir` was trained with."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
     raise FileNotFoundError(f"No {CONFIG_FILE} in {workdir}: is it a sove_jax training workdir?")
-  with open(path) as f:
-    raw = json.load(f)
+  raw = json.loads(path.read_text())
 
   def tuples(x):  # JSON turned config tuples into lists
     if isinstance(x, dict):
@@ -90,26 +93,3 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     return tuple(tuples(v) for v in x) if isinstance(x, list) else x
 
   return ml_collections.ConfigDict(tuples(raw))
-
-
-def load_backbone(workdir: str, step=None, which: str = "teacher"):
-  """(config, ViT) with the `which` ("teacher" | "student") backbone weights of a checkpoint."""
-  from flax import nnx
-
-  from sove_jax import optim, state as state_lib
-  from sove_jax.models import network
-
-  if which not in ("teacher", "student"):
-    raise ValueError(f"which={which!r} must be 'teacher' or 'student'")
-  config = read_config(workdir)
-  image_size = config.data.global_size
-  tx = optim.make_optimizer(config, optim.make_schedules(config, 1, 1))
-  abstract = jax.eval_shape(state_lib.make_init(config, tx, image_size), jax.random.PRNGKey(0))
-  ckpt = Checkpointer(workdir, save_every=1, keep=1)
-  got = ckpt.restore(abstract, step=step)
-  if got is None:
-    raise FileNotFoundError(f"No checkpoint under {ckpt.directory}.")
-  ckpt.close()
-  graphdef, _ = network.abstract_network(config.model, image_size)
-  net = nnx.merge(graphdef, getattr(got[0], which))
-  return config, net.backbone

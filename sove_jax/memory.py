@@ -1,4 +1,4 @@
-"""FIFO memory banks (SPEC 5): the class bank E_C and the patch bank E_P.
+"""FIFO memory banks (docs/method.md §2): the class bank E_C and the patch bank E_P.
 
 A bank is part of the train state and of every checkpoint: a pytree of its embeddings and a
 write pointer. `enqueue` writes a batch at the pointer with `dynamic_update_slice`, wrapping
@@ -40,7 +40,8 @@ def _check_size(name, value, minimum=1):
 
 
 def init_bank(key: jax.Array, size: int, dim: int, dtype=jnp.float32) -> Bank:
-  """A bank of `size` random unit rows (SPEC 5: banks start as random unit vectors), ptr 0."""
+  """A bank of `size` random unit rows, pointer 0 (banks start as random unit vectors,
+  docs/method.md §2)."""
   size = _check_size("size", size)
   dim = _check_size("dim", dim)
   rows = jax.random.normal(key, (size, dim), jnp.float32)

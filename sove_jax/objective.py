@@ -1,4 +1,4 @@
-"""The SOVE objective (SPEC sections 1-4): anchors, judges, concept log-probabilities, losses.
+"""The SOVE objective (docs/method.md §3-§7): anchors, judges, concept log-probabilities, losses.
 
 Importable alone (`from sove_jax import objective`); depends on JAX and Flax only. Everything is
 a pure function of arrays. Configuration mistakes (sizes, ranks, option names) raise `ValueError`
@@ -8,8 +8,8 @@ Memory is the design constraint at paper sizes (bank 65536 x 256, K = 8192 ancho
 judges, 4 tasks):
 - the anchor-by-bank similarity (K x M, 2 GiB) is computed `chunk_size` anchors at a time and,
   with `anchor_sharding`, split over devices;
-- the label matrix Y (K*J x K, SPEC 1.5) is never built: `P` is a sum over each concept's J
-  judges (SPEC 2);
+- the label matrix Y (K*J x K, docs/method.md §4) is never built: `P` is a sum over each
+  concept's J judges (§5; why: §11);
 - the embedding-by-judge logits are computed `chunk_size` concepts at a time, forward and in a
   custom backward pass that recomputes them, so no [N, K*J] array is ever stored, and the only
   [N, K] arrays are the log-probabilities and their cotangent.
@@ -45,8 +45,8 @@ class Judges:
   """The judges of K concepts, J per concept (anchor first); a pytree.
 
   vectors: f32[K, J, d], judge embeddings; `vectors[:, 0]` are the anchors.
-  weights: f32[K, J], each judge's label weight for its own concept (SPEC 1.4); the label of
-    judge (i, j) gives every other concept `(1 - weights[i, j]) / (K - 1)` (SPEC 1.5).
+  weights: f32[K, J], each judge's label weight for its own concept; the label of judge (i, j)
+    gives every other concept `(1 - weights[i, j]) / (K - 1)` (docs/method.md §4).
   """
   vectors: jax.Array
   weights: jax.Array
@@ -135,7 +135,7 @@ def _replicate(anchor_sharding, arrays):
   return tuple(lax.with_sharding_constraint(x, spec) for x in arrays)
 
 
-def _neighbour_search(bank, anchors, excluded, k, chunk_size, anchor_sharding):
+def _neighbor_search(bank, anchors, excluded, k, chunk_size, anchor_sharding):
   """Top-k bank rows (not excluded) per anchor, `chunk` anchors at a time: (sims, idx) [K, k].
 
   The [chunk, M] similarity is the only large temporary. With `anchor_sharding`, each chunk's
@@ -201,16 +201,17 @@ def select_judges(bank: jax.Array,
                   exclude_idx: jax.Array | None = None,
                   chunk_size: int = 1024,
                   anchor_sharding: Any = None) -> Judges:
-  """Judges of one task (SPEC 1): each anchor plus its `num_neighbors` nearest bank rows.
+  """Judges of one task: each anchor plus its `num_neighbors` nearest bank rows
+  (docs/method.md §3).
 
   Args:
     bank: [M, d] unit rows; not differentiated (stop_gradient).
     anchor_idx: int[K] distinct bank rows, the concepts' anchors.
     num_neighbors: k; J = k + 1. 0 gives the anchor alone (no search runs).
     smoothing: the anchor's weight is `1 - smoothing`.
-    labels: "soft" (neighbour weight = clip(similarity to its anchor, 0, 1)) or "onehot"
+    labels: "soft" (neighbor weight = clip(similarity to its anchor, 0, 1)) or "onehot"
       (every judge `1 - smoothing`).
-    exclude_idx: int[E] bank rows that may not be neighbours; default `anchor_idx`. The official
+    exclude_idx: int[E] bank rows that may not be neighbors; default `anchor_idx`. The official
       setting draws 64 anchors, keeps 32 as concepts and excludes all 64.
     chunk_size: anchors per similarity chunk: peak memory ~ chunk_size x M floats.
     anchor_sharding: optional jax.NamedSharding, or jax.P with a mesh set, for each chunk's
@@ -265,7 +266,7 @@ def _select_judges(bank, anchor_idx, exclude_idx, smoothing, *, k, labels, chunk
     return Judges(vectors=anchors[:, None, :], weights=anchor_w)
 
   excluded = jnp.zeros((bank_size,), jnp.bool_).at[exclude_idx].set(True)
-  sims, nbr = _neighbour_search(bank, anchors, excluded, k, chunk_size, anchor_sharding)
+  sims, nbr = _neighbor_search(bank, anchors, excluded, k, chunk_size, anchor_sharding)
   vectors = jnp.concatenate([anchors[:, None, :], bank[nbr]], axis=1)
   if labels == "soft":
     nbr_w = jnp.clip(sims, 0.0, 1.0)
@@ -283,7 +284,7 @@ def _select_judges(bank, anchor_idx, exclude_idx, smoothing, *, k, labels, chunk
 # r_j = (1 - w_j) / (K - 1): two non-negative parts, so no cancellation even when w_j = 0. In logs:
 #   log P[c] = logaddexp(log sum_{c' != c} R[c'], log W[c]),
 #   R[c] = sum_{j in c} p_j r_j,  W[c] = sum_{j in c} p_j w_j,
-# each a logsumexp over the concept's J judges, normalised by the logsumexp over all judges.
+# each a logsumexp over the concept's J judges, normalized by the logsumexp over all judges.
 
 
 def _log_label_weights(weights):
@@ -334,7 +335,7 @@ def _clp_forward(chunk_size, u, vectors, weights, tau):
   log_w, log_r = _log_label_weights(weights)
 
   def chunk_masses(start, size):
-    """Per-concept log R and log W of a chunk, unnormalised, and its logits."""
+    """Per-concept log R and log W of a chunk, unnormalized, and its logits."""
     z = _judge_logits(u, vectors, tau, start, size)
     lr = jax.nn.logsumexp(z + lax.dynamic_slice_in_dim(log_r, start, size, axis=0), axis=-1)
     lw = jax.nn.logsumexp(z + lax.dynamic_slice_in_dim(log_w, start, size, axis=0), axis=-1)
@@ -460,7 +461,8 @@ def concept_log_probs(embeddings: jax.Array,
                       temperature: float | jax.Array,
                       *,
                       chunk_size: int = 512) -> jax.Array:
-  """log P[..., c] of SPEC 2: softmax over all K*J judges, summed per concept with labels Y.
+  """log P[..., c]: softmax over all K*J judges, summed per concept with labels Y
+  (docs/method.md §5).
 
   Computed in log space in float32 (inputs may be bf16), finite for every valid input, also
   where P underflows (smoothing 0, one-hot labels, small temperatures). Y is never built: each
@@ -511,7 +513,8 @@ def concept_log_probs(embeddings: jax.Array,
 
 
 def class_loss_per_example(student_log_probs: jax.Array, teacher_probs: jax.Array) -> jax.Array:
-  """SPEC 3 per image: mean over (teacher view v, student view u != v) of cross-entropy. [B].
+  """The paper's eq. 2 per image: the mean over (teacher view v, student view u != v) of the
+  cross-entropy (docs/method.md §6). [B].
 
   Teacher views are the first Vt student views; teacher probabilities carry no gradient.
   """
@@ -539,14 +542,15 @@ def class_loss_per_example(student_log_probs: jax.Array, teacher_probs: jax.Arra
 
 
 def class_loss(student_log_probs: jax.Array, teacher_probs: jax.Array) -> jax.Array:
-  """SPEC 3 (eq. 2) for one task: the batch mean of `class_loss_per_example`."""
+  """Paper eq. 2 (docs/method.md §6) for one task: the batch mean of `class_loss_per_example`."""
   return jnp.mean(class_loss_per_example(student_log_probs, teacher_probs))
 
 
 def patch_loss_per_example(student_log_probs: jax.Array,
                            teacher_probs: jax.Array,
                            mask: jax.Array) -> jax.Array:
-  """SPEC 4 per image: masked-patch cross-entropy, averaged per view over masked patches. [B]."""
+  """The paper's eq. 4 per image: masked-patch cross-entropy, averaged per view over masked
+  patches (docs/method.md §7). [B]."""
   _check_rank("student_log_probs", student_log_probs, 4, "[V, B, L, K]")
   _check_rank("teacher_probs", teacher_probs, 4, "[V, B, L, K]")
   _check_rank("mask", mask, 3, "[V, B, L]")
@@ -566,5 +570,5 @@ def patch_loss_per_example(student_log_probs: jax.Array,
 
 def patch_loss(student_log_probs: jax.Array, teacher_probs: jax.Array,
                mask: jax.Array) -> jax.Array:
-  """SPEC 4 (eq. 4) for one task: the batch mean of `patch_loss_per_example`."""
+  """Paper eq. 4 (docs/method.md §7) for one task: the batch mean of `patch_loss_per_example`."""
   return jnp.mean(patch_loss_per_example(student_log_probs, teacher_probs, mask))

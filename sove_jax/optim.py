@@ -1,10 +1,11 @@
-"""The optimizer and every schedule of the run (SPEC section 6).
+"""The optimizer and every schedule of the run (docs/method.md §8, §10).
 
 AdamW with a linear warm-up then cosine learning rate, a cosine weight-decay ramp on weights only
 (no bias, no norm scale), per-tensor gradient clipping (DINO's `clip_gradients`, one layer at a
 time under `scan_layers`) or global norm clipping, and the non-optimizer schedules the step
 reads: teacher EMA momentum and teacher temperature. Every schedule is a pure function of the
-step, so a resumed run sees the same values.
+step, so a resumed run sees the same values. The schedules are optax's; the teacher's EMA is
+`optax.incremental_update` (in the step).
 """
 from typing import Callable, NamedTuple
 
@@ -24,43 +25,31 @@ class Schedules(NamedTuple):
   teacher_temp: Schedule
 
 
-def cosine_schedule(start: float, end: float, total_steps: int, warmup_steps: int = 0,
-                    warmup_start: float = 0.0) -> Schedule:
-  """Linear warm-up from `warmup_start` to `start`, then cosine from `start` to `end`."""
-  total_steps = max(int(total_steps), 1)
-  warmup_steps = min(max(int(warmup_steps), 0), total_steps)
-  decay_steps = max(total_steps - warmup_steps, 1)
-
-  def schedule(step):
-    step = jnp.asarray(step, jnp.float32)
-    warm = warmup_start + (start - warmup_start) * step / max(warmup_steps, 1)
-    t = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
-    cos = end + 0.5 * (start - end) * (1.0 + jnp.cos(jnp.pi * t))
-    return jnp.where(step < warmup_steps, warm, cos)
-
-  return schedule
-
-
-def linear_warmup_schedule(start: float, end: float, warmup_steps: int) -> Schedule:
-  """Linear from `start` to `end` over `warmup_steps`, then constant (teacher temperature)."""
-  def schedule(step):
-    t = jnp.clip(jnp.asarray(step, jnp.float32) / max(int(warmup_steps), 1), 0.0, 1.0)
-    return jnp.asarray(start + (end - start) * t if warmup_steps > 0 else end, jnp.float32)
-
-  return schedule
+def cosine(start: float, end: float, steps: int) -> Schedule:
+  """`start` to `end` along half a cosine over `steps` steps, then `end`, for any two values
+  (a ramp up from 0 too): optax's cosine decay shape, 1 -> 0, scaled onto the range."""
+  shape = optax.cosine_decay_schedule(1.0, max(int(steps), 1))
+  return lambda step: end + (start - end) * shape(step)
 
 
 def make_schedules(config, steps_per_epoch: int, total_steps: int) -> Schedules:
+  """Learning rate: linear warm-up from 0, then cosine to `min_lr` (the peak scaled by
+  batch / 256); weight decay and EMA momentum: cosine from start to end over the run; teacher
+  temperature: linear warm-up, then constant."""
   o, s = config.optim, config.sove
+  total_steps = max(int(total_steps), 1)
   peak_lr = o.base_lr * config.batch_size / 256.0
-  warmup = round(o.warmup_epochs * steps_per_epoch)
+  # optax needs a cosine of at least one step after the warm-up.
+  warmup = min(max(round(o.warmup_epochs * steps_per_epoch), 0), total_steps - 1)
+  temp_warmup = round(s.teacher_temp_warmup_epochs * steps_per_epoch)
   return Schedules(
-      learning_rate=cosine_schedule(peak_lr, o.min_lr, total_steps, warmup),
-      weight_decay=cosine_schedule(o.weight_decay, o.weight_decay_end, total_steps),
-      ema_momentum=cosine_schedule(o.ema_momentum, o.ema_momentum_end, total_steps),
-      teacher_temp=linear_warmup_schedule(
-          s.teacher_temp_warmup, s.teacher_temp,
-          round(s.teacher_temp_warmup_epochs * steps_per_epoch)),
+      learning_rate=optax.warmup_cosine_decay_schedule(
+          init_value=0.0, peak_value=peak_lr, warmup_steps=warmup, decay_steps=total_steps,
+          end_value=o.min_lr),
+      weight_decay=cosine(o.weight_decay, o.weight_decay_end, total_steps),
+      ema_momentum=cosine(o.ema_momentum, o.ema_momentum_end, total_steps),
+      teacher_temp=(optax.linear_schedule(s.teacher_temp_warmup, s.teacher_temp, temp_warmup)
+                    if temp_warmup > 0 else optax.constant_schedule(s.teacher_temp)),
   )
 
 
@@ -112,8 +101,3 @@ def make_optimizer(config, schedules: Schedules) -> optax.GradientTransformation
       optax.scale_by_learning_rate(schedules.learning_rate),
   ]
   return optax.chain(*parts)
-
-
-def ema(teacher, student, momentum):
-  """Teacher EMA: t + (1 - m) * (s - t), leaf by leaf."""
-  return jax.tree.map(lambda t, s: t + (1.0 - momentum) * (s - t), teacher, student)

@@ -1,20 +1,20 @@
 """The baselines' objectives: DINO and iBOT, losses over learned prototypes.
 
 Importable alone (`from sove_jax import prototypes`); depends on JAX only. Pure functions of
-arrays; the centres are arrays the caller keeps in its state and passes back each step.
+arrays; the centers are arrays the caller keeps in its state and passes back each step.
 
 DINO (Caron et al., 2021). The head (`sove_jax.models.PrototypeHead`) gives every view K
-prototype logits. The teacher's logits of the global views are *centred* (a running mean of
+prototype logits. The teacher's logits of the global views are *centered* (a running mean of
 them, `center`, is subtracted) and *sharpened* (softmax at a low temperature, warmed up from
 0.04); the student's logits of all views, local crops included, go through a softmax at 0.1.
 The loss is the cross-entropy between the teacher's distribution of global view v and the
 student's of view u, for every pair u != v, averaged over pairs and over the batch. After the
-step the centre moves towards the batch mean of the teacher's logits with momentum 0.9.
+step the center moves towards the batch mean of the teacher's logits with momentum 0.9.
 
 iBOT (Zhou et al., 2022) adds masked image modelling to DINO's [CLS] loss: the student sees its
 global views with masked patches, and at every masked position its patch distribution is
 trained towards the teacher's (unmasked) one of the same view, through the same head, with a
-separate centre for patch tokens and its own teacher temperature (0.07, warmed up from 0.04).
+separate center for patch tokens and its own teacher temperature (0.07, warmed up from 0.04).
 Per image the patch loss is the mean over its masked tokens, then the mean over global views.
 
 Both losses are the same cross-entropies as SOVE's, over prototypes instead of concepts, so
@@ -51,7 +51,7 @@ __all__ = [
     "update_center",
 ]
 
-CENTER_MOMENTUM = 0.9   # DINO and iBOT, both centres
+CENTER_MOMENTUM = 0.9   # DINO and iBOT, both centers
 STUDENT_TEMP = 0.1      # DINO and iBOT, [CLS] and patch tokens
 
 
@@ -88,7 +88,7 @@ def _check_momentum(momentum: Any) -> None:
 
 def teacher_probs(teacher_logits: jax.Array, center: jax.Array,
                   temperature: float | jax.Array) -> jax.Array:
-  """Centred and sharpened teacher distribution, softmax((t - center) / T): float32 [..., K].
+  """Centered and sharpened teacher distribution, softmax((t - center) / T): float32 [..., K].
 
   No gradient flows through it (the teacher is a target).
   """
@@ -108,7 +108,7 @@ def student_log_probs(student_logits: jax.Array,
   return jax.nn.log_softmax(s / jnp.asarray(temperature, jnp.float32), axis=-1)
 
 
-# --------------------------------------------------------------------------- centres
+# --------------------------------------------------------------------------- centers
 
 
 def batch_center(teacher_logits: jax.Array, *, axis_name: str | Sequence[str] | None = None
@@ -131,11 +131,11 @@ def batch_center(teacher_logits: jax.Array, *, axis_name: str | Sequence[str] | 
 def update_center(center: jax.Array, teacher_logits: jax.Array,
                   momentum: float | jax.Array = CENTER_MOMENTUM, *,
                   axis_name: str | Sequence[str] | None = None) -> jax.Array:
-  """The centre's EMA step: momentum * center + (1 - momentum) * batch mean of the logits.
+  """The center's EMA step: momentum * center + (1 - momentum) * batch mean of the logits.
 
-  Called after the loss, with the same teacher logits the loss was centred with: the [CLS]
-  logits of the teacher's global views for DINO's (and iBOT's [CLS]) centre, all the patch
-  logits of those views for iBOT's patch centre. Returns float32 [K].
+  Called after the loss, with the same teacher logits the loss was centered with: the [CLS]
+  logits of the teacher's global views for DINO's (and iBOT's [CLS]) center, all the patch
+  logits of those views for iBOT's patch center. Returns float32 [K].
   """
   _check_momentum(momentum)
   if jnp.ndim(teacher_logits) < 2:
@@ -158,7 +158,7 @@ def dino_loss_per_example(student_logits: jax.Array, teacher_logits: jax.Array,
     student_logits: [Vs, B, K], view-major; the first Vt views are the global views the teacher
       saw (in the same order), the rest local crops.
     teacher_logits: [Vt, B, K], the teacher's logits of the global views (no gradient).
-    center: [K], the teacher centre before this step's update.
+    center: [K], the teacher center before this step's update.
     teacher_temp: the (warmed-up) teacher temperature; may be traced.
     student_temp: 0.1 in DINO.
   """
@@ -192,7 +192,7 @@ def ibot_patch_loss_per_example(student_patch_logits: jax.Array,
                                 student_temp: float | jax.Array = STUDENT_TEMP) -> jax.Array:
   """iBOT's masked-patch loss per image. float32 [B].
 
-  For each global view v: the cross-entropy between the teacher's centred, sharpened patch
+  For each global view v: the cross-entropy between the teacher's centered, sharpened patch
   distribution (unmasked view v) and the student's (masked view v) at every masked token,
   averaged over the image's masked tokens (an image with none contributes 0); then the mean
   over views.
@@ -200,7 +200,7 @@ def ibot_patch_loss_per_example(student_patch_logits: jax.Array,
   Args:
     student_patch_logits: [V, B, L, K], the student's patch logits of its masked global views.
     teacher_patch_logits: [V, B, L, K], the teacher's of the same views, unmasked.
-    patch_center: [K], the patch centre before this step's update.
+    patch_center: [K], the patch center before this step's update.
     mask: [V, B, L], true where the student's token was masked.
     teacher_temp: iBOT's teacher patch temperature (0.07, warmed up from 0.04); may be traced.
     student_temp: 0.1 in iBOT.
@@ -228,8 +228,8 @@ def ibot_loss_per_example(student_cls_logits: jax.Array, teacher_cls_logits: jax
                           ) -> tuple[jax.Array, jax.Array]:
   """iBOT's two losses per image, ([CLS] [B], patch [B]), unweighted.
 
-  The [CLS] loss is DINO's (`dino_loss_per_example`, local crops included, centre `center`,
-  `teacher_temp`); the patch loss is `ibot_patch_loss_per_example` (centre `patch_center`,
+  The [CLS] loss is DINO's (`dino_loss_per_example`, local crops included, center `center`,
+  `teacher_temp`); the patch loss is `ibot_patch_loss_per_example` (center `patch_center`,
   `teacher_patch_temp`). iBOT's total is lambda1 * [CLS] + lambda2 * patch, both weights 1.
   """
   cls = dino_loss_per_example(student_cls_logits, teacher_cls_logits, center,

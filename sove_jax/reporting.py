@@ -1,118 +1,180 @@
-"""Where metrics go: a console progress line, metrics.jsonl, and TensorBoard event files.
+"""Where a run's progress and metrics go: the console, metrics.jsonl and TensorBoard.
 
-The event files are written directly (TFRecord framing around hand-encoded `Event` protos), so
-logging needs neither TensorFlow nor tensorboard in the training process.
+- The console is absl logging. `configure_console` keeps it readable: our lines and every
+  warning, and the libraries' INFO detail (Orbax saves and restores, CLU, optax) only when asked
+  for (`--verbose`).
+- Metrics go through CLU metric writers: TensorBoard event files (hparams included) and
+  `metrics.jsonl`, one JSON line per logged step, both in the workdir and written by process 0.
+  Names carry their family: `train/` (the step's metrics, averaged over the logging window),
+  `perf/` (throughput, from CLU's `ReportProgress`) and `knn/` (the k-NN monitor).
+- CLU's writers import TensorFlow, so `open_writer` imports them when the training process opens
+  its writer, after the input pipeline (`sove_jax.data`) has hidden the GPUs from TensorFlow;
+  importing this module imports neither.
 """
 import json
+import logging as python_logging
 import os
-import socket
-import struct
-import sys
-import time
 
-# --- TFRecord / Event encoding ------------------------------------------------------------------
+import jax
+from absl import logging
+from etils import epath
 
-_CRC_TABLE = []
-for _i in range(256):
-  _c = _i
-  for _ in range(8):
-    _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1
-  _CRC_TABLE.append(_c)
+METRICS_FILE = "metrics.jsonl"
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
-def crc32c(data: bytes) -> int:
-  crc = 0xFFFFFFFF
-  for byte in data:
-    crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
+# --- console -------------------------------------------------------------------------------------
+
+def say(text: str):
+  """One console line from process 0 (absl INFO)."""
+  if jax.process_index() == 0:
+    logging.info(text)
 
 
-def _masked_crc(data: bytes) -> int:
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+class _OursAndWarnings(python_logging.Filter):
+  """Passes warnings and errors from anywhere, INFO lines only from sove_jax."""
+
+  def filter(self, record):
+    return record.levelno >= python_logging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
 
 
-def _varint(n: int) -> bytes:
-  out = bytearray()
-  while True:
-    bits = n & 0x7F
-    n >>= 7
-    out.append(bits | (0x80 if n else 0))
-    if not n:
-      return bytes(out)
+class _ConsoleFormatter(python_logging.Formatter):
+  """`HH:MM:SS message`, with the level and the logger's file named for anything but INFO."""
+
+  def format(self, record):
+    when = self.formatTime(record, "%H:%M:%S")
+    if record.levelno == python_logging.INFO:
+      return f"{when} {record.getMessage()}"
+    return f"{when} {record.levelname} {record.filename}:{record.lineno}] {record.getMessage()}"
 
 
-def _field(number: int, wire: int, payload: bytes) -> bytes:
-  return _varint((number << 3) | wire) + payload
+def configure_console(verbose: bool = False):
+  """The console of a run: quiet and short by default; absl's full lines, libraries' INFO
+  included, when `verbose`. Call once, after absl has parsed the flags."""
+  handler = logging.get_absl_handler().python_handler
+  for old in [f for f in handler.filters if isinstance(f, _OursAndWarnings)]:
+    handler.removeFilter(old)
+  if verbose:
+    handler.setFormatter(logging.PythonFormatter())
+  else:
+    handler.addFilter(_OursAndWarnings())
+    handler.setFormatter(_ConsoleFormatter())
 
 
-def _bytes_field(number: int, data: bytes) -> bytes:
-  return _field(number, 2, _varint(len(data)) + data)
-
-
-def encode_event(wall_time: float, step: int, scalars=None, file_version=None) -> bytes:
-  """An `Event` proto: wall_time (1), step (2), file_version (3) or summary (5) of scalars."""
-  msg = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(int(step)))
-  if file_version is not None:
-    msg += _bytes_field(3, file_version.encode())
-  if scalars:
-    values = b"".join(
-        _bytes_field(1, _bytes_field(1, tag.encode()) + _field(2, 5, struct.pack("<f", v)))
-        for tag, v in scalars.items())
-    msg += _bytes_field(5, values)
-  return msg
-
-
-def tfrecord(data: bytes) -> bytes:
-  length = struct.pack("<Q", len(data))
-  return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))
-
-
-class MetricWriter:
-  """Scalars to metrics.jsonl and to a TensorBoard event file in `workdir` (process 0 only)."""
-
-  def __init__(self, workdir: str, enabled: bool = True):
-    self.enabled = enabled
-    if not enabled:
-      return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-    self._events = open(os.path.join(workdir, name), "ab")
-    self._events.write(tfrecord(encode_event(time.time(), 0, file_version="brain.Event:2")))
-
-  def write(self, step: int, scalars: dict):
-    if not self.enabled:
-      return
-    scalars = {k: float(v) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
-    self._jsonl.flush()
-    self._events.write(tfrecord(encode_event(time.time(), step, scalars)))
-    self._events.flush()
-
-  def close(self):
-    if self.enabled:
-      self._jsonl.close()
-      self._events.close()
-
-
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+  """`1h02m`, `4m07s`."""
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
   return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def progress_line(step: int, total: int, metrics: dict, images_per_sec: float,
-                  eta_seconds: float) -> str:
-  return (f"step {step:>{len(str(total))}}/{total} | loss {metrics['loss']:.4f} "
-          f"(cls {metrics['cls_loss']:.4f} patch {metrics['patch_loss']:.4f}) | "
-          f"lr {metrics['learning_rate']:.2e} | {images_per_sec:,.0f} img/s | "
-          f"ETA {_duration(eta_seconds)}")
+def progress_line(step: int, total: int, scalars: dict) -> str:
+  """`step 400/749 | loss 10.0089 (cls 6.0468 patch 3.9621) | lr 3.09e-04 | 166 img/s | ETA
+  4m47s`; throughput and ETA when `scalars` holds a `perf/` measurement."""
+  line = (f"step {step:>{len(str(total))}}/{total} | loss {scalars['train/loss']:.4f} "
+          f"(cls {scalars['train/cls_loss']:.4f} patch {scalars['train/patch_loss']:.4f}) | "
+          f"lr {scalars['train/learning_rate']:.2e}")
+  if "perf/steps_per_sec" in scalars:
+    eta = (total - step) / max(scalars["perf/steps_per_sec"], 1e-9)
+    line += f" | {scalars['perf/images_per_sec']:,.0f} img/s | ETA {duration(eta)}"
+  return line
 
 
-def say(text: str):
-  """One console line from process 0."""
-  import jax
-  if jax.process_index() == 0:
-    print(text, file=sys.stdout, flush=True)
+def knn_line(step: int, scalars: dict) -> str:
+  """`k-NN top-1 at step 250: k=10 68.25 | k=20 67.25 ...` from `knn/top1_k{k}` scalars."""
+  accuracies = sorted((int(k.rsplit("_k", 1)[1]), v) for k, v in scalars.items()
+                      if k.startswith("knn/top1_k"))
+  return f"k-NN top-1 at step {step}: " + " | ".join(f"k={k} {v:.2f}" for k, v in accuracies)
+
+
+# --- the logging window --------------------------------------------------------------------------
+
+class Window:
+  """The step metrics between two logged steps: measurements are averaged, schedule values
+  (`last`) are those of the window's last step; all are named `train/...`."""
+
+  def __init__(self, last=()):
+    self._last_names = frozenset(last)
+    self._sums, self._last, self._count = {}, {}, 0
+
+  def add(self, metrics: dict):
+    for name, value in metrics.items():
+      if name in self._last_names:
+        self._last[name] = float(value)
+      else:
+        self._sums[name] = self._sums.get(name, 0.0) + float(value)
+    self._count += 1
+
+  def __len__(self):
+    return self._count
+
+  def pop(self) -> dict:
+    """The window's `train/` scalars; the window starts again empty."""
+    out = {f"train/{k}": v / max(self._count, 1) for k, v in self._sums.items()}
+    out.update({f"train/{k}": v for k, v in self._last.items()})
+    self._sums, self._last, self._count = {}, {}, 0
+    return out
+
+
+# --- metric writers ------------------------------------------------------------------------------
+
+class JsonlWriter:
+  """metrics.jsonl: one line `{"step": N, name: value, ...}` per `write_scalars`, flushed at once,
+  through epath (local or bucket paths). Implements the parts of CLU's `MetricWriter` that the
+  trainer uses; the rest are ignored."""
+
+  def __init__(self, path):
+    self._file = epath.Path(path).open("a")
+
+  def write_scalars(self, step: int, scalars):
+    record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+
+  def write_hparams(self, hparams):
+    del hparams  # config.json holds them
+
+  def _ignore(self, *args, **kwargs):
+    del args, kwargs
+
+  write_summaries = write_images = write_videos = write_audios = _ignore
+  write_texts = write_histograms = _ignore
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+class Collector:
+  """A CLU writer that keeps what it is given under `prefix`, for the trainer to pick up (CLU's
+  ReportProgress measures; the trainer writes every family of a step in one line)."""
+
+  def __init__(self, prefix: str):
+    self.prefix, self.scalars = prefix, {}
+
+  def write_scalars(self, step: int, scalars):
+    del step
+    self.scalars.update({self.prefix + k: float(v) for k, v in scalars.items()})
+
+  def pop(self) -> dict:
+    out, self.scalars = self.scalars, {}
+    return out
+
+
+def open_writer(workdir: str, *, enabled: bool):
+  """TensorBoard event files and metrics.jsonl in `workdir` (written in a background thread)
+  when `enabled` (process 0), else a writer that writes nothing. Imports TensorFlow."""
+  from clu import metric_writers
+
+  from sove_jax import data  # noqa: F401  TensorFlow enters here, with the GPUs hidden from it
+
+  if not enabled:
+    return metric_writers.MultiWriter([])
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  return metric_writers.AsyncMultiWriter([
+      metric_writers.SummaryWriter(os.fspath(workdir)),
+      JsonlWriter(epath.Path(workdir) / METRICS_FILE),
+  ])

@@ -2,22 +2,24 @@
 
 Two mesh axes: `data` (pure data parallelism) and `fsdp` (data parallelism whose devices also
 split the parameters and optimizer state). The batch is split over both. Parameters carry
-logical axis names (set in `sove_jax.models`); `LOGICAL_RULES` maps them to mesh axes when the
-config asks for FSDP, and a dimension that does not divide evenly stays replicated.
+logical axis names (set in `sove_jax.models`); the config's `mesh.rules` map them to mesh axes
+when it asks for FSDP, and a dimension that does not divide evenly stays replicated. With FSDP,
+`check_param_shardings` logs every parameter's layout and refuses a run whose parameters stay
+mostly replicated (a rule that matches nothing, a width the fsdp axis does not divide).
 """
+import collections
+import math
+import re
+
 import jax
 import optax
+from absl import logging
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-BATCH_AXES = ("data", "fsdp")
+from sove_jax.configuration import ConfigError
 
-# Logical parameter axis -> mesh axis under FSDP. One matrix dimension per parameter is enough
-# to divide its memory by the fsdp size; the model width is present in every block matrix.
-LOGICAL_RULES = (
-    ("embed", "fsdp"),
-    ("proj_hidden", "fsdp"),
-)
+BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
@@ -45,8 +47,9 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def logical_to_mesh(names, shape, mesh, rules=LOGICAL_RULES) -> P:
-  """Maps one parameter's logical names to a PartitionSpec, skipping uneven or reused axes."""
+def logical_to_mesh(names, shape, mesh, rules) -> P:
+  """Maps one parameter's logical names to a PartitionSpec by `rules` ((logical, mesh axis)
+  pairs), skipping dimensions that do not divide evenly and mesh axes already used."""
   table = dict(rules)
   used, spec = set(), []
   for name, dim in zip(tuple(names or ()) + (None,) * len(shape), shape):
@@ -59,18 +62,59 @@ def logical_to_mesh(names, shape, mesh, rules=LOGICAL_RULES) -> P:
   return P(*spec)
 
 
-def param_shardings(param_specs, abstract_params, mesh, shard_params: bool):
-  """NamedShardings for a parameter tree from its logical specs: FSDP by rule, or replicated.
+def param_shardings(param_specs, abstract_params, mesh, rules=()):
+  """NamedShardings for a parameter tree from its logical specs by `rules` (FSDP); replicated
+  without rules.
 
   `param_specs` holds one PartitionSpec of logical names per parameter (from
   `nnx.get_partition_spec(...).to_pure_dict()`), `abstract_params` the matching shapes.
   """
-  def one(spec, x):
-    if not shard_params:
-      return replicated(mesh)
-    return NamedSharding(mesh, logical_to_mesh(tuple(spec), x.shape, mesh))
+  is_spec = lambda x: isinstance(x, P)
+  carried = {name for spec in jax.tree.leaves(param_specs, is_leaf=is_spec) for name in spec
+             if name is not None}
+  for logical, mesh_axis in rules:
+    if logical not in carried:
+      raise ConfigError(f"mesh.rules maps {logical!r}, which no parameter carries (they carry "
+                        f"{', '.join(sorted(carried))}).")
+    if mesh_axis not in mesh.axis_names:
+      raise ConfigError(f"mesh.rules maps {logical!r} to {mesh_axis!r}, not a mesh axis "
+                        f"({', '.join(mesh.axis_names)}).")
 
-  return jax.tree.map(one, param_specs, abstract_params, is_leaf=lambda s: isinstance(s, P))
+  def one(spec, x):
+    if not rules:
+      return replicated(mesh)
+    return NamedSharding(mesh, logical_to_mesh(tuple(spec), x.shape, mesh, rules))
+
+  return jax.tree.map(one, param_specs, abstract_params, is_leaf=is_spec)
+
+
+def check_param_shardings(shardings, abstract_params, *, max_replicated: float):
+  """Logs each parameter's PartitionSpec (blocks grouped), and raises ConfigError when more
+  than `max_replicated` of the parameter bytes would stay whole on every device."""
+  rows = collections.OrderedDict()
+  total = replicated_bytes = 0
+  for (path, sh), x in zip(jax.tree_util.tree_leaves_with_path(shardings),
+                           jax.tree.leaves(abstract_params)):
+    size = math.prod(x.shape) * x.dtype.itemsize
+    total += size
+    shards = math.prod(sh.mesh.shape[axis] for entry in sh.spec if entry is not None
+                       for axis in (entry if isinstance(entry, tuple) else (entry,)))
+    replicated_bytes += size if shards == 1 else 0
+    name = re.sub(r"\.\d+(?=\.|$)", ".*", ".".join(str(k.key) for k in path))
+    rows.setdefault((name, x.shape, str(sh.spec)), 0)
+    rows[(name, x.shape, str(sh.spec))] += 1
+  share = replicated_bytes / max(total, 1)
+  if jax.process_index() == 0:
+    lines = [f"  {name:<40} {'x' + str(count) if count > 1 else '':>4} {str(shape):<24} {spec}"
+             for (name, shape, spec), count in rows.items()]
+    logging.info("Parameter shardings (%.2f%% of %.1f MiB replicated):\n%s", 100 * share,
+                 total / 2**20, "\n".join(lines))
+  fsdp = max((sh.mesh.shape["fsdp"] for sh in jax.tree.leaves(shardings)), default=1)
+  if fsdp > 1 and share > max_replicated:
+    raise ConfigError(
+        f"With mesh.fsdp={fsdp}, {100 * share:.1f}% of the parameter bytes stay replicated, "
+        f"more than mesh.max_replicated={max_replicated:g}: check mesh.rules and that the "
+        "sharded dimensions divide by mesh.fsdp.")
 
 
 def optimizer_shardings(tx, abstract_opt_state, params_shardings, mesh):

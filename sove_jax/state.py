@@ -3,7 +3,7 @@
 Parameters are stored as pure nested dicts (`nnx.State.to_pure_dict()`), so optax, Orbax and the
 sharding rules see plain pytrees; the step rebuilds the module with `nnx.merge(graphdef, params)`.
 The state is created the big_vision way: `jax.eval_shape(init)` gives shapes, the sharding rules
-give each leaf's layout, and `jax.jit(init, out_shardings=...)` materialises it in place.
+give each leaf's layout, and `jax.jit(init, out_shardings=...)` materializes it in place.
 """
 from typing import Any, NamedTuple
 
@@ -59,8 +59,11 @@ def layout(config, tx, mesh, image_size: int) -> Layout:
   graphdef, abstract_params = network.abstract_network(config.model, image_size)
   specs = nnx.get_partition_spec(abstract_params).to_pure_dict()
   abstract = jax.eval_shape(make_init(config, tx, image_size), jax.random.PRNGKey(0))
-  params_sh = sharding.param_shardings(specs, abstract.student, mesh,
-                                       bool(config.mesh.shard_params))
+  rules = tuple(tuple(rule) for rule in config.mesh.rules) if config.mesh.shard_params else ()
+  params_sh = sharding.param_shardings(specs, abstract.student, mesh, rules)
+  if config.mesh.shard_params:
+    sharding.check_param_shardings(params_sh, abstract.student,
+                                   max_replicated=config.mesh.max_replicated)
   rep = sharding.replicated(mesh)
   shardings = TrainState(
       step=rep,
@@ -74,13 +77,13 @@ def layout(config, tx, mesh, image_size: int) -> Layout:
   return Layout(graphdef, abstract, shardings)
 
 
-def create(config, tx, lay: Layout, image_size: int) -> TrainState:
-  """The initial state, sharded as `lay` says, from `config.seed`."""
-  init = jax.jit(make_init(config, tx, image_size), out_shardings=lay.shardings)
+def create(config, tx, layout: Layout, image_size: int) -> TrainState:
+  """The initial state, sharded as `layout` says, from `config.seed`."""
+  init = jax.jit(make_init(config, tx, image_size), out_shardings=layout.shardings)
   return init(jax.random.PRNGKey(config.seed))
 
 
-def abstract_with_shardings(lay: Layout):
+def abstract_with_shardings(layout: Layout):
   """ShapeDtypeStructs carrying shardings: the target of a sharded checkpoint restore."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      lay.abstract, lay.shardings)
+                      layout.abstract, layout.shardings)

@@ -9,7 +9,7 @@ change them. Each arm x seed is trained by `python -m sove_jax.main` in its own 
 `OUT/<arm>/seed<N>` (`OUT/<arm>/lr<rate>/seed<N>` in a learning-rate sweep), then evaluated by
 `python -m sove_jax.evaluate.knn` (k-NN on the whole test split; the tables show k = 20) and
 `python -m sove_jax.evaluate.linear` (linear probe, best of its learning rates). The seed sets
-the initialisation and the data order, so at one seed every arm sees the same images.
+the initialization and the data order, so at one seed every arm sees the same images.
 
 The runner never imports TensorFlow or the trainer: it runs commands and reads the files they
 write (`metrics.jsonl`, `knn.json`, `linear.json`). It is resumable: each finished arm x seed is
@@ -430,7 +430,7 @@ def markdown(study: Study, records: Sequence[dict], failures: Sequence[dict] = (
       f"# {study.name}",
       "",
       f"Every arm trains `python -m sove_jax.main --config={study.config}` with its overrides at "
-      f"the same budget: {budget}. Seeds {seeds} (the seed sets the initialisation and the data "
+      f"the same budget: {budget}. Seeds {seeds} (the seed sets the initialization and the data "
       "order). Values are the mean ± sample standard deviation (n - 1) over the seeds finished "
       f"(column n): k-NN is the top-1 (%) at k = {REPORT_K} on the {split}, linear the best "
       "top-1 (%) of the linear probe's learning rates.",
@@ -655,7 +655,7 @@ def read_metrics(workdir: str) -> dict:
   """
   lines = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   steps = max((int(l["step"]) for l in lines if "step" in l), default=None)
-  ips = [float(l["images_per_sec"]) for l in lines if "images_per_sec" in l]
+  ips = [float(l["perf/images_per_sec"]) for l in lines if "perf/images_per_sec" in l]
   return {"steps": steps, "images_per_sec": statistics.median(ips) if ips else None}
 
 

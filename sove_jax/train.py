@@ -3,13 +3,18 @@
 `train_and_evaluate(config, workdir)` is what `python -m sove_jax.main` runs. It resumes from the
 latest checkpoint in `workdir` (state, banks and input position), saves asynchronously every
 `checkpoint_every` steps and at the end, saves and returns at the next step boundary after
-SIGTERM (preemption), and stops with the step number on a non-finite loss.
+SIGTERM (preemption), and stops with the step number on a non-finite loss. When each periodic
+thing happens (logging, the k-NN monitor, checkpoints, preemption, the finiteness check) is
+decided by `itstime`; progress (steps/s, ETA) and the optional profile are CLU periodic actions.
 """
 import signal
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
+from absl import logging
 
 from sove_jax import checkpoint, configuration, optim, reporting, sharding
 from sove_jax import state as state_lib
@@ -42,20 +47,31 @@ def batch_shapes(config, mesh):
   return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh) for k, (shape, dt) in spec.items()}
 
 
-def build(config, mesh, steps_per_epoch: int, *, mode: str = "full"):
-  """Everything static about the run: optimizer, schedules, state layout and the jitted step."""
+class Setup(NamedTuple):
+  """Everything static about a run, from `build`."""
+  tx: optax.GradientTransformation
+  schedules: optim.Schedules
+  layout: state_lib.Layout  # the module graph, every state leaf's shape and sharding
+  step: Any                 # the jitted step(state, batch) -> (state, metrics), state donated
+  total_steps: int
+  image_size: int
+
+
+def build(config, mesh, steps_per_epoch: int, *, make_step=step_lib.make_train_step) -> Setup:
+  """The optimizer, schedules, state layout and the jitted step. `make_step` builds the step
+  function (benchmarks pass other steps through the same shardings)."""
   num_steps = total_steps(config, steps_per_epoch)
   schedules = optim.make_schedules(config, steps_per_epoch, num_steps)
   tx = optim.make_optimizer(config, schedules)
   image_size = config.data.global_size
-  lay = state_lib.layout(config, tx, mesh, image_size)
-  step_fn = step_lib.make_train_step(config, lay.graphdef, tx, schedules,
-                                     anchor_sharding=sharding.batch_sharding(mesh), mode=mode)
-  batch_sh = jax.tree.map(lambda x: x.sharding, batch_shapes(config, mesh))
-  jitted = jax.jit(step_fn, in_shardings=(lay.shardings, batch_sh),
-                   out_shardings=(lay.shardings, sharding.replicated(mesh)), donate_argnums=0)
-  return dict(tx=tx, schedules=schedules, layout=lay, step=jitted, total_steps=num_steps,
-              image_size=image_size)
+  layout = state_lib.layout(config, tx, mesh, image_size)
+  step_fn = make_step(config, layout.graphdef, tx, schedules,
+                      anchor_sharding=sharding.batch_sharding(mesh))
+  batch_shardings = jax.tree.map(lambda x: x.sharding, batch_shapes(config, mesh))
+  jitted = jax.jit(step_fn, in_shardings=(layout.shardings, batch_shardings),
+                   out_shardings=(layout.shardings, sharding.replicated(mesh)), donate_argnums=0)
+  return Setup(tx=tx, schedules=schedules, layout=layout, step=jitted, total_steps=num_steps,
+               image_size=image_size)
 
 
 def validated_mesh(config):
@@ -68,12 +84,12 @@ def validated_mesh(config):
 def compile_only(config, steps_per_epoch: int = 1000):
   """Lowers and compiles the step for the configured mesh; returns (compiled, text report)."""
   mesh = validated_mesh(config)
-  parts = build(config, mesh, steps_per_epoch)
-  abstract = state_lib.abstract_with_shardings(parts["layout"])
+  setup = build(config, mesh, steps_per_epoch)
+  abstract = state_lib.abstract_with_shardings(setup.layout)
   t0 = time.time()
-  compiled = parts["step"].lower(abstract, batch_shapes(config, mesh)).compile()
+  compiled = setup.step.lower(abstract, batch_shapes(config, mesh)).compile()
   mem = compiled.memory_analysis()
-  n_params = sum(x.size for x in jax.tree.leaves(parts["layout"].abstract.student))
+  n_params = sum(x.size for x in jax.tree.leaves(setup.layout.abstract.student))
   lines = [f"compiled the train step in {time.time() - t0:.1f} s on "
            f"{sharding.devices_summary(mesh)}",
            f"parameters (student, incl. head): {n_params / 1e6:.1f} M"]
@@ -105,31 +121,41 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._old)
 
 
-def _host_metrics(metrics) -> dict:
-  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+def itstime(step: int, every: int, last: int | None = None) -> bool:
+  """Whether periodic work is due after `step`: every `every` steps (0 or less: never) and at
+  step `last`. Every cadence of the loop is decided here."""
+  return (every > 0 and step % every == 0) or step == last
+
+
+def _verified(step: int, metrics) -> dict:
+  """The step's metrics on the host; stops the run if its loss or gradient was not finite (the
+  step then left the state as it was, so the last checkpoint is the last good state)."""
+  host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  if not host.pop("finite"):
+    raise NonFiniteLoss(
+        f"Non-finite loss or gradient at step {step}: the run stops here; the last "
+        "checkpoint holds the last good state.")
+  return host
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
   mesh = validated_mesh(config)
+  from clu import periodic_actions
+
   from sove_jax.data import pipeline  # TensorFlow enters the process here, host side only
-  try:
-    pipeline.validate(config.data, patch_size=config.model.patch_size,
-                      global_batch_size=config.batch_size, process_count=jax.process_count())
-  except ValueError as e:
-    raise configuration.ConfigError(str(e)) from e
   reporting.say(f"sove_jax: {sharding.devices_summary(mesh)}; workdir {workdir}")
 
   train_in = pipeline.train_input(config.data, patch_size=config.model.patch_size,
                                   global_batch_size=config.batch_size, seed=config.seed)
-  parts = build(config, mesh, train_in.steps_per_epoch)
-  lay, num_steps = parts["layout"], parts["total_steps"]
+  setup = build(config, mesh, train_in.steps_per_epoch)
+  num_steps = setup.total_steps
   checkpoint.write_config(config, workdir)
   ckpt = checkpoint.Checkpointer(workdir, save_every=config.checkpoint_every,
                                  keep=config.keep_checkpoints)
-  restored = ckpt.restore(state_lib.abstract_with_shardings(lay))
+  restored = ckpt.restore(state_lib.abstract_with_shardings(setup.layout))
   if restored is None:
-    state = state_lib.create(config, parts["tx"], lay, parts["image_size"])
+    state = state_lib.create(config, setup.tx, setup.layout, setup.image_size)
     reporting.say(f"new run: {num_steps} steps of {config.batch_size} images "
                   f"({train_in.steps_per_epoch} steps per epoch)")
   else:
@@ -137,64 +163,101 @@ def train_and_evaluate(config, workdir: str) -> dict:
     train_in.set_state(data_state)
     reporting.say(f"resumed from step {int(state.step)} of {num_steps}")
   start = int(jax.device_get(state.step))
-
-  batch_sh = sharding.batch_sharding(mesh)
-  writer = reporting.MetricWriter(workdir, enabled=jax.process_index() == 0)
-  monitor = knn_monitor(config, mesh, pipeline, lay.graphdef) if config.knn_every else None
-  preempt = _Preemption()
-  last, pending = {}, None
-  t_log, n_log = time.time(), 0
-  t_start = time.time()
-  step = saved = start
   stop_at = num_steps if config.run_steps < 0 else min(num_steps, start + config.run_steps)
+
+  batch_sharding = sharding.batch_sharding(mesh)
+  writer = reporting.open_writer(workdir, enabled=jax.process_index() == 0)
+  writer.write_hparams(config.to_dict())
+  monitor = knn_monitor(config, mesh, pipeline, setup.layout.graphdef) if config.knn_every else None
+  # Steps per second between logged steps; the first call (after the first step, compiled by
+  # then) only starts the clock, so the rate and the ETA leave compilation out.
+  perf = reporting.Collector("perf/")
+  progress = periodic_actions.ReportProgress(
+      num_train_steps=num_steps, writer=perf, every_steps=max(config.log_every, 1),
+      every_secs=None, on_steps=(stop_at,))
+  profile = _profiler(config, workdir, start, stop_at)
+  window = reporting.Window(last=step_lib.SCHEDULE_METRICS)
+  train_step = _compiled_everywhere(setup, config, mesh)
+  preemption = _Preemption()
+  last, pending = {}, None
   try:
-    while step < stop_at:
-      batch = pipeline.to_global(next(train_in), batch_sh)
-      state, metrics = parts["step"](state, batch)
+    for step in range(start + 1, stop_at + 1):
+      batch = pipeline.to_global(next(train_in), batch_sharding)
+      state, metrics = train_step(state, batch)
       # The previous step's metrics are read only now, so the host never stalls the device.
       if pending is not None:
-        _check_finite(*pending)
-      step += 1
+        window.add(_verified(*pending))
       pending = (step, metrics)
-      n_log += 1
-      save_due = ckpt.should_save(step) or step == stop_at
-      if save_due:
-        _check_finite(step, metrics)  # only verified states reach a checkpoint
-      knn_due = monitor is not None and (step % config.knn_every == 0 or step == num_steps)
-      if step % config.log_every == 0 or step == stop_at or knn_due:
-        last = _host_metrics(metrics)
-        _check_finite(step, metrics)
-        now = time.time()
-        ips = n_log * config.batch_size / max(now - t_log, 1e-9)
-        eta = (num_steps - step) * (now - t_start) / max(step - start, 1)
-        last["images_per_sec"] = ips
-        if knn_due:
-          last.update(monitor(state))
-        writer.write(step, last)
-        reporting.say(reporting.progress_line(step, num_steps, last, ips, eta))
-        t_log, n_log = time.time(), 0
-      if save_due:
-        ckpt.save(step, state, train_in.get_state(), force=step == stop_at)
-        saved = step
-      if preempt.requested or ckpt.reached_preemption(step):
-        _check_finite(step, metrics)
-        if saved != step:
-          ckpt.save(step, state, train_in.get_state(), force=True)
+      progress(step)
+      if profile is not None:
+        profile(step)
+
+      log_due = itstime(step, config.log_every, stop_at)
+      monitor_due = monitor is not None and itstime(step, config.knn_every, num_steps)
+      save_due = itstime(step, config.checkpoint_every, stop_at)
+      preempted = preemption.requested or ckpt.reached_preemption(step)
+      if not (log_due or monitor_due or save_due or preempted):
+        continue
+      window.add(_verified(*pending))  # only verified states are reported or saved
+      pending = None
+      scalars = {}
+      if log_due:
+        scalars = window.pop()
+        scalars.update(perf.pop())
+        if "perf/steps_per_sec" in scalars:
+          scalars["perf/images_per_sec"] = scalars["perf/steps_per_sec"] * config.batch_size
+        reporting.say(reporting.progress_line(step, num_steps, scalars))
+      if monitor_due:
+        with progress.timed("k-NN monitor"):
+          knn_scalars = monitor(state)
+        reporting.say(reporting.knn_line(step, knn_scalars))
+        scalars.update(knn_scalars)
+      if scalars:
+        writer.write_scalars(step, scalars)
+        last = scalars
+      if save_due or preempted:
+        ckpt.save(step, state, train_in.get_state(), force=True)
+      if preempted:
         ckpt.wait()
         reporting.say(f"preempted: saved step {step}, exiting")
-        return last
+        break
     return last
   finally:
     ckpt.close()
     writer.close()
-    preempt.restore()
+    preemption.restore()
 
 
-def _check_finite(step: int, metrics):
-  if not bool(jax.device_get(metrics["finite"])):
-    raise NonFiniteLoss(
-        f"Non-finite loss or gradient at step {step}: the run stops here; the last "
-        "checkpoint holds the last good state.")
+def _compiled_everywhere(setup: Setup, config, mesh):
+  """The step compiled ahead of the loop; then every process waits for the others at a barrier
+  of the coordination service, so the first step's collectives start together (CPU processes'
+  gloo collectives wait only 30 s for a late one, less than compilation can differ)."""
+  t0 = time.time()
+  compiled = setup.step.lower(state_lib.abstract_with_shardings(setup.layout),
+                              batch_shapes(config, mesh)).compile()
+  reporting.say(f"compiled the train step in {time.time() - t0:.1f} s")
+  if jax.process_count() > 1:
+    from orbax.checkpoint import multihost
+    multihost.get_barrier_sync_fn()(key="sove_jax_train_step_compiled", timeout_ms=3_600_000)
+  return compiled
+
+
+def _profiler(config, workdir, start: int, stop_at: int):
+  """With `config.profile`, CLU's periodic profiler: a jax.profiler trace of up to 5 steps
+  after the first (compiled) one, into `workdir/plugins/profile` for TensorBoard."""
+  if not config.profile:
+    return None
+  from clu import periodic_actions
+
+  first = start + 2
+  num_steps = min(5, stop_at - first)
+  if num_steps < 1:
+    logging.warning("config.profile: the run has too few steps left to trace (%d).",
+                    stop_at - start)
+    return None
+  return periodic_actions.Profile(logdir=workdir, num_profile_steps=num_steps,
+                                  profile_duration_ms=None, first_profile=first,
+                                  every_secs=None)
 
 
 def knn_inputs(config, mesh, pipeline):

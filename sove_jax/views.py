@@ -7,7 +7,7 @@ recorded); everything else runs on the device, per image, so it shards over the 
 
   draw(key, sizes, recipe)        -> parameters: crop boxes, flips, jitter factors and orders,
                                      which ops fire, blur sigmas (all from one PRNG key);
-  apply(canvases, params, recipe) -> normalised float views "global" [B, 2, G, G, 3] and
+  apply(canvases, params, recipe) -> normalized float views "global" [B, 2, G, G, 3] and
                                      "local" [B, n, L, L, 3];
   make(canvases, sizes, key, recipe) = apply(canvases, draw(key, sizes, recipe), recipe).
 
@@ -15,10 +15,10 @@ Semantics are the host path's (torchvision's, as DINO/iBOT/SOVE use them), op fo
 same parameters give the same views (tests/test_views.py checks both to 1e-3):
 RandomResizedCrop boxes (10 attempts, then the central crop clipped to the ratio range); the
 antialiased bicubic resize (Keys' cubic, a = -0.5, widened by the downscale factor, weights
-renormalised at the crop edges) as two matrix products per view, the natural form on TPUs and
+renormalized at the crop edges) as two matrix products per view, the natural form on TPUs and
 GPUs; horizontal flip (the column weights run backwards); ColorJitter in a random order;
 grayscale (ITU-R 601-2 luma); Gaussian blur, separable, edges replicated; solarize; mean/std
-normalisation. Each resize matrix spans only a window of the canvas that any box of the view's
+normalization. Each resize matrix spans only a window of the canvas that any box of the view's
 scale range fits in (`crop_window`), not the whole canvas: the small local views cost a
 fraction of a whole-canvas product.
 
@@ -141,7 +141,7 @@ def draw_boxes(key, sizes, views: int, scale, ratio, attempts: int = ATTEMPTS) -
   sizes [B, 2]: each image's (height, width). Each box is (top, left, h, w): area fraction
   uniform in `scale`, log aspect ratio (w / h) uniform in log(`ratio`), w and h rounded (half to
   even, as Python's round); the first of `attempts` draws that fits the image wins, else the
-  whole image clipped to the ratio range, centred.
+  whole image clipped to the ratio range, centered.
   """
   u = jax.random.uniform(key, (sizes.shape[0], views, attempts, 4))
   return _boxes(u, sizes, scale, ratio)
@@ -236,7 +236,7 @@ def resize_weights(start, length, window_start, window: int, out_size: int) -> j
 
   Columns are the canvas pixels window_start + [0, window). Antialiased bicubic as
   tf.image.resize(method="bicubic", antialias=True) and PIL compute it on the cut-out crop:
-  kernel widened by max(1, length / out_size), weights outside the crop zero, rows renormalised.
+  kernel widened by max(1, length / out_size), weights outside the crop zero, rows renormalized.
   """
   start = start.astype(jnp.float32)[..., None, None]
   length = length.astype(jnp.float32)[..., None, None]
@@ -385,7 +385,7 @@ def solarize(x, on):
 
 
 def photometric(x, params: ViewParams, recipe: Recipe, blur_prob, solarize_prob) -> jax.Array:
-  """Colour jitter, grayscale, blur, solarize (each where drawn) on views [B, V, S, S, C]."""
+  """Color jitter, grayscale, blur, solarize (each where drawn) on views [B, V, S, S, C]."""
   C = x.shape[-1]
   if recipe.jitters:
     jittered = color_jitter(x, params.factors, params.order, with_hue=recipe.color_jitter[3] > 0)
@@ -410,7 +410,7 @@ def apply(canvases, params: dict[str, ViewParams], recipe: Recipe,
           precision=HIGHEST) -> dict[str, jax.Array]:
   """Views from canvases uint8 [B, Hc, Wc, C] (C = 1 or 3) with drawn `params`.
 
-  Returns normalised float32 "global" [B, 2, G, G, 3] and, when num_local > 0, "local"
+  Returns normalized float32 "global" [B, 2, G, G, 3] and, when num_local > 0, "local"
   [B, n, L, L, 3]. A gray canvas (C = 1) is processed in one channel and repeated at the end:
   the same views as from its three equal channels, at a third of the cost.
   """

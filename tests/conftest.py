@@ -1,7 +1,7 @@
 """Test session set-up.
 
 The whole pytest session runs on 8 fake CPU devices so that sharded and unsharded results can be
-compared in one process; XLA reads this flag only when JAX initialises, so it is set here, before
+compared in one process; XLA reads this flag only when JAX initializes, so it is set here, before
 any test module imports JAX. Unsharded code simply runs on device 0.
 """
 import os

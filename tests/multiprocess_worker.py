@@ -13,6 +13,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import logging  # noqa: E402
+
+logging.set_verbosity(logging.INFO)  # the trainer's lines (no absl app here to set it)
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
@@ -27,9 +30,9 @@ config.checkpoint_every = 2
 metrics = train.train_and_evaluate(config, workdir)
 
 mesh = sharding.make_mesh(config.mesh)
-parts = train.build(config, mesh, steps_per_epoch=1)
+setup = train.build(config, mesh, steps_per_epoch=1)
 ck = checkpoint.Checkpointer(workdir, save_every=1, keep=10)
-restored, data_state = ck.restore(state_lib.abstract_with_shardings(parts["layout"]))
+restored, data_state = ck.restore(state_lib.abstract_with_shardings(setup.layout))
 ck.close()
 
 
@@ -39,7 +42,8 @@ def local_sum(x):
 
 print("RESULT " + json.dumps({
     "process": jax.process_index(), "devices": jax.device_count(),
-    "loss": metrics.get("loss"), "step": int(np.asarray(restored.step.addressable_shards[0].data)),
+    "loss": metrics["train/loss"],
+    "step": int(np.asarray(restored.step.addressable_shards[0].data)),
     "class_bank": local_sum(restored.class_bank.embeddings),
     "patch_bank": local_sum(restored.patch_bank.embeddings),
     "teacher": sum(local_sum(x) for x in jax.tree.leaves(restored.teacher)),

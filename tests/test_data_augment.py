@@ -1,4 +1,4 @@
-"""Multi-crop ops: crop geometry statistics, both crop paths agree, torchvision's colour jitter."""
+"""Multi-crop ops: crop geometry statistics, both crop paths agree, torchvision's color jitter."""
 import colorsys
 import itertools
 
@@ -25,11 +25,11 @@ def test_crop_boxes_stay_in_the_image_with_scale_and_ratio_in_range(scale):
   assert len({tuple(b) for b in boxes}) > 0.9 * len(boxes)
 
 
-def test_crop_boxes_fall_back_to_a_centred_crop_on_extreme_images():
+def test_crop_boxes_fall_back_to_a_centered_crop_on_extreme_images():
   boxes = augment.draw_crop_boxes([1, 1], [500], 20, 400, (0.9, 1.0), (3 / 4, 4 / 3)).numpy()
   top, left, h, w = boxes.T
   assert (top + h <= 20).all() and (left + w <= 400).all()
-  # torchvision's fallback: the whole height, the widest allowed ratio, centred.
+  # torchvision's fallback: the whole height, the widest allowed ratio, centered.
   assert ((h == 20) & (w == round(20 * 4 / 3)) & (left == (400 - w) // 2)).all()
 
 
@@ -108,7 +108,7 @@ def test_photometric_keeps_shape_range_and_follows_the_seed():
   assert not np.allclose(a, c)
 
 
-def test_eval_view_resizes_the_shorter_side_and_crops_the_centre():
+def test_eval_view_resizes_the_shorter_side_and_crops_the_center():
   image = np.zeros((300, 400, 3), np.uint8)
   image[130:170, 180:220] = 255  # a bright square in the middle
   out = augment.eval_view(image, 256, 224).numpy()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs import default
+from sove_jax import configuration
 from sove_jax.data import pipeline, sources
 
 
@@ -26,7 +27,7 @@ def _arrays(n=40, size=16, channels=3):
 
 def _train(src, d=None, *, batch=8, seed=0, index=0, count=1, patch=4):
   d = d or _config()
-  pipeline.validate(d, patch_size=patch, global_batch_size=batch, process_count=count)
+  configuration.validate_data(d, patch_size=patch, global_batch_size=batch, process_count=count)
   return pipeline.TrainInput(src, d, patch_size=patch, global_batch_size=batch, seed=seed,
                              process_index=index, process_count=count)
 
@@ -59,7 +60,7 @@ def test_default_config_trains_and_evaluates_on_fashion_mnist():
   L = (d.global_size // p) ** 2
   _check_train_batch(b, 32, d.global_size, d.num_local, d.local_size, L)
   _check_block_mask_counts(b["mask"], d.mask_ratio, L)
-  # Gray pictures in 3 channels: before normalisation the channels are equal.
+  # Gray pictures in 3 channels: before normalization the channels are equal.
   raw = b["global"] * np.array(d.std) + np.array(d.mean)
   np.testing.assert_allclose(raw[..., 0], raw[..., 2], atol=1e-5)
   ev = pipeline.eval_input(d, split="test", global_batch_size=128, process_index=0, process_count=1,
@@ -181,8 +182,8 @@ def test_a_folder_with_a_corrupt_image_trains_on_the_rest_and_reports_it(tmp_pat
 
 
 @pytest.mark.parametrize("overrides,patch,batch,count,message", [
-    (dict(global_size=30), 4, 8, 1, "global_size=30 must be a positive multiple of the patch size"),
-    (dict(), 4, 9, 2, "global batch 9 must be a positive multiple of the process count 2"),
+    (dict(global_size=30), 4, 8, 1, "global_size=30 must be a positive multiple of model.patch"),
+    (dict(), 4, 9, 2, "batch_size=9 must be a positive multiple of the 2 processes"),
     (dict(global_scale=(0.9, 0.1)), 4, 8, 1, "global_scale"),
     (dict(blur_prob=(1.0, 1.2, 0.5)), 4, 8, 1, "blur_prob"),
     (dict(mask_type="stripes"), 4, 8, 1, "mask_type"),
@@ -190,11 +191,15 @@ def test_a_folder_with_a_corrupt_image_trains_on_the_rest_and_reports_it(tmp_pat
     (dict(mask_min_patches=17), 4, 8, 1, "mask_min_patches=17 must be in"),
     (dict(source="tfds", name=""), 4, 8, 1, "data.name"),
 ])
-def test_validate_rejects_bad_configs(overrides, patch, batch, count, message):
-  with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-    pipeline.validate(_config(**overrides), patch_size=patch, global_batch_size=batch,
-                      process_count=count)
-  pipeline.validate(_config(), patch_size=patch, global_batch_size=8, process_count=1)
+def test_data_checks_reject_bad_configs(overrides, patch, batch, count, message):
+  """The data block's checks live in sove_jax.configuration; the pipeline runs them too."""
+  with pytest.raises(configuration.ConfigError, match=message.replace("(", r"\(")):
+    configuration.validate_data(_config(**overrides), patch_size=patch,
+                                global_batch_size=batch, process_count=count)
+  with pytest.raises(configuration.ConfigError, match=message.replace("(", r"\(")):
+    pipeline.train_input(_config(**overrides), patch_size=patch, global_batch_size=batch,
+                         seed=0, process_index=0, process_count=count)
+  configuration.validate_data(_config(), patch_size=patch, global_batch_size=8, process_count=1)
 
 
 def test_to_global_shards_the_batch_axis_over_devices():

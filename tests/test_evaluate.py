@@ -1,10 +1,11 @@
-"""Evaluation protocols (SPEC section 7) against float64 NumPy references.
+"""Evaluation protocols (docs/method.md §12) against float64 NumPy references.
 
 The backbone here is a small stand-in NNX module with the ViT's calling convention, so these
 tests do not depend on sove_jax.models; the data are synthetic clusters in host batches shaped
 like the data package's eval input.
 """
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,7 @@ class FakeEval:
   def __init__(self, images, labels, batch_size):
     self.images, self.labels, self.batch_size = images, labels, batch_size
     self.num_examples = len(labels)
+    self.num_batches = -(-self.num_examples // batch_size)
 
   def __iter__(self):
     b = self.batch_size
@@ -75,7 +77,7 @@ def image_split(rng, n, num_classes, prototypes=None):
 
 def knn_reference(train_f, train_y, test_f, k, temperature, num_classes):
   """float64 DINO k-NN; also which rows have a clear decision (no near-tie among the class
-  scores nor at the k-th neighbour), where float32 must agree exactly."""
+  scores nor at the k-th neighbor), where float32 must agree exactly."""
   tr = train_f.astype(np.float64)
   te = test_f.astype(np.float64)
   tr /= np.linalg.norm(tr, axis=1, keepdims=True)
@@ -163,6 +165,20 @@ def test_extract_features_sharded_equals_unsharded_and_drops_padding():
     assert f.dtype == np.float32 and y.dtype == np.int32
     np.testing.assert_allclose(f, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(y, labels)
+
+
+def test_long_feature_passes_log_their_progress(monkeypatch, caplog):
+  """Every PROGRESS_EVERY_SECONDS a line says how far a pass is (here every batch)."""
+  monkeypatch.setattr(features, "PROGRESS_EVERY_SECONDS", 0.0)
+  images = np.zeros((37, 4, 4, 3), np.float32)
+  with caplog.at_level(logging.INFO):
+    features.extract_features(lambda x: x.reshape(x.shape[0], -1), FakeEval(
+        images, np.zeros(37, np.int32), 16), name="features of test")
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("features of")]
+  assert [line.split(",")[0] for line in lines] == [
+      "features of test: 1/3 batches", "features of test: 2/3 batches",
+      "features of test: 3/3 batches"]
+  assert "ETA" in lines[0] and "images/s" in lines[0]
 
 
 def test_feature_conventions():

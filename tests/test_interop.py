@@ -243,7 +243,7 @@ def test_round_trip_through_pth_and_safetensors_files(tmp_path, model, state_dic
 
 
 def test_safetensors_bytes_follow_the_format(tmp_path):
-  """Parsed here by hand, so the writer is checked against the format, not its own reader."""
+  """Parsed here by hand, so the file is checked against the format, not against the reader."""
   import ml_dtypes
 
   arrays = {"b": np.arange(6, dtype=np.float32).reshape(2, 3) - 2.5,
@@ -265,19 +265,8 @@ def test_safetensors_bytes_follow_the_format(tmp_path):
     np.testing.assert_array_equal(loaded[k].view(np.uint8), v.view(np.uint8))
   with open(path, "r+b") as f:  # a truncated file is refused, not read short
     f.truncate(len(raw) - 4)
-  with pytest.raises(ValueError, match="Corrupt safetensors entry"):
+  with pytest.raises(ValueError, match="not a readable safetensors file"):
     tw.load_safetensors(path)
-
-
-def test_safetensors_agrees_with_the_safetensors_package(tmp_path, state_dict):
-  st = pytest.importorskip("safetensors.numpy")
-  ours, theirs = str(tmp_path / "ours.safetensors"), str(tmp_path / "theirs.safetensors")
-  tw.save_safetensors(state_dict, ours)
-  st.save_file(state_dict, theirs)
-  for got in (st.load_file(ours), tw.load_safetensors(theirs)):
-    assert got.keys() == state_dict.keys()
-    for k in state_dict:
-      np.testing.assert_array_equal(got[k], state_dict[k], err_msg=k)
 
 
 # ------------------------------------------------------------------ importing PyTorch checkpoints

@@ -1,8 +1,8 @@
-"""Tests for the ViT backbone and the projection head (SPEC section 6).
+"""Tests for the ViT backbone and the projection head (docs/method.md §9).
 
-Behaviour is checked on a tiny ViT (width 32, depth 2, 16 px, patch 4) built once per module;
+Behavior is checked on a tiny ViT (width 32, depth 2, 16 px, patch 4) built once per module;
 the S/B/L parameter counts and full-size output shapes come from abstract evaluation, so no
-large model is materialised.
+large model is materialized.
 """
 import functools
 

@@ -1,6 +1,7 @@
-"""Tests of sove_jax.objective against an independent float64 NumPy implementation of SPEC 1-4.
+"""Tests of sove_jax.objective against an independent float64 NumPy implementation of the
+method (docs/method.md §3-§7).
 
-The references below build the dense label matrix Y and follow the SPEC's definitions literally
+The references below build the dense label matrix Y and follow the definitions literally
 (loops over view pairs, explicit softmax, dense backpropagation); the library never builds Y
 and works in log space, so agreement checks the reformulation, not a copy of it.
 Relative error of x against a reference r is max|x - r| / max|r|.
@@ -30,7 +31,7 @@ def rel_err(x, ref):
 
 
 def ref_judges(bank, anchor_idx, k, smoothing, labels, exclude_idx=None):
-  """SPEC 1 literally: similarities, excluded columns -inf, top-k by full sort."""
+  """docs/method.md §3 literally: similarities, excluded columns -inf, top-k by full sort."""
   bank = np.asarray(bank, np.float64)
   anchor_idx = np.asarray(anchor_idx)
   exclude_idx = anchor_idx if exclude_idx is None else np.asarray(exclude_idx)
@@ -46,7 +47,8 @@ def ref_judges(bank, anchor_idx, k, smoothing, labels, exclude_idx=None):
 
 
 def ref_label_matrix(weights):
-  """Y[(i, j), c] = w_ij if c == i else (1 - w_ij) / (K - 1): the K*J x K matrix of SPEC 1.5."""
+  """Y[(i, j), c] = w_ij if c == i else (1 - w_ij) / (K - 1): the K*J x K matrix of
+  docs/method.md §4."""
   num_c, num_j = weights.shape
   y = np.empty((num_c * num_j, num_c))
   for i in range(num_c):
@@ -86,7 +88,8 @@ def ref_log_probs_vjp(u, vectors, weights, tau, g):
 
 
 def ref_class_loss_per_example(ls, pt):
-  """SPEC 3: mean over pairs (v teacher, u student, u != v) of -sum_c Pt[v] log Ps[u]."""
+  """docs/method.md §6 (paper eq. 2): mean over pairs (v teacher, u student, u != v) of
+  -sum_c Pt[v] log Ps[u]."""
   ls, pt = np.asarray(ls, np.float64), np.asarray(pt, np.float64)
   total, pairs = 0.0, 0
   for v in range(pt.shape[0]):
@@ -175,9 +178,9 @@ class JudgesTest(chex.TestCase):
     assert not np.isin(order, anchor_idx).any()
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_anchors_never_neighbours(self):
+  def test_anchors_never_neighbors(self):
     # Rows come in near-identical pairs and both rows of some pairs are anchors: without the
-    # exclusion each such anchor's nearest neighbour would be its twin.
+    # exclusion each such anchor's nearest neighbor would be its twin.
     rng = np.random.default_rng(2)
     base = unit_rows(rng, (24, 16))
     twins = unit_rows(rng, (24, 16)) * 1e-3 + base
@@ -186,7 +189,7 @@ class JudgesTest(chex.TestCase):
     anchor_idx = np.array([0, 24, 1, 25, 2, 26, 3, 27], np.int32)
     fn = self.variant(functools.partial(obj.select_judges, num_neighbors=5, chunk_size=3))
     judges = fn(bank, anchor_idx)
-    # Identify each neighbour vector by its nearest bank row.
+    # Identify each neighbor vector by its nearest bank row.
     nbr_rows = np.argmax(np.asarray(judges.vectors[:, 1:]) @ bank.T, axis=-1)
     assert not np.isin(nbr_rows, anchor_idx).any()
     _, _, order = ref_judges(bank, anchor_idx, 5, 0.1, "soft")
@@ -194,7 +197,7 @@ class JudgesTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_exclude_idx_official_setting(self):
-    # 16 anchors drawn, the first 8 kept as concepts, all 16 excluded from neighbours.
+    # 16 anchors drawn, the first 8 kept as concepts, all 16 excluded from neighbors.
     rng = np.random.default_rng(3)
     bank = unit_rows(rng, (64, 8)).astype(np.float32)
     idx = np.asarray(obj.sample_anchors(jax.random.key(1), 64, 16))
@@ -207,7 +210,7 @@ class JudgesTest(chex.TestCase):
     assert rel_err(judges.weights, weights) < 1e-5
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_no_neighbours_is_the_anchor_alone(self):
+  def test_no_neighbors_is_the_anchor_alone(self):
     rng = np.random.default_rng(4)
     bank = unit_rows(rng, (32, 8)).astype(np.float32)
     anchor_idx = np.array([5, 0, 31], np.int32)

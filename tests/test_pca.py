@@ -15,7 +15,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class MeanColorViT(nnx.Module):
-  """Patch tokens: each patch's mean standardised colour; [CLS]: the image's mean colour."""
+  """Patch tokens: each patch's mean standardised color; [CLS]: the image's mean color."""
 
   def __init__(self, patch=4):
     self.patch_size = patch
@@ -98,5 +98,5 @@ def test_background_removed(tmp_path):
   assert summary["foreground_fraction"] == pytest.approx(16 / 64)
   maps = canvas[:, 32 + pca.GAP:]
   assert np.all(maps[:8] == 0) and np.all(maps[:, :8] == 0)  # border patches: black
-  assert np.all(maps[8:24, 8:24].max(axis=-1) > 0)  # the object: coloured
+  assert np.all(maps[8:24, 8:24].max(axis=-1) > 0)  # the object: colored
 

@@ -1,7 +1,7 @@
 """Tests of the DINO / iBOT objectives (sove_jax.prototypes) and their head.
 
 The references below are float64 NumPy written from the papers' definitions, loop by loop: for
-each (teacher view, student view) pair, a softmax of the centred teacher logits at the teacher
+each (teacher view, student view) pair, a softmax of the centered teacher logits at the teacher
 temperature against a log-softmax of the student logits at 0.1; the gradient with respect to
 the student logits is the closed form (softmax(s / T_s) - target) / T_s per term. The library
 instead reuses SOVE's pair reduction (sums over views, no loop), so agreement checks it.
@@ -78,7 +78,7 @@ def ref_ibot_patch(student, teacher, center, mask, t_temp, s_temp):
 
 
 def ref_center(center, teacher_rows, momentum):
-  """DINO: centre * m + (1 - m) * sum of the teacher rows / their number."""
+  """DINO: center * m + (1 - m) * sum of the teacher rows / their number."""
   rows = np.asarray(teacher_rows, np.float64)
   return np.asarray(center, np.float64) * momentum + rows.sum(0) / len(rows) * (1 - momentum)
 
@@ -88,7 +88,7 @@ def ref_gelu(x):
 
 
 def ref_head(params, x, trained_norm=False):
-  """DINO's head: MLP, L2-normalise, weight-normalised prototypes (no bias), float64."""
+  """DINO's head: MLP, L2-normalize, weight-normalized prototypes (no bias), float64."""
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   h = ref_gelu(x @ p["mlp"]["fc1"]["kernel"] + p["mlp"]["fc1"]["bias"])
   h = ref_gelu(h @ p["mlp"]["fc2"]["kernel"] + p["mlp"]["fc2"]["bias"])
@@ -158,8 +158,8 @@ def test_dino_teacher_temperature_may_be_traced(dino_inputs):
 
 
 def test_dino_centring_removes_a_shared_shift(dino_inputs):
-  """Softmax is shift-invariant per row, but the centre is per prototype: subtracting it is
-  what keeps one prototype from dominating every image. A centre equal to a constant offset
+  """Softmax is shift-invariant per row, but the center is per prototype: subtracting it is
+  what keeps one prototype from dominating every image. A center equal to a constant offset
   added to one prototype's logits cancels that offset exactly."""
   x = dino_inputs
   shifted = x["teacher"].copy()
@@ -206,7 +206,7 @@ def test_ibot_loss_is_dino_cls_plus_patch(dino_inputs, patch_inputs):
   assert rel_err(total, 0.5 * ref_cls.mean() + 2.0 * ref_patch.mean()) < TOL
 
 
-# ----------------------------------------------------------------------------- centres
+# ----------------------------------------------------------------------------- centers
 
 
 def test_center_update_matches_dino_and_ibot():
@@ -217,11 +217,11 @@ def test_center_update_matches_dino_and_ibot():
   # DINO: teacher_output is the two views concatenated, [2B, K].
   got = proto.update_center(center, cls, 0.9)
   assert rel_err(got, ref_center(center, cls.reshape(10, k), 0.9)) < TOL
-  # iBOT's patch centre: mean over tokens per image, then over the 2B images.
+  # iBOT's patch center: mean over tokens per image, then over the 2B images.
   per_image = patch.reshape(10, 6, k).astype(np.float64).mean(1)
   got = proto.update_center(center, patch, 0.9)
   assert rel_err(got, ref_center(center, per_image, 0.9)) < TOL
-  # Momentum 1 keeps the centre; 0 replaces it by the batch mean.
+  # Momentum 1 keeps the center; 0 replaces it by the batch mean.
   np.testing.assert_allclose(proto.update_center(center, cls, 1.0), center)
   np.testing.assert_allclose(proto.update_center(center, cls, 0.0), cls.reshape(10, k).mean(0),
                              rtol=1e-6, atol=1e-6)
@@ -229,7 +229,7 @@ def test_center_update_matches_dino_and_ibot():
 
 @pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
 def test_center_is_the_global_batch_mean_on_8_devices(axis_type):
-  """Sharded over the batch, the centre equals the single-device one: under jit the mean is
+  """Sharded over the batch, the center equals the single-device one: under jit the mean is
   global, and inside shard_map `axis_name` averages the per-device means."""
   assert jax.device_count() == 8
   mesh = jax.make_mesh((8,), ("data",), axis_types=(getattr(jax.sharding.AxisType, axis_type),))
@@ -295,7 +295,7 @@ def test_head_matches_reference_and_shapes(small_head):
   np.testing.assert_allclose(small_head(x[:, 2]), y[:, 2], atol=1e-6)
 
 
-def test_prototype_layer_is_weight_normalised(small_head):
+def test_prototype_layer_is_weight_normalized(small_head):
   layer = small_head.last_layer
   np.testing.assert_allclose(np.linalg.norm(np.asarray(layer.weight()), axis=0), 1.0, rtol=1e-6)
   # PyTorch's default Linear draw: uniform in +-1/sqrt(bottleneck).

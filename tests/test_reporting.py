@@ -1,35 +1,84 @@
-"""The hand-written TensorBoard event files must be readable by TensorFlow's own reader."""
-import glob
+"""Metrics through CLU writers: metrics.jsonl and TensorBoard files that TensorBoard reads; the
+logging window's means; the console's lines and its quiet default."""
 import json
-import os
+import logging as python_logging
 
-import pytest
+from absl import logging
 
 from sove_jax import reporting
 
 
-def test_crc32c_known_vector():
-  assert reporting.crc32c(b"123456789") == 0xE3069283
+def test_writer_gives_jsonl_and_tensorboard_files_that_tensorboard_reads(tmp_path):
+  """TensorBoard is a dependency (what `tensorboard --logdir WORKDIR` needs): its own reader
+  finds every scalar and the config as hparams."""
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.plugins.hparams import plugin_data_pb2
+  from tensorboard.util import tensor_util
+
+  writer = reporting.open_writer(str(tmp_path), enabled=True)
+  writer.write_hparams({"batch_size": 16, "optim": {"base_lr": 1e-3}, "sizes": (28, 14)})
+  writer.write_scalars(3, {"train/loss": 1.5, "perf/steps_per_sec": 2.0})
+  writer.write_scalars(6, {"train/loss": 1.25, "knn/top1_k20": 70.5})
+  writer.close()
+  lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert lines == [{"step": 3, "train/loss": 1.5, "perf/steps_per_sec": 2.0},
+                   {"step": 6, "train/loss": 1.25, "knn/top1_k20": 70.5}]
+  events = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+  events.Reload()
+  tags = events.Tags()["tensors"]
+  assert {"train/loss", "perf/steps_per_sec", "knn/top1_k20"} <= set(tags)
+  loss = [(e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
+          for e in events.Tensors("train/loss")]
+  assert loss == [(3, 1.5), (6, 1.25)]
+  (content,) = events.PluginTagToContent("hparams").values()
+  hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+  assert set(hparams) == {"batch_size", "optim.base_lr", "sizes.0", "sizes.1"}
 
 
-def test_events_and_jsonl_round_trip(tmp_path):
-  tf = pytest.importorskip("tensorflow")
-  w = reporting.MetricWriter(str(tmp_path))
-  w.write(3, {"loss": 1.5, "learning_rate": 1e-3})
-  w.write(6, {"loss": 1.25})
-  w.close()
-  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-  assert lines == [{"step": 3, "loss": 1.5, "learning_rate": 1e-3}, {"step": 6, "loss": 1.25}]
-  (path,) = glob.glob(os.path.join(tmp_path, "events.out.tfevents.*"))
-  seen = []
-  for raw in tf.data.TFRecordDataset(path):  # verifies the length and data CRCs
-    event = tf.compat.v1.Event.FromString(raw.numpy())
-    for v in event.summary.value:
-      seen.append((event.step, v.tag, round(v.simple_value, 6)))
-  assert seen == [(3, "loss", 1.5), (3, "learning_rate", 0.001), (6, "loss", 1.25)]
+def test_other_processes_write_nothing(tmp_path):
+  writer = reporting.open_writer(str(tmp_path / "w"), enabled=False)
+  writer.write_scalars(1, {"train/loss": 1.0})
+  writer.close()
+  assert not (tmp_path / "w").exists()
 
 
-def test_progress_line_has_eta_and_throughput():
-  line = reporting.progress_line(10, 200, {"loss": 2.0, "cls_loss": 1.5, "patch_loss": 0.5,
-                                           "learning_rate": 1e-4}, 1234.0, 75.0)
-  assert "step  10/200" in line and "1,234 img/s" in line and "ETA 1m15s" in line
+def test_window_averages_measurements_and_keeps_the_last_schedule_values():
+  window = reporting.Window(last=("learning_rate",))
+  window.add({"loss": 3.0, "grad_norm": 1.0, "learning_rate": 0.1})
+  window.add({"loss": 1.0, "grad_norm": 2.0, "learning_rate": 0.2})
+  assert len(window) == 2
+  assert window.pop() == {"train/loss": 2.0, "train/grad_norm": 1.5, "train/learning_rate": 0.2}
+  window.add({"loss": 5.0, "learning_rate": 0.3})
+  assert window.pop() == {"train/loss": 5.0, "train/learning_rate": 0.3}
+
+
+def test_progress_line_has_throughput_and_eta_once_measured():
+  scalars = {"train/loss": 2.0, "train/cls_loss": 1.5, "train/patch_loss": 0.5,
+             "train/learning_rate": 1e-4}
+  assert reporting.progress_line(1, 200, scalars) == (
+      "step   1/200 | loss 2.0000 (cls 1.5000 patch 0.5000) | lr 1.00e-04")
+  scalars.update({"perf/steps_per_sec": 2.0, "perf/images_per_sec": 1234.0})
+  line = reporting.progress_line(50, 200, scalars)
+  assert line.endswith("| 1,234 img/s | ETA 1m15s"), line
+  assert reporting.knn_line(250, {"knn/top1_k20": 67.25, "knn/top1_k10": 68.0}) == (
+      "k-NN top-1 at step 250: k=10 68.00 | k=20 67.25")
+
+
+def _record(level, pathname):
+  return python_logging.LogRecord("absl", level, pathname, 1, "message", None, None)
+
+
+def test_console_shows_our_lines_and_warnings_and_library_detail_only_when_verbose():
+  handler = logging.get_absl_handler().python_handler
+  ours = reporting.__file__
+  library = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
+  try:
+    reporting.configure_console(verbose=False)
+    assert handler.filter(_record(python_logging.INFO, ours))
+    assert handler.filter(_record(python_logging.WARNING, library))
+    assert not handler.filter(_record(python_logging.INFO, library))
+    assert handler.format(_record(python_logging.INFO, ours)).endswith(" message")
+    reporting.configure_console(verbose=True)
+    assert handler.filter(_record(python_logging.INFO, library))
+  finally:
+    reporting.configure_console(verbose=True)  # as absl left it for the other tests

@@ -1,8 +1,8 @@
 """Revisited Oxford/Paris retrieval: the protocol's AP by hand, mAP of a synthetic dataset known
 by construction, the ground truth read without running code, descriptors sharded over devices.
 
-The synthetic dataset's images are solid colours whose standardised value is 1.5 (cos t, sin t, 0)
-for an angle t, and the stand-in backbone's [CLS] is the image's mean standardised colour, so the
+The synthetic dataset's images are solid colors whose standardised value is 1.5 (cos t, sin t, 0)
+for an angle t, and the stand-in backbone's [CLS] is the image's mean standardised color, so the
 cosine similarity of two images is the cosine of their angle difference: the rankings, hence every
 AP, are fixed by the angles chosen.
 """
@@ -25,7 +25,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class MeanColorViT(nnx.Module):
-  """Patch tokens: each patch's mean standardised colour; [CLS]: the image's mean colour."""
+  """Patch tokens: each patch's mean standardised color; [CLS]: the image's mean color."""
 
   def __init__(self, patch=4):
     self.patch_size = patch
@@ -111,7 +111,7 @@ def write_dataset(root, *, protocol=2):
     shape = (48, 64) if i % 2 else (64, 48)
     save_jpg(folder / "jpg" / f"d{i}.jpg", np.broadcast_to(color(angle), shape + (3,)).copy())
   for i, (angle, g) in enumerate(zip(QUERY_ANGLES, GND)):
-    # The box holds the query colour; the larger outside holds the opposite colour, so a
+    # The box holds the query color; the larger outside holds the opposite color, so a
     # descriptor of the uncropped image points the other way.
     pixels = np.broadcast_to(color(angle + 180), (64, 80, 3)).copy()
     x0, y0, x1, y1 = (round(v) for v in g["bbx"])
@@ -137,7 +137,7 @@ def test_retrieval_cli_known_map(tmp_path, capsys):
   assert record["database"] == 10 and record["queries"] == 2 and record["query_crop"]
   assert "medium" in capsys.readouterr().out
 
-  # The dataset folder itself as data_dir; three scales of a solid colour: the same descriptors.
+  # The dataset folder itself as data_dir; three scales of a solid color: the same descriptors.
   multi = retrieval.evaluate_retrieval(
       run_config(), model, dataset="roxford5k", data_dir=str(tmp_path / "data" / "roxford5k"),
       imsize=32, multiscale=True, batch_size=8)

@@ -42,7 +42,7 @@ if mode == "train":
     sys.exit(1)
   with open(os.path.join(workdir, "metrics.jsonl"), "a") as m:
     for step in range(start + 1, 5):
-      m.write(json.dumps({"step": step, "loss": 1.0, "images_per_sec": 5.0 if step == start + 1 else 100.0 + step}) + "\n")
+      m.write(json.dumps({"step": step, "train/loss": 1.0, "perf/images_per_sec": 5.0 if step == start + 1 else 100.0 + step}) + "\n")
       m.flush()
       open(ckpt, "w").write(str(step))
       print("step %d/4 | loss 1.0" % step, flush=True)

@@ -1,6 +1,6 @@
 """Tests for the Swin backbone (sove_jax/models/swin.py).
 
-Behaviour is checked on a tiny Swin (width 16, depths (2, 2, 2), heads (2, 4, 8), window 3,
+Behavior is checked on a tiny Swin (width 16, depths (2, 2, 2), heads (2, 4, 8), window 3,
 patch 2, built for 24 px: stage grids 12, 6, 3, so the last stage has one window and no shift,
 as Swin-T's at 224 px). Swin-T's parameter count and full-size shapes come from abstract
 evaluation. Parity is against a PyTorch forward written here from the reference architecture

@@ -4,6 +4,7 @@ Runs that must be separate processes (resume in a new process, SIGKILL, SIGTERM,
 end) go through `python -m sove_jax.main`; they inherit the 8 fake CPU devices of the session.
 """
 import json
+import logging
 import os
 import re
 import signal
@@ -11,14 +12,17 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import numpy as np
 import pytest
 
 from configs import smoke
-from sove_jax import checkpoint, configuration, sharding, state as state_lib, train
+from sove_jax import checkpoint, configuration, optim, sharding, state as state_lib, train
+from sove_jax import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_STEP_LINE = re.compile(r"\bstep +\d+/\d+ \| loss")  # the console's progress line
 
 
 def _main(workdir, *overrides, config="configs/smoke.py", **kw):
@@ -38,9 +42,9 @@ def _restore(workdir, step=None):
   """The whole saved state of a smoke run, as host numpy arrays."""
   config = checkpoint.read_config(str(workdir))
   mesh = sharding.make_mesh(config.mesh)
-  parts = train.build(config, mesh, steps_per_epoch=1)
+  setup = train.build(config, mesh, steps_per_epoch=1)
   ck = checkpoint.Checkpointer(str(workdir), save_every=1, keep=10)
-  got = ck.restore(state_lib.abstract_with_shardings(parts["layout"]), step=step)
+  got = ck.restore(state_lib.abstract_with_shardings(setup.layout), step=step)
   ck.close()
   return jax.device_get(got[0]), got[1]
 
@@ -65,29 +69,37 @@ def _synthetic_batch(config, seed=0):
   }
 
 
-def _two_steps(config, devices):
+def _traced_once(*args, **kwargs):
+  """The train step, refusing to be traced a second time (a retrace is a recompilation)."""
+  return chex.assert_max_traces(step_lib.make_train_step(*args, **kwargs), n=1)
+
+
+def _steps(config, devices, num_steps=3):
+  chex.clear_trace_counter()  # chex counts by source location: each setup starts at 0
   mesh = sharding.make_mesh(config.mesh, devices=devices)
-  parts = train.build(config, mesh, steps_per_epoch=10)
-  st = state_lib.create(config, parts["tx"], parts["layout"], parts["image_size"])
+  setup = train.build(config, mesh, steps_per_epoch=10, make_step=_traced_once)
+  st = state_lib.create(config, setup.tx, setup.layout, setup.image_size)
   batch_sh = sharding.batch_sharding(mesh)
   metrics = None
-  for i in range(2):
+  for i in range(num_steps):
     batch = jax.device_put(_synthetic_batch(config, seed=i), batch_sh)
-    st, metrics = parts["step"](st, batch)
+    st, metrics = setup.step(st, batch)
   return jax.device_get(st), jax.device_get(metrics)
 
 
-def test_sharded_step_equals_single_device_step():
+def test_sharded_step_equals_single_device_step_and_compiles_once():
+  """Three steps on one device and on eight agree; each setup traces its step once only
+  (chex.assert_max_traces), so the donated state's types stay fixed from step to step."""
   config = smoke.get_config()
   config.model.dtype = "float32"  # compare the sharding, not bf16 rounding differences
-  one, m1 = _two_steps(config, jax.devices()[:1])
-  eight, m8 = _two_steps(config, jax.devices())
+  one, m1 = _steps(config, jax.devices()[:1])
+  eight, m8 = _steps(config, jax.devices())
   assert len(jax.devices()) == 8
   np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-4)
   for name in ("student", "teacher", "opt_state", "class_bank", "patch_bank"):
     for x, y in zip(jax.tree.leaves(getattr(one, name)), jax.tree.leaves(getattr(eight, name))):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
-  assert int(one.step) == int(eight.step) == 2
+  assert int(one.step) == int(eight.step) == 3
   assert m1["finite"] and np.isfinite(m1["grad_norm"])
   assert 0.0 <= m1["agreement"] <= 1.0
 
@@ -96,13 +108,35 @@ def test_fsdp_shards_parameters():
   config = smoke.get_config()
   config.mesh.fsdp, config.mesh.shard_params = 4, True
   mesh = sharding.make_mesh(config.mesh)
-  parts = train.build(config, mesh, steps_per_epoch=10)
-  specs = [s.spec for s in jax.tree.leaves(parts["layout"].shardings.student)]
+  setup = train.build(config, mesh, steps_per_epoch=10)
+  specs = [s.spec for s in jax.tree.leaves(setup.layout.shardings.student)]
   assert any("fsdp" in tuple(s) for s in specs)
-  st = state_lib.create(config, parts["tx"], parts["layout"], parts["image_size"])
+  st = state_lib.create(config, setup.tx, setup.layout, setup.image_size)
   batch = jax.device_put(_synthetic_batch(config), sharding.batch_sharding(mesh))
-  st, metrics = parts["step"](st, batch)
+  st, metrics = setup.step(st, batch)
   assert bool(metrics["finite"])
+
+
+def test_fsdp_logs_each_parameter_layout_and_refuses_replicated_parameters(caplog):
+  """Rules come from config.mesh.rules; every layout is logged (blocks grouped); a rule set
+  that leaves most bytes whole on every device, or names no parameter's axis, is refused."""
+  config = smoke.get_config()
+  config.mesh.fsdp, config.mesh.shard_params = 4, True
+  mesh = sharding.make_mesh(config.mesh)
+  tx = optim.make_optimizer(config, optim.make_schedules(config, 10, 10))
+  layout = lambda: state_lib.layout(config, tx, mesh, config.data.global_size)
+  with caplog.at_level(logging.INFO):
+    layout()
+  assert re.search(r"backbone\.blocks\.\*\.attn\.qkv\.kernel +x2 +\(32, 3, 2, 16\) +"
+                   r"P\('fsdp', None, None, None\)", caplog.text), caplog.text
+  assert re.search(r"head\.fc3\.bias +\(32,\) +P\(None,\)", caplog.text)
+  config.mesh.rules = (("mlp", "fsdp"),)
+  with pytest.raises(configuration.ConfigError, match=r"mesh.fsdp=4, 57\.5% of the parameter "
+                     "bytes stay replicated, more than mesh.max_replicated=0.02"):
+    layout()
+  config.mesh.rules = (("embedding", "fsdp"),)
+  with pytest.raises(configuration.ConfigError, match="'embedding', which no parameter carries"):
+    layout()
 
 
 @pytest.mark.parametrize("field,value,words", [
@@ -161,9 +195,12 @@ def test_resume_in_new_process_is_bitwise_exact(tmp_path):
   code, out = _run(split, "--config.total_steps=6", "--config.run_steps=3")
   assert code == 0, out
   assert "new run" in out
-  code, out = _run(split, "--config.total_steps=6")
+  # The console is quiet by default: our lines, not Orbax's INFO detail; --verbose shows it.
+  assert "Saving checkpoint" not in out and "checkpoint_manager" not in out
+  code, out = _run(split, "--config.total_steps=6", "--verbose")
   assert code == 0, out
   assert "resumed from step 3" in out
+  assert "checkpoint_manager.py" in out and "Saving checkpoint" in out
   a, data_a = _restore(straight, 6)
   b, data_b = _restore(split, 6)
   _assert_trees_equal(a, b)
@@ -175,7 +212,7 @@ def test_sigterm_saves_at_step_boundary_and_exits_zero(tmp_path):
   lines = []
   for line in proc.stdout:
     lines.append(line)
-    if line.startswith("step "):
+    if _STEP_LINE.search(line):
       proc.send_signal(signal.SIGTERM)
       break
   out, _ = proc.communicate(timeout=120)
@@ -193,7 +230,7 @@ def test_sigkill_during_async_save_restarts_from_last_complete(tmp_path):
                "--config.log_every=1")
   seen = 0
   for line in proc.stdout:
-    if line.startswith("step "):
+    if _STEP_LINE.search(line):
       seen += 1
       if seen == 5:  # a save is started after every step: kill while one is in flight
         proc.kill()
@@ -224,15 +261,30 @@ def test_main_end_to_end_on_image_folder(tmp_path):
         (tmp_path / "data" / split / cls / f"{i}.{'png' if i % 2 else 'jpg'}").write_bytes(
             enc.numpy())
   work = tmp_path / "work"
-  code, out = _run(work, "--config.data.source=folder", f"--config.data.data_dir={tmp_path / 'data'}",
-                   "--config.total_steps=3", "--config.checkpoint_every=2",
-                   "--config.knn_every=3", "--config.knn_train_examples=-1",
-                   "--config.knn_eval_examples=-1")
+  code, out = _run(work, "--config.data.source=folder",
+                   f"--config.data.data_dir={tmp_path / 'data'}", "--config.total_steps=3",
+                   "--config.checkpoint_every=2", "--config.knn_every=3",
+                   "--config.knn_train_examples=-1", "--config.knn_eval_examples=-1",
+                   "--config.profile=True")
   assert code == 0, out
-  assert "step 3/3" in out and "img/s" in out
-  last = [json.loads(l) for l in open(work / "metrics.jsonl")][-1]
-  assert last["step"] == 3 and 0.0 <= last["knn/top1_k20"] <= 100.0
+  assert "step 3/3" in out and "img/s" in out and "k-NN top-1 at step 3" in out
+  rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
+  assert [row["step"] for row in rows] == [1, 2, 3]  # log_every=1: one line per step
+  # Throughput from the second logged step on: the first step (compilation) starts the clock.
+  assert not any(k.startswith("perf/") for k in rows[0])
+  assert rows[2]["perf/images_per_sec"] == pytest.approx(16 * rows[2]["perf/steps_per_sec"])
+  assert 0.0 <= rows[2]["knn/top1_k20"] <= 100.0 and np.isfinite(rows[2]["train/loss"])
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(work))
+  assert list((work / "plugins" / "profile").glob("*/*.xplane.pb"))  # config.profile
+  # The k-NN command on the trained run, on one device where it trained on eight.
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  result = subprocess.run([sys.executable, "-m", "sove_jax.evaluate.knn", f"--workdir={work}",
+                           "--batch_size=8"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "k-NN top-1 (%)" in result.stderr and "Traceback" not in result.stderr
+  record = json.loads((work / "knn.json").read_text())
+  assert 0.0 <= record["top1"]["full"]["20"] <= 100.0
   ck = checkpoint.Checkpointer(str(work), save_every=1, keep=10)
   assert ck.latest_step() == 3
   ck.close()
@@ -242,3 +294,43 @@ def test_compile_only_prints_memory(tmp_path):
   code, out = _run(tmp_path, "--compile_only")
   assert code == 0, out
   assert "per device temp_size" in out and "GiB" in out
+
+
+def test_itstime_is_every_cadence_of_the_loop():
+  """Logging, the monitor and checkpoints: every N steps and at the last step; 0 is never."""
+  assert [s for s in range(1, 11) if train.itstime(s, 4, last=10)] == [4, 8, 10]
+  assert [s for s in range(1, 11) if train.itstime(s, 0, last=10)] == [10]
+  assert [s for s in range(1, 11) if train.itstime(s, 3)] == [3, 6, 9]
+
+
+def test_distributed_initialization_uses_the_flags_or_jax_cluster_detection(monkeypatch):
+  """Explicit flags start that job; without them JAX's own detection decides (SLURM, TPU pods,
+  Open MPI, Kubernetes), and finding no cluster means one process. A cluster that was found but
+  cannot be joined is an error, not a silent single-process run."""
+  from absl import flags
+  from absl.testing import flagsaver
+
+  from sove_jax import main
+  calls = []
+
+  def initialize(**kwargs):
+    calls.append(kwargs)
+    if not kwargs:  # what jax.distributed.initialize() says where it detects no cluster
+      raise ValueError("coordinator_address should be defined.")
+
+  monkeypatch.setattr(jax.distributed, "initialize", initialize)
+  monkeypatch.setenv("JAX_PLATFORMS", "")  # not the CPU-only gloo set-up in this process
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  main._initialize_distributed()
+  assert calls == [{}]
+  with flagsaver.flagsaver(coordinator_address="host:1234", num_processes=2, process_id=1):
+    main._initialize_distributed()
+  assert calls[-1] == dict(coordinator_address="host:1234", num_processes=2, process_id=1)
+
+  def unreachable(**kwargs):
+    raise ValueError("Number of processes must be defined.")
+
+  monkeypatch.setattr(jax.distributed, "initialize", unreachable)
+  with pytest.raises(ValueError, match="Number of processes"):
+    main._initialize_distributed()

@@ -1,7 +1,7 @@
 """DAVIS label propagation: J and F on hand-made masks, the propagation step against a float64
 NumPy reference, and synthetic moving shapes tracked end to end through the DAVIS layout.
 
-The stand-in backbone's patch tokens are each patch's mean standardised colour, so a patch of a
+The stand-in backbone's patch tokens are each patch's mean standardised color, so a patch of a
 red square matches red patches: what propagation has to do is follow them from frame to frame.
 """
 import json
@@ -19,7 +19,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class MeanColorViT(nnx.Module):
-  """Patch tokens: each patch's mean standardised colour; [CLS]: the image's mean colour."""
+  """Patch tokens: each patch's mean standardised color; [CLS]: the image's mean color."""
 
   def __init__(self, patch=4):
     self.patch_size = patch
@@ -173,7 +173,7 @@ def test_label_map_upsamples_and_normalizes_channels():
 # --- end to end ---------------------------------------------------------------------------------
 
 SIZE = (48, 64)  # frames, h x w
-SQUARES = [  # object, colour, top-left (y, x) in frame 0, x velocity (px / frame)
+SQUARES = [  # object, color, top-left (y, x) in frame 0, x velocity (px / frame)
     (1, (230, 30, 30), (8, 4), 3),
     (2, (30, 30, 230), (28, 44), -3),
 ]

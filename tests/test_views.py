@@ -3,7 +3,7 @@
 Parity: given the same boxes and parameters, every op and the whole recipe give the host's views
 within TOL. Draws: the device's parameters follow the host's distributions, checked on 10^4
 draws a side with two-sample tests whose false-alarm rate per check is ALPHA:
-  - continuous draws (box area fraction, log aspect ratio, box centre, jitter factors, blur
+  - continuous draws (box area fraction, log aspect ratio, box center, jitter factors, blur
     sigma): Kolmogorov-Smirnov, p > ALPHA;
   - how often each op fires at each view index (and flips, against 1/2): two-proportion z-test,
     |z| < Z (two-sided ALPHA);
@@ -195,11 +195,11 @@ def test_whole_recipe_matches_the_host_given_the_same_parameters(channels):
 def _box_stats(boxes, height, width) -> dict:
   top, left, h, w = np.moveaxis(np.asarray(boxes, np.float64), -1, 0)
   return {"area": h * w / (height * width), "log_aspect": np.log(w / h),
-          "centre_y": (top + h / 2) / height, "centre_x": (left + w / 2) / width}
+          "center_y": (top + h / 2) / height, "center_x": (left + w / 2) / width}
 
 
 def _fallback_box(height, width, ratio):
-  """torchvision's box when no draw fits: the whole image clipped to the ratio range, centred."""
+  """torchvision's box when no draw fits: the whole image clipped to the ratio range, centered."""
   h = round(width / ratio[0]) if width / height < ratio[0] else height
   w = round(height * ratio[1]) if width / height > ratio[1] else width
   return np.array([(height - h) // 2, (width - w) // 2, h, w])
@@ -219,8 +219,8 @@ def test_drawn_boxes_follow_the_hosts_distribution(scale, image):
                                                            ratio))[:, 0]
   device = boxes(scale, ratio)
   assert _box_failures(_box_stats(host, *image), _box_stats(device, *image)) == []
-  centred = _fallback_box(*image, ratio)
-  fallback = lambda boxes: np.all(boxes == centred, axis=1).mean()
+  centered = _fallback_box(*image, ratio)
+  fallback = lambda boxes: np.all(boxes == centered, axis=1).mean()
   assert _two_proportion_z(fallback(host), fallback(device), N, N) < Z
   # A scale range 10% narrower at the bottom, or a narrower ratio range, fails.
   narrow = (scale[0] + 0.1 * (scale[1] - scale[0]), scale[1])

@@ -9,5 +9,5 @@ import tensorflow as tf
 
 try:
   tf.config.set_visible_devices([], "GPU")
-except (RuntimeError, ValueError):  # TensorFlow had already initialised its devices
+except (RuntimeError, ValueError):  # TensorFlow had already initialized its devices
   pass

@@ -1,8 +1,8 @@
-"""Multi-crop views (SPEC section 6) as TensorFlow ops, and the evaluation resize + centre crop.
+"""Multi-crop views (docs/method.md §9) as TensorFlow ops, and the evaluation resize + center crop.
 
 The recipe is DINO's/iBOT's torchvision one: RandomResizedCrop (bicubic, antialiased like PIL),
 horizontal flip, ColorJitter applied with probability p in a random order, RandomGrayscale,
-Gaussian blur and solarize with per-view probabilities, then mean/std normalisation. The flip is
+Gaussian blur and solarize with per-view probabilities, then mean/std normalization. The flip is
 done while cropping (it commutes with everything after it), where it costs nothing.
 
 Randomness is stateless: every draw is a function of an explicit seed, so the pipeline gives the
@@ -11,7 +11,7 @@ with per-view parameters (one op per batch instead of one per image is what make
 recipe cheap). Two crop paths share one geometry: `resized_crop` cuts one view from an image of
 any size with tf.image.resize; `resized_crops` cuts many views from a batch of same-size images
 with two matrix products whose weights are exactly that resize kernel (Keys cubic, a = -0.5,
-widened by the downscale factor, renormalised at the crop edges).
+widened by the downscale factor, renormalized at the crop edges).
 
 sove_jax/views.py makes the same views on the accelerator from uint8 canvases (tests/test_views.py
 holds the two to the same parameters and the same distributions).
@@ -34,11 +34,11 @@ def fold(seed, data) -> tf.Tensor:
 # --- geometry -------------------------------------------------------------------------------------
 
 def draw_crop_boxes(seed, shape, height, width, scale, ratio, attempts: int = 10) -> tf.Tensor:
-  """torchvision RandomResizedCrop.get_params, vectorised over `shape`: int32 [*shape, 4].
+  """torchvision RandomResizedCrop.get_params, vectorized over `shape`: int32 [*shape, 4].
 
   Each box is (top, left, h, w): area fraction uniform in `scale`, log aspect ratio (w / h)
   uniform in log(`ratio`), w and h rounded; the first of `attempts` draws that fits the image
-  wins, else the whole image clipped to the ratio range, centred (torchvision's fallback).
+  wins, else the whole image clipped to the ratio range, centered (torchvision's fallback).
   `height` and `width` broadcast against `shape` (scalars, or one per image).
   """
   shape = list(shape)
@@ -79,7 +79,7 @@ def resize_weights(start, length, in_size: int, out_size: int) -> tf.Tensor:
 
   Antialiased bicubic as tf.image.resize(method="bicubic", antialias=True) computes it on the
   cut-out crop: kernel widened by max(1, length / out_size), weights outside the crop zero,
-  each row renormalised.
+  each row renormalized.
   """
   start = tf.cast(start, tf.float32)[..., None, None]
   length = tf.cast(length, tf.float32)[..., None, None]
@@ -251,7 +251,7 @@ def draw_photometric(seed, batch, views: int, *, jitter_prob: float, jitter, gra
 
 
 def apply_photometric(views, params: dict, *, jitter, blur_sigma) -> tf.Tensor:
-  """Colour jitter, grayscale, blur, solarize with drawn `params` on views [B, V, S, S, C].
+  """Color jitter, grayscale, blur, solarize with drawn `params` on views [B, V, S, S, C].
 
   `jitter` (the four strengths) and `blur_sigma` (its range) fix what does not vary per view:
   whether hue runs at all, and the blur kernel's radius, 3 sigma of the widest blur.
@@ -278,7 +278,7 @@ def apply_photometric(views, params: dict, *, jitter, blur_sigma) -> tf.Tensor:
 
 def photometric(views, seed, *, jitter_prob: float, jitter, gray_prob: float, blur_prob, blur_sigma,
                 solarize_prob) -> tf.Tensor:
-  """Colour jitter, grayscale, blur, solarize on views float [B, V, S, S, C] in [0, 1].
+  """Color jitter, grayscale, blur, solarize on views float [B, V, S, S, C] in [0, 1].
 
   (The flip comes with the crop.) `blur_prob` and `solarize_prob` hold one probability per view
   index (global 1, global 2, or the same for every local); everything else is shared by all

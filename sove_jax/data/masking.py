@@ -1,6 +1,7 @@
-"""Patch masks for the two global crops: the authors' blocks (default), exact-ratio blocks, random.
+"""Patch masks for the two global crops (docs/method.md §9): the authors' blocks (default),
+exact-ratio blocks, random.
 
-TensorFlow ops, vectorised over a batch of masks and driven by a stateless seed, so a mask
+TensorFlow ops, vectorized over a batch of masks and driven by a stateless seed, so a mask
 depends only on its place in the stream. (Not numpy in tf.numpy_function: a Python callback in
 flight while an iterator is torn down deadlocks on the GIL, which a resumed or stopped trainer
 would hit.) True = masked. Each mask draws its ratio uniformly in ratio +- var.

@@ -1,6 +1,6 @@
 """Train and evaluation input: tf.data pipelines on each host, host batches -> global jax.Arrays.
 
-Training stream (SPEC section 6). Each epoch has a fixed order per process, derived from
+Training stream (docs/method.md §9). Each epoch has a fixed order per process, derived from
 (seed, epoch): sources read by index get a global permutation of which process p takes every
 P-th entry (disjoint, N // P each); a TFDS stream gives each process a contiguous 1/P of the split,
 shuffles its files and a buffer of records. Every random draw of an example or batch is a
@@ -9,7 +9,7 @@ nothing else, and the iterator state is just (epoch, position): a restored run r
 and skips `position` indices (or undecoded records) instead of replaying batches.
 
 Per host: read -> decode -> crop + flip (per example when images differ in size; per batch from
-memory) -> batch (drop_remainder) -> colour/gray/blur/solarize + normalise (per batch) -> masks
+memory) -> batch (drop_remainder) -> color/gray/blur/solarize + normalize (per batch) -> masks
 -> prefetch.
 An example that fails to decode is dropped; the gap it leaves in the positions is how it is
 counted and named in the log.
@@ -17,93 +17,20 @@ counted and named in the log.
 from __future__ import annotations
 
 import logging
-import math
 
 import jax
 import numpy as np
 import tensorflow as tf
 
+from sove_jax import configuration
 from sove_jax.data import augment, masking, sources
 
 log = logging.getLogger(__name__)
 
 AUTOTUNE = tf.data.AUTOTUNE
-STAGES = ("read", "decode", "crop", "colour", "mask")  # a pipeline can be cut after any (benchmark)
-_CROP, _COLOUR, _MASK = 1, 2, 3    # which stage a random draw belongs to...
+STAGES = ("read", "decode", "crop", "color", "mask")  # a pipeline can be cut after any (benchmark)
+_CROP, _COLOR, _MASK = 1, 2, 3    # which stage a random draw belongs to...
 _GLOBAL, _LOCAL, _FLIP = 1, 2, 3    # ...and which views or what within it
-
-
-# --- validation -----------------------------------------------------------------------------------
-
-def _pair(v, name, lo=-math.inf, hi=math.inf):
-  if len(v) != 2 or not lo <= v[0] <= v[1] <= hi:
-    raise ValueError(f"data.{name} must be (low, high) with {lo} <= low <= high <= {hi}, "
-                     f"got {tuple(v)}.")
-
-
-def _prob(p, name):
-  if not 0.0 <= p <= 1.0:
-    raise ValueError(f"data.{name} must be a probability in [0, 1], got {p}.")
-
-
-def validate(data_config, *, patch_size: int, global_batch_size: int, process_count: int) -> None:
-  """Raises ValueError, one sentence, for a data config that cannot work. Touches no files."""
-  d = data_config
-  if d.source not in ("fashion_mnist", "folder", "tfds"):
-    raise ValueError(f"data.source must be 'fashion_mnist', 'folder' or 'tfds', not {d.source!r}.")
-  if d.source == "tfds" and not d.name:
-    raise ValueError("data.source='tfds' needs data.name, the TFDS dataset name "
-                     "(e.g. 'imagenet2012').")
-  if d.source == "folder" and not d.data_dir:
-    raise ValueError("data.source='folder' needs data.data_dir, the folder holding "
-                     "<split>/<class>/ images.")
-  if global_batch_size <= 0 or process_count <= 0 or global_batch_size % process_count:
-    raise ValueError(f"The global batch {global_batch_size} must be a positive multiple of the "
-                     f"process count {process_count}.")
-  if d.num_local < 0:
-    raise ValueError(f"data.num_local must be >= 0, got {d.num_local}.")
-  for name in ("global_size", "local_size", "eval_crop"):
-    size = getattr(d, name)
-    if size <= 0 or size % patch_size:
-      raise ValueError(f"data.{name}={size} must be a positive multiple of the patch size "
-                       f"{patch_size}.")
-  if d.eval_resize < d.eval_crop:
-    raise ValueError(f"data.eval_resize={d.eval_resize} must be >= data.eval_crop={d.eval_crop}.")
-  _pair(d.global_scale, "global_scale", 1e-6, 1.0)
-  _pair(d.local_scale, "local_scale", 1e-6, 1.0)
-  _pair(d.aspect_ratio, "aspect_ratio", 1e-6)
-  _pair(d.blur_sigma, "blur_sigma", 1e-6)
-  for name in ("color_jitter_prob", "grayscale_prob", "mask_ratio"):
-    _prob(getattr(d, name), name)
-  for name in ("blur_prob", "solarize_prob"):
-    if len(getattr(d, name)) != 3:
-      raise ValueError(f"data.{name} needs 3 probabilities (global 1, global 2, locals).")
-    for p in getattr(d, name):
-      _prob(p, name)
-  if len(d.color_jitter) != 4 or min(d.color_jitter) < 0 or d.color_jitter[3] > 0.5:
-    raise ValueError("data.color_jitter must be 4 values >= 0 (brightness, contrast, saturation, "
-                     f"hue <= 0.5), got {tuple(d.color_jitter)}.")
-  if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:
-    raise ValueError("data.mean and data.std need 3 values each, std > 0.")
-  if d.mask_type not in masking.MASK_TYPES:
-    raise ValueError(f"data.mask_type must be one of {masking.MASK_TYPES}, not {d.mask_type!r}.")
-  lo, hi = d.mask_ratio - d.mask_ratio_var, d.mask_ratio + d.mask_ratio_var
-  if d.mask_ratio_var < 0 or lo < 0 or hi > 1:
-    raise ValueError(f"data.mask_ratio +- data.mask_ratio_var must stay in [0, 1], "
-                     f"got [{lo}, {hi}].")
-  side = d.global_size // patch_size
-  num_patches = side ** 2
-  if d.mask_min_patches < 0 or d.mask_min_patches > num_patches:
-    raise ValueError(f"data.mask_min_patches={d.mask_min_patches} must be in [0, {num_patches}] "
-                     f"({side}x{side} patches; 0 = the mask type's own minimum).")
-  if d.mask_type == "block_exact":
-    smallest = d.mask_min_patches or masking.EXACT_MIN_PATCHES
-    fewest = masking.masked_count(lo, num_patches)
-    if 0 < fewest < smallest:
-      raise ValueError(f"Exact block masks need >= {smallest} patches (data.mask_min_patches) "
-                       f"but ratio {lo:.3g} of {num_patches} patches masks only {fewest}.")
-  if d.shuffle_buffer < 1 or d.prefetch < 0 or d.threads < 0:
-    raise ValueError("data.shuffle_buffer must be >= 1, data.prefetch and data.threads >= 0.")
 
 
 # --- shared pieces --------------------------------------------------------------------------------
@@ -135,7 +62,7 @@ def _decode(example):
 def _tables(source) -> dict:
   """The arrays an indexed source is read from, as TF variables made once per input.
 
-  Captured arrays would be serialised into every epoch's dataset graph (47 MB of Fashion-MNIST,
+  Captured arrays would be serialized into every epoch's dataset graph (47 MB of Fashion-MNIST,
   ~80 MB of ImageNet file names); a variable is captured by handle. (A numpy lookup through
   tf.numpy_function would also do, but a Python callback in flight when an iterator is
   dropped deadlocks on the GIL.)
@@ -228,7 +155,7 @@ class TrainInput:
             "label": tf.gather(self._tables["label"], index)}
 
   def _crop_batch(self, batch):
-    """Crops of a batch of same-size images in memory (gray stays 1 channel until normalised)."""
+    """Crops of a batch of same-size images in memory (gray stays 1 channel until normalized)."""
     batch = dict(batch)  # traced functions may not change their arguments
     d = self.config
     image = batch.pop("image")
@@ -256,10 +183,10 @@ class TrainInput:
       example["local"] = views(*l, d.local_size)
     return example
 
-  def _colour(self, batch):
+  def _color(self, batch):
     batch = dict(batch)  # traced functions may not change their arguments
     d = self.config
-    key = self._key(batch["epoch"][0], batch["position"][0], _COLOUR)
+    key = self._key(batch["epoch"][0], batch["position"][0], _COLOR)
     common = dict(jitter_prob=d.color_jitter_prob, jitter=tuple(d.color_jitter),
                   gray_prob=d.grayscale_prob, blur_sigma=tuple(d.blur_sigma))
 
@@ -293,7 +220,7 @@ class TrainInput:
     else:
       read = self._read_file if isinstance(src, sources.FileSource) else (lambda e: e)
       fns = [("read", read, True), ("decode", _decode, True), ("crop", self._crop_example, True)]
-    fns += [("colour", self._colour, False), ("mask", self._masks, False)]
+    fns += [("color", self._color, False), ("mask", self._masks, False)]
     return [(name, tf.function(fn, autograph=False), per_example) for name, fn, per_example in fns]
 
   def stages(self) -> list[str]:
@@ -406,8 +333,8 @@ def train_input(data_config, *, patch_size: int, global_batch_size: int, seed: i
                 process_index: int | None = None, process_count: int | None = None) -> TrainInput:
   """The training stream of this process, from the `data` config block."""
   process_index, process_count = _processes(process_index, process_count)
-  validate(data_config, patch_size=patch_size, global_batch_size=global_batch_size,
-           process_count=process_count)
+  configuration.validate_data(data_config, patch_size=patch_size,
+                              global_batch_size=global_batch_size, process_count=process_count)
   source = sources.open_source(data_config, data_config.train_split)
   return TrainInput(source, data_config, patch_size=patch_size, global_batch_size=global_batch_size,
                     seed=seed, process_index=process_index, process_count=process_count)

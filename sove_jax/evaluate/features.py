@@ -1,4 +1,4 @@
-"""Frozen-backbone features for the evaluation protocols (SPEC section 7).
+"""Frozen-backbone features for the evaluation protocols (docs/method.md §12).
 
 Evaluation runs the teacher backbone once over a split and keeps the features on the host:
 k-NN and the linear probe then work on arrays, not on images. This module holds what both
@@ -7,12 +7,15 @@ run through it on the mesh (`extract_features`), and how a checkpoint's data con
 at another dataset (`define_flags`, `override_data`).
 """
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+
+from sove_jax import reporting
 
 PROBE_CONVENTIONS = ("last4_cls", "cls_meanpatch")
 
@@ -59,7 +62,7 @@ def _apply_fn(model, convention, mesh):
 
 
 def cls_features(model, *, mesh=None):
-  """images -> L2-normalised [CLS] of the final LayerNorm output: the k-NN features."""
+  """images -> L2-normalized [CLS] of the final LayerNorm output: the k-NN features."""
   return _apply_fn(model, "cls", mesh)
 
 
@@ -98,16 +101,18 @@ def _row_sharding(sharding):
   return jax.NamedSharding(sharding.mesh, jax.P(spec[0] if spec else None))
 
 
-def extract_features(apply_fn, batches, *, sharding=None):
+def extract_features(apply_fn, batches, *, sharding=None, name="features"):
   """Runs `apply_fn` (images -> [b, D]) over eval host batches and returns the valid rows.
 
   With `sharding` (a NamedSharding of the batch axis) each host batch becomes one global array
   on the mesh, as the data package does, and the outputs, labels and valid masks are gathered
-  back in global order; so every process returns the whole split, in the same order.
+  back in global order; so every process returns the whole split, in the same order. A pass
+  longer than `PROGRESS_EVERY_SECONDS` logs its progress (`name`, batches done, images/s, ETA).
   Returns (features float32 [N, D], labels int32 [N]).
   """
   feats, labels = [], []
   pending = None
+  progress = _Progress(name, getattr(batches, "num_batches", None))
 
   def collect(out):
     f, y, v = (np.asarray(x) for x in out)
@@ -128,11 +133,40 @@ def extract_features(apply_fn, batches, *, sharding=None):
     if pending is not None:
       collect(pending)
     pending = out
+    progress.update(len(batch["image"]))
   if pending is not None:
     collect(pending)
   if not feats:
     raise ValueError("no batches to extract features from")
   return np.concatenate(feats), np.concatenate(labels)
+
+
+PROGRESS_EVERY_SECONDS = 30.0
+
+
+class _Progress:
+  """A console line every PROGRESS_EVERY_SECONDS of a long feature pass (process 0)."""
+
+  def __init__(self, name: str, total_batches):
+    self.name, self.total = name, total_batches
+    self.start = self.last = time.monotonic()
+    self.batches = self.images = 0
+
+  def update(self, images: int):
+    self.batches += 1
+    self.images += images
+    now = time.monotonic()
+    if now - self.last < PROGRESS_EVERY_SECONDS:
+      return
+    self.last = now
+    rate = self.batches / max(now - self.start, 1e-9)
+    line = f"{self.name}: {self.batches}"
+    if self.total:
+      line += (f"/{self.total} batches, ETA "
+               f"{reporting.duration((self.total - self.batches) / rate)}")
+    else:
+      line += " batches"
+    reporting.say(f"{line} ({self.images / (now - self.start):,.0f} images/s per process)")
 
 
 def override_data(data_config, *, dataset=None, data_dir=None, train_split=None,
@@ -163,7 +197,18 @@ def split_features(apply_fn, input_fn, data_config, *, split, batch_size, shardi
   `input_fn` (passed in, so that TensorFlow is imported only by the CLIs)."""
   batches = input_fn(data_config, split=split, global_batch_size=batch_size,
                      max_examples=max_examples)
-  return extract_features(apply_fn, batches, sharding=sharding)
+  return extract_features(apply_fn, batches, sharding=sharding, name=f"features of {split}")
+
+
+def train_and_eval_features(apply_fn, input_fn, data_config, *, batch_size, sharding,
+                            max_train_examples=-1, max_eval_examples=-1):
+  """((train features, labels), (eval features, labels), number of classes) of a run's two
+  splits, as `split_features` gives them."""
+  train = split_features(apply_fn, input_fn, data_config, split=data_config.train_split,
+                         batch_size=batch_size, sharding=sharding, max_examples=max_train_examples)
+  test = split_features(apply_fn, input_fn, data_config, split=data_config.eval_split,
+                        batch_size=batch_size, sharding=sharding, max_examples=max_eval_examples)
+  return train, test, int(max(train[1].max(), test[1].max())) + 1
 
 
 def define_flags(flags):
@@ -182,3 +227,19 @@ def define_flags(flags):
                        "whole split), for quick checks.")
   flags.DEFINE_integer("max_eval_examples", -1, "Evaluate the first N examples only (-1: the "
                        "whole split), for quick checks.")
+
+
+def flag_arguments(flag_values) -> dict:
+  """`evaluate_checkpoint`'s shared arguments from the flags of `define_flags`, with the real
+  checkpoint loader and input (TensorFlow enters the CLI process here); the console quiet."""
+  from sove_jax import reporting
+  from sove_jax.data import pipeline
+  from sove_jax.evaluate import backbone
+
+  reporting.configure_console()
+  f = flag_values
+  return dict(workdir=f.workdir, load_backbone=backbone.load_backbone,
+              input_fn=pipeline.eval_input, step=f.step, dataset=f.dataset,
+              data_dir=f.data_dir, train_split=f.train_split, eval_split=f.eval_split,
+              batch_size=f.batch_size or None, max_train_examples=f.max_train_examples,
+              max_eval_examples=f.max_eval_examples)

@@ -3,7 +3,7 @@
 Retrieval, video label propagation and the PCA pictures read their own image files (JPEG, PNG)
 rather than a TFDS split, at sizes and aspect ratios that vary from image to image. This module
 holds what they share: reading files (local or gs://, through `etils.epath`, never TensorFlow),
-resizing and normalising them as the evaluation protocols do, and running a backbone over a list
+resizing and normalizing them as the evaluation protocols do, and running a backbone over a list
 of such images on the mesh. Images are grouped by shape; each group goes through in global
 batches sharded over the devices, so a protocol compiles once per distinct shape, not once per
 image.
@@ -43,7 +43,7 @@ def image_size(path) -> tuple[int, int]:
 
 def read_label_map(path) -> tuple[np.ndarray, np.ndarray | None]:
   """A palette PNG of integer labels (DAVIS annotations): (uint8 [H, W] labels, palette [n, 3]
-  or None). The labels are the palette indices, not the colours."""
+  or None). The labels are the palette indices, not the colors."""
   with epath.Path(path).open("rb") as f:
     image = Image.open(io.BytesIO(f.read()))
     image.load()
@@ -205,7 +205,7 @@ def _tokens(graphdef, state, images):
 
 def patch_features(model, *, mesh, normalize: bool = True):
   """images [b, H, W, 3] -> the last block's patch tokens (after the final LayerNorm) as
-  [b, H/p, W/p, D], L2-normalised per patch when `normalize`; [CLS] dropped. Images whose
+  [b, H/p, W/p, D], L2-normalized per patch when `normalize`; [CLS] dropped. Images whose
   sides are not multiples of the patch size are cropped to whole patches first."""
   graphdef, state = replicated_state(model, mesh)
   patch = model.patch_size

@@ -1,9 +1,9 @@
-r"""Weighted k-NN classification on frozen features (SPEC section 7; the DINO protocol).
+r"""Weighted k-NN classification on frozen features (docs/method.md §12; the DINO protocol).
 
 Train-set features are the memory, sharded by rows over the devices; test features go through
 in chunks. Each device takes the top-k of its shard for a chunk, the candidates are gathered and
 merged, so neither a train-by-test matrix nor the whole memory sits on one device. One top-k with
-the largest k serves every k. Votes are `exp(sim / T)` per neighbour, summed per class.
+the largest k serves every k. Votes are `exp(sim / T)` per neighbor, summed per class.
 
 Evaluate a run's latest teacher checkpoint:
 
@@ -11,11 +11,12 @@ Evaluate a run's latest teacher checkpoint:
 """
 import functools
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
+from etils import epath
 
 from sove_jax.evaluate import features as features_lib
 
@@ -92,7 +93,7 @@ def knn_predict(train_features, train_labels, test_features, *, ks=DEFAULT_KS, t
                 num_classes=None, chunk_size=256, mesh=None):
   """Predicted class of every test row for every k: int32 [len(ks), N_test].
 
-  Features are L2-normalised here (cosine similarity). A k larger than the memory uses the
+  Features are L2-normalized here (cosine similarity). A k larger than the memory uses the
   whole memory. `mesh` (default: all devices in a 1-D mesh) shards the memory by rows.
   """
   train_features = np.asarray(train_features, np.float32)
@@ -157,9 +158,8 @@ def class_balanced_subset(labels, fraction, seed=0):
 def read_split_file(path):
   """Indices of a low-shot split file: one integer index (into the train split, in the order
   the evaluation input gives it) per line; blank lines and '#' comments are skipped."""
-  with open(path, encoding="utf-8") as f:
-    lines = (line.split("#", 1)[0].strip() for line in f)
-    return np.array([int(line) for line in lines if line], np.int64)
+  lines = (line.split("#", 1)[0].strip() for line in epath.Path(path).read_text().splitlines())
+  return np.array([int(line) for line in lines if line], np.int64)
 
 
 def knn_monitor(apply_fn, train_batches, eval_batches, *, ks=DEFAULT_KS, temperature=0.07,
@@ -167,8 +167,10 @@ def knn_monitor(apply_fn, train_batches, eval_batches, *, ks=DEFAULT_KS, tempera
   """k-NN accuracy for the training log: {"knn/top1_k{k}": acc}. `apply_fn` is e.g.
   `features.cls_features(teacher, mesh=...)`, the batches are eval-input host batches of a
   train subset (the memory) and of the eval split, `sharding` the batch sharding."""
-  train_f, train_y = features_lib.extract_features(apply_fn, train_batches, sharding=sharding)
-  test_f, test_y = features_lib.extract_features(apply_fn, eval_batches, sharding=sharding)
+  train_f, train_y = features_lib.extract_features(apply_fn, train_batches, sharding=sharding,
+                                                   name="k-NN monitor, train memory")
+  test_f, test_y = features_lib.extract_features(apply_fn, eval_batches, sharding=sharding,
+                                                 name="k-NN monitor, evaluation")
   mesh = None if sharding is None else sharding.mesh
   acc = knn_classify(train_f, train_y, test_f, test_y, ks=ks, temperature=temperature,
                      num_classes=num_classes, mesh=mesh)
@@ -192,13 +194,9 @@ def evaluate_knn(config, model, *, input_fn, dataset=None, data_dir=None, train_
   ks = tuple(config.knn_k if ks is None else ks)
   temperature = config.knn_temperature if temperature is None else temperature
   apply_fn = features_lib.cls_features(model, mesh=mesh)
-  train_f, train_y = features_lib.split_features(
-      apply_fn, input_fn, data, split=data.train_split, batch_size=batch_size,
-      sharding=sharding, max_examples=max_train_examples)
-  test_f, test_y = features_lib.split_features(
-      apply_fn, input_fn, data, split=data.eval_split, batch_size=batch_size,
-      sharding=sharding, max_examples=max_eval_examples)
-  num_classes = int(max(train_y.max(), test_y.max())) + 1
+  (train_f, train_y), (test_f, test_y), num_classes = features_lib.train_and_eval_features(
+      apply_fn, input_fn, data, batch_size=batch_size, sharding=sharding,
+      max_train_examples=max_train_examples, max_eval_examples=max_eval_examples)
   run = functools.partial(knn_classify, test_features=test_f, test_labels=test_y, ks=ks,
                           temperature=temperature, num_classes=num_classes, mesh=mesh)
   results = {"full": run(train_f, train_y)}
@@ -226,37 +224,30 @@ def evaluate_checkpoint(workdir, *, load_backbone, input_fn, step=None, **kwargs
   results = evaluate_knn(config, model, input_fn=input_fn, **kwargs)
   ks = tuple(kwargs.get("ks") or config.knn_k)
   if jax.process_index() == 0:
-    print(format_table(results, ks))
+    logging.info("k-NN of %s:\n%s", workdir, format_table(results, ks))
     record = {"step": "latest" if step is None else step,
               "temperature": kwargs.get("temperature") or config.knn_temperature,
               "top1": {name: {str(k): v for k, v in acc.items()}
                        for name, acc in results.items()}}
-    with open(os.path.join(workdir, "knn.json"), "w", encoding="utf-8") as f:
-      json.dump(record, f, indent=2)
+    (epath.Path(workdir) / "knn.json").write_text(json.dumps(record, indent=2))
   return results
 
 
 def main(argv):
   del argv
   from absl import flags
-
-  from sove_jax import checkpoint
-  from sove_jax.data import pipeline  # TensorFlow, host side only
   f = flags.FLAGS
   splits = {0.01: f.lowshot_split_1pct, 0.1: f.lowshot_split_10pct}
   evaluate_checkpoint(
-      f.workdir, load_backbone=checkpoint.load_backbone, input_fn=pipeline.eval_input,
-      step=f.step, dataset=f.dataset, data_dir=f.data_dir, train_split=f.train_split,
-      eval_split=f.eval_split, batch_size=f.batch_size or None,
-      max_train_examples=f.max_train_examples, max_eval_examples=f.max_eval_examples,
-      ks=[int(k) for k in f.ks] if f.ks else None, temperature=f.temperature,
-      lowshot=f.lowshot, lowshot_splits={k: v for k, v in splits.items() if v})
+      **features_lib.flag_arguments(f), ks=[int(k) for k in f.ks] if f.ks else None,
+      temperature=f.temperature, lowshot=f.lowshot,
+      lowshot_splits={k: v for k, v in splits.items() if v})
 
 
 def _define_flags():
   from absl import flags
   features_lib.define_flags(flags)
-  flags.DEFINE_list("ks", [], "Neighbour counts (default config.knn_k).")
+  flags.DEFINE_list("ks", [], "Neighbor counts (default config.knn_k).")
   flags.DEFINE_float("temperature", None, "Vote temperature (default config.knn_temperature).")
   flags.DEFINE_bool("lowshot", False, "Also report k-NN with 1% and 10% of the train labels.")
   flags.DEFINE_string("lowshot_split_1pct", "", "1% split file (one train index per line); "

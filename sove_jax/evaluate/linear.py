@@ -1,6 +1,6 @@
-r"""Linear probe on frozen features (SPEC section 7).
+r"""Linear probe on frozen features (docs/method.md §12).
 
-Features are extracted once (no augmentation), standardised with train-set statistics, and a
+Features are extracted once (no augmentation), standardized with train-set statistics, and a
 linear layer is trained with cross-entropy: SGD with momentum 0.9 and a cosine schedule to 0,
 as DINO's linear evaluation. Several learning rates train together as independent heads over
 the same batches (SGD is linear in the learning rate, so one update, scaled per head, is exact);
@@ -10,12 +10,13 @@ the best top-1 is reported, as DINOv2 does on ImageNet.
 """
 import functools
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
+from etils import epath
 
 from sove_jax.evaluate import features as features_lib
 
@@ -108,13 +109,9 @@ def evaluate_linear(config, model, *, input_fn, convention=None, dataset=None, d
                                     train_split=train_split, eval_split=eval_split)
   batch_size = batch_size or config.batch_size
   apply_fn = features_lib.probe_features(model, convention, mesh=mesh)
-  train_f, train_y = features_lib.split_features(
-      apply_fn, input_fn, data, split=data.train_split, batch_size=batch_size,
-      sharding=sharding, max_examples=max_train_examples)
-  test_f, test_y = features_lib.split_features(
-      apply_fn, input_fn, data, split=data.eval_split, batch_size=batch_size,
-      sharding=sharding, max_examples=max_eval_examples)
-  num_classes = int(max(train_y.max(), test_y.max())) + 1
+  (train_f, train_y), (test_f, test_y), num_classes = features_lib.train_and_eval_features(
+      apply_fn, input_fn, data, batch_size=batch_size, sharding=sharding,
+      max_train_examples=max_train_examples, max_eval_examples=max_eval_examples)
   per_lr = linear_probe_sweep(train_f, train_y, test_f, test_y, num_classes=num_classes,
                               lrs=lrs, epochs=epochs, batch_size=probe_batch_size,
                               weight_decay=weight_decay, seed=seed)
@@ -128,27 +125,21 @@ def evaluate_checkpoint(workdir, *, load_backbone, input_fn, step=None, **kwargs
   results = evaluate_linear(config, model, input_fn=input_fn, **kwargs)
   if jax.process_index() == 0:
     per_lr = "  ".join(f"lr={lr:g}: {acc:.2f}" for lr, acc in results["per_lr"].items())
-    print(f"linear probe ({results['convention']}) top-1 {results['top1']:.2f}%  [{per_lr}]")
+    logging.info("linear probe (%s) top-1 %.2f%%  [%s]", results["convention"], results["top1"],
+                 per_lr)
     record = {"step": "latest" if step is None else step, "convention": results["convention"],
               "top1": results["top1"],
               "per_lr": {f"{lr:g}": acc for lr, acc in results["per_lr"].items()}}
-    with open(os.path.join(workdir, "linear.json"), "w", encoding="utf-8") as f:
-      json.dump(record, f, indent=2)
+    (epath.Path(workdir) / "linear.json").write_text(json.dumps(record, indent=2))
   return results
 
 
 def main(argv):
   del argv
   from absl import flags
-
-  from sove_jax import checkpoint
-  from sove_jax.data import pipeline  # TensorFlow, host side only
   f = flags.FLAGS
   evaluate_checkpoint(
-      f.workdir, load_backbone=checkpoint.load_backbone, input_fn=pipeline.eval_input,
-      step=f.step, convention=f.convention or None, dataset=f.dataset, data_dir=f.data_dir,
-      train_split=f.train_split, eval_split=f.eval_split, batch_size=f.batch_size or None,
-      max_train_examples=f.max_train_examples, max_eval_examples=f.max_eval_examples,
+      **features_lib.flag_arguments(f), convention=f.convention or None,
       lrs=[float(lr) for lr in f.lrs], epochs=f.epochs, probe_batch_size=f.probe_batch_size,
       weight_decay=f.weight_decay, seed=f.seed)
 

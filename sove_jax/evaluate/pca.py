@@ -1,20 +1,20 @@
 r"""Pictures of patch features: their first three principal components as RGB (DINOv2's figure).
 
 The teacher's last-layer patch tokens (after the final LayerNorm) of every image are pooled and
-one PCA is fitted to all of them, so the same colour means the same direction of feature space in
+one PCA is fitted to all of them, so the same color means the same direction of feature space in
 every picture: parts that the backbone represents alike look alike across images. Each
-component is scaled to [0, 1] over all patches and becomes a colour channel; each image is shown
+component is scaled to [0, 1] over all patches and becomes a color channel; each image is shown
 beside its map, one row per image.
 
 With `remove_background`, as DINOv2 shows them: the first component, scaled to [0, 1] and signed
 so that the image borders lie low, is thresholded; patches below `threshold` are background
 (black) and the PCA is fitted again on the foreground patches alone, whose three components give
-the colours. The border rule is a heuristic: objects that fill the frame defeat it.
+the colors. The border rule is a heuristic: objects that fill the frame defeat it.
 
     python -m sove_jax.evaluate.pca --workdir=runs/vits --images=a.jpg,b.jpg,c.jpg \
         [--out=pca.png] [--image_size=448] [--remove_background]
 
-Images are resized (shorter side, bicubic) and centre-cropped to `image_size` (default twice
+Images are resized (shorter side, bicubic) and center-cropped to `image_size` (default twice
 the training crop), floored to whole patches. The PNG goes to `--out` (default WORKDIR/pca.png),
 the explained variance to WORKDIR/pca.json.
 """
@@ -89,7 +89,7 @@ def pca_colors(grids, *, remove_background=False, threshold=0.5):
 
 
 def square_crop(image: Image.Image, size: int) -> Image.Image:
-  """Shorter side resized to `size` (bicubic), centre crop size x size."""
+  """Shorter side resized to `size` (bicubic), center crop size x size."""
   w, h = image.size
   scale = size / min(w, h)
   nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -158,9 +158,11 @@ def main(argv):
   del argv
   from absl import flags
 
-  from sove_jax import checkpoint
+  from sove_jax import reporting
+  from sove_jax.evaluate import backbone
+  reporting.configure_console()
   f = flags.FLAGS
-  evaluate_checkpoint(f.workdir, load_backbone=checkpoint.load_backbone, images=f.images,
+  evaluate_checkpoint(f.workdir, load_backbone=backbone.load_backbone, images=f.images,
                       out=f.out, step=f.step, image_size=f.image_size,
                       remove_background=f.remove_background, threshold=f.threshold,
                       batch_size=f.batch_size)
@@ -174,7 +176,7 @@ def _define_flags():
   flags.DEFINE_string("out", "", "Output PNG (default WORKDIR/pca.png).")
   flags.DEFINE_integer("image_size", 0, "Square side, px (default twice the training crop).")
   flags.DEFINE_bool("remove_background", False, "Black out patches whose first component is "
-                    "below --threshold and fit the colours on the rest (DINOv2's pictures).")
+                    "below --threshold and fit the colors on the rest (DINOv2's pictures).")
   flags.DEFINE_float("threshold", 0.5, "Background threshold on the first component, scaled "
                      "to [0, 1].")
 

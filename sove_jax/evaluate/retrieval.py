@@ -3,9 +3,9 @@ r"""Image retrieval on revisited Oxford and Paris with frozen features (the pape
 The protocol of Radenović et al. (CVPR 2018), "Revisiting Oxford and Paris":
 - Every query image is cropped to its ground-truth bounding box before any processing; the
   database images are used whole.
-- An image's descriptor is the teacher's [CLS] (final LayerNorm output), L2-normalised; with
+- An image's descriptor is the teacher's [CLS] (final LayerNorm output), L2-normalized; with
   `multiscale`, the mean of the [CLS] at scales 1, 1/sqrt(2) and 1/2 (DINO's multi-scale
-  descriptor: GeM pooling over scales with p = 1), then L2-normalised. Images are first brought
+  descriptor: GeM pooling over scales with p = 1), then L2-normalized. Images are first brought
   down to `imsize` on their longer side, as DINO's retrieval evaluation does.
 - The database is ranked by cosine similarity to each query; average precision is the protocol's
   (precision averaged over the recall steps, each step the trapezoid between the precision just
@@ -217,7 +217,7 @@ def evaluate_rankings(rankings, gnd, kappas=KAPPAS):
 
 
 def rank_database(database, queries):
-  """[n_queries, n_db] database indices by decreasing cosine similarity (rows L2-normalised)."""
+  """[n_queries, n_db] database indices by decreasing cosine similarity (rows L2-normalized)."""
   sim = np.asarray(queries, np.float64) @ np.asarray(database, np.float64).T
   return np.argsort(-sim, axis=1, kind="stable")
 
@@ -226,7 +226,7 @@ def rank_database(database, queries):
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _descriptor(graphdef, scales, state, images):
-  """The L2-normalised mean over `scales` of the [CLS]; each rescaled image (bilinear, as
+  """The L2-normalized mean over `scales` of the [CLS]; each rescaled image (bilinear, as
   DINO's multi-scale) is cut to whole patches."""
   model = nnx.merge(graphdef, state)
   b, h, w, c = images.shape
@@ -242,7 +242,7 @@ def _descriptor(graphdef, scales, state, images):
 
 
 def descriptor_fn(model, *, mesh, multiscale: bool = False):
-  """images [b, H, W, 3] -> L2-normalised global descriptors [b, D] (see `_descriptor`)."""
+  """images [b, H, W, 3] -> L2-normalized global descriptors [b, D] (see `_descriptor`)."""
   graphdef, state = images_lib.replicated_state(model, mesh)
   scales = SCALES if multiscale else (1.0,)
   return functools.partial(_descriptor, graphdef, scales, state)
@@ -258,7 +258,7 @@ def crop_box(bbx, width: int, height: int):
 
 class ImageSpec:
   """One image of the protocol: a file, an optional crop box, the longer-side size and patch;
-  knows its array shape without decoding and loads itself normalised."""
+  knows its array shape without decoding and loads itself normalized."""
 
   def __init__(self, path, box, *, imsize, patch, mean, std, scales):
     self.path, self.box, self.imsize, self.patch = path, box, imsize, patch
@@ -359,9 +359,11 @@ def main(argv):
   del argv
   from absl import flags
 
-  from sove_jax import checkpoint
+  from sove_jax import reporting
+  from sove_jax.evaluate import backbone
+  reporting.configure_console()
   f = flags.FLAGS
-  evaluate_checkpoint(f.workdir, load_backbone=checkpoint.load_backbone, step=f.step,
+  evaluate_checkpoint(f.workdir, load_backbone=backbone.load_backbone, step=f.step,
                       dataset=f.dataset, data_dir=f.data_dir, imsize=f.imsize,
                       multiscale=f.multiscale, query_crop=f.query_crop,
                       batch_size=f.batch_size)

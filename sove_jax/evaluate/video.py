@@ -3,7 +3,7 @@ r"""Video object segmentation by label propagation on DAVIS-2017 (the paper's Ta
 DINO's protocol, with frozen teacher patch features and no training:
 - Frames are resized to `frame_size` (480) on the shorter side, the longer side floored to a
   multiple of 64; the backbone's last-layer patch tokens (after the final LayerNorm, [CLS]
-  dropped), L2-normalised, are the features of a frame's patch grid.
+  dropped), L2-normalized, are the features of a frame's patch grid.
 - The first frame's annotation, resized to the patch grid (nearest), gives one-hot labels
   (background and one channel per object).
 - Each later frame takes its labels from a context: the first frame and the `n_last_frames`
@@ -12,7 +12,7 @@ DINO's protocol, with frozen teacher patch features and no training:
   restriction) are computed, the `topk` most similar are kept, and their labels are averaged
   with softmax(similarity / `temperature`) weights.
 - The soft labels are upsampled bilinearly by the patch size, each channel is min-max
-  normalised over the frame, the argmax is taken and resized (nearest) to the frame's original
+  normalized over the frame, the argmax is taken and resized (nearest) to the frame's original
   size.
 - Scores are the DAVIS semi-supervised ones (davis2017-evaluation): per object and frame, J is
   the region IoU (1 when both masks are empty) and F the boundary F-measure, boundary pixels
@@ -66,7 +66,7 @@ def region_similarity(gt, pred) -> float:
 
 def boundary_map(mask) -> np.ndarray:
   """One-pixel-wide boundary of a binary mask: pixels whose right, lower or lower-right
-  neighbour differs from them (the last row compares right neighbours only, the last column
+  neighbor differs from them (the last row compares right neighbors only, the last column
   lower ones, the corner never). The standard `seg2bmap` of the DAVIS and BSDS benchmarks."""
   m = np.asarray(mask, bool)
   right = np.zeros_like(m)
@@ -160,7 +160,7 @@ def propagate(target, context_features, context_labels, context_valid, *, grid, 
               temperature):
   """Soft labels [L, C] of a target frame's patches from its context.
 
-  target: [L, D] L2-normalised patch features (L = grid[0] * grid[1], row-major);
+  target: [L, D] L2-normalized patch features (L = grid[0] * grid[1], row-major);
   context_features [S, L, D], context_labels [S, L, C], context_valid bool [S] (unused slots
   never count). Each target patch keeps the `topk` most similar valid context patches within
   `radius` cells (square window; 0: anywhere), weighted by softmax(similarity / temperature).
@@ -192,7 +192,7 @@ def _remember(features, labels, valid, slot, new_features, new_labels):
 @functools.partial(jax.jit, static_argnums=(1,))
 def label_map(soft, patch: int):
   """Soft labels [h, w, C] -> uint8 [h * patch, w * patch] labels: bilinear upsampling
-  (half-pixel centres, edges clamped), each channel min-max normalised when its maximum is
+  (half-pixel centers, edges clamped), each channel min-max normalized when its maximum is
   positive, argmax."""
   h, w, c = soft.shape
   up = jax.image.resize(soft, (h * patch, w * patch, c), "linear")
@@ -236,7 +236,7 @@ def one_hot_grid(labels: np.ndarray, grid, num_classes: int) -> np.ndarray:
 def propagate_video(frames, first_labels, num_classes: int, *, patch: int, n_last_frames=7,
                     topk=5, radius=12, temperature=0.1):
   """Label maps (uint8, at the frames' resolution, cut to whole patches) of every frame but the
-  first, from `frames` = an iterable of [h, w, D] normalised patch-feature grids (first frame
+  first, from `frames` = an iterable of [h, w, D] normalized patch-feature grids (first frame
   first) and the first frame's one-hot labels [h * w, C]."""
   frames = iter(frames)
   first = jnp.asarray(next(frames))
@@ -388,10 +388,12 @@ def main(argv):
   del argv
   from absl import flags
 
-  from sove_jax import checkpoint
+  from sove_jax import reporting
+  from sove_jax.evaluate import backbone
+  reporting.configure_console()
   f = flags.FLAGS
   evaluate_checkpoint(
-      f.workdir, load_backbone=checkpoint.load_backbone, step=f.step, data_dir=f.data_dir,
+      f.workdir, load_backbone=backbone.load_backbone, step=f.step, data_dir=f.data_dir,
       split=f.split, resolution=f.resolution, sequences=f.sequences or None,
       n_last_frames=f.n_last_frames, topk=f.topk, radius=f.radius, temperature=f.temperature,
       frame_size=f.frame_size, batch_size=f.batch_size, output_dir=f.output_dir)
@@ -407,9 +409,9 @@ def _define_flags():
   flags.DEFINE_list("sequences", [], "Only these sequences (default: the whole split).")
   flags.DEFINE_integer("n_last_frames", 7, "Previous frames in the context (besides the first).")
   flags.DEFINE_integer("topk", 5, "Context patches each target patch takes labels from.")
-  flags.DEFINE_integer("radius", 12, "Neighbourhood, in patches, a label can come from "
+  flags.DEFINE_integer("radius", 12, "Neighborhood, in patches, a label can come from "
                        "(square window); 0: anywhere.")
-  flags.DEFINE_float("temperature", 0.1, "Softmax temperature of the neighbour weights.")
+  flags.DEFINE_float("temperature", 0.1, "Softmax temperature of the neighbor weights.")
   flags.DEFINE_integer("frame_size", 480, "Shorter frame side, px; the longer side is floored "
                        "to a multiple of 64.")
   flags.DEFINE_string("output_dir", "", "Write the predicted masks here as indexed PNGs "

@@ -29,25 +29,25 @@ resize to the target size. Imported weights therefore get our ViT's `pos_interpo
 which computes exactly theirs (`import_weights(..., pos_interpolation=None)` keeps the model's
 own); the export records the mode its model used.
 
-torch is optional: it is imported only by the `.pth` functions. The `.safetensors` reader and
-writer are plain NumPy (format: 8-byte little-endian header length, a JSON header, raw bytes).
+torch is optional: it is imported only by the `.pth` functions. `.safetensors` files are read
+and written by the `safetensors` library.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import logging
 import math
 import os
 import pickle
-import struct
 import sys
 import warnings
 from collections.abc import Mapping
 
 import numpy as np
-
-log = logging.getLogger(__name__)
+from absl import logging
+from etils import epath
+from flax import traverse_util
 
 # Prefixes that wrappers put in front of backbone keys: DistributedDataParallel ("module."),
 # DINO's MultiCropWrapper ("backbone."), and checkpoints that flatten {"teacher": ...}.
@@ -125,24 +125,6 @@ def _from_torch_layout(w: np.ndarray, kind: str, shape) -> np.ndarray:
 
 # ------------------------------------------------------------------ parameter trees
 
-def _flatten(tree, prefix=()):
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      yield from _flatten(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
-
-
-def _unflatten(items) -> dict:
-  out: dict = {}
-  for path, v in items:
-    node = out
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return out
-
-
 def _pure_params(obj) -> dict:
   """Nested dict of backbone parameters from a ViT module, an nnx.State or a pure dict."""
   from flax import nnx
@@ -154,7 +136,8 @@ def _pure_params(obj) -> dict:
   if not isinstance(obj, Mapping):
     raise TypeError(f"Expected a ViT module, an nnx.State or a dict of parameters, got {type(obj)}")
   if "blocks" not in obj and "backbone" in obj:
-    log.info("Using the 'backbone' entry of a network parameter tree (the head is not exported).")
+    logging.info("Using the 'backbone' entry of a network parameter tree (the head is not "
+                 "exported).")
     obj = obj["backbone"]
   if "blocks" not in obj:
     raise ValueError(f"Not ViT backbone parameters: top-level keys {sorted(map(str, obj))}")
@@ -168,7 +151,7 @@ def _is_scanned(blocks: Mapping) -> bool:
 
 def _depth(blocks: Mapping) -> int:
   if _is_scanned(blocks):
-    return int(next(v for _, v in _flatten(blocks)).shape[0])
+    return int(next(iter(traverse_util.flatten_dict(blocks).values())).shape[0])
   return len(blocks)
 
 
@@ -230,7 +213,7 @@ def to_torch_state_dict(vit_params_or_model, *, mask_token: bool = True) -> dict
   scanned = _is_scanned(params["blocks"])
   depth = _depth(params["blocks"])
   out = {}
-  for path, leaf in _flatten(params):
+  for path, leaf in traverse_util.flatten_dict(params).items():
     key, kind, index = _mapping(path, scanned)
     if key == MASK_KEY and not mask_token:
       continue
@@ -305,7 +288,7 @@ def from_torch_state_dict(state_dict, model_or_abstract, *, checkpoint_key: str 
   scanned = _is_scanned(target["blocks"])
   depth = _depth(target["blocks"])
   width = target["norm"]["scale"].shape[-1]
-  missing, wrong, used, items, mask_kept = [], [], set(), [], None
+  missing, wrong, used, loaded, mask_kept = [], [], set(), {}, None
 
   def fetch(key, kind, shape):
     if key not in tensors:
@@ -318,7 +301,7 @@ def from_torch_state_dict(state_dict, model_or_abstract, *, checkpoint_key: str 
       return None
     return _from_torch_layout(np.asarray(w, np.float32), kind, shape)
 
-  for path, leaf in _flatten(target):
+  for path, leaf in traverse_util.flatten_dict(target).items():
     key, kind, index = _mapping(path, scanned)
     dtype = leaf.dtype
     if key == MASK_KEY and key not in tensors:
@@ -328,12 +311,12 @@ def from_torch_state_dict(state_dict, model_or_abstract, *, checkpoint_key: str 
     elif path[0] != "blocks":
       value = fetch(key, kind, leaf.shape)
     elif scanned:
-      parts = [fetch(key.format(i), kind, leaf.shape[1:]) for i in range(depth)]
-      value = None if any(p is None for p in parts) else np.stack(parts)
+      layers = [fetch(key.format(i), kind, leaf.shape[1:]) for i in range(depth)]
+      value = None if any(layer is None for layer in layers) else np.stack(layers)
     else:
       value = fetch(key.format(index), kind, leaf.shape)
     if value is not None:
-      items.append((path, jnp.asarray(value, dtype=dtype)))
+      loaded[path] = jnp.asarray(value, dtype=dtype)
 
   unexpected = sorted(set(tensors) - used)
   if missing or wrong or unexpected:
@@ -349,110 +332,54 @@ def from_torch_state_dict(state_dict, model_or_abstract, *, checkpoint_key: str 
     warnings.warn(
         f"The checkpoint has no {MASK_KEY!r} (DINO does not train one): the mask token keeps "
         f"{mask_kept}; it matters only for masked inputs.", MaskTokenNotLoaded, stacklevel=2)
-  log.info("Loaded %d tensors from %s%s.", len(used), source,
+  logging.info("Loaded %d tensors from %s%s.", len(used), source,
            f"; ignored {len(ignored)} head keys" if ignored else "")
-  return _unflatten(items)
+  return traverse_util.unflatten_dict(loaded)
 
 
 # ------------------------------------------------------------------ files
 
-_ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
-              "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
 
-
-def _st_dtype(code: str) -> np.dtype:
-  if code == "BF16":
-    import ml_dtypes  # a JAX dependency
-    return np.dtype(ml_dtypes.bfloat16)
-  if code not in _ST_DTYPES:
-    raise ValueError(f"Unsupported safetensors dtype {code!r}")
-  return np.dtype(_ST_DTYPES[code])
-
-
-def _st_code(dtype: np.dtype) -> str:
-  if dtype.name == "bfloat16":
-    return "BF16"
-  codes = {np.dtype(name): code for code, name in _ST_DTYPES.items()}
-  if dtype not in codes:
-    raise ValueError(f"No safetensors dtype for {dtype}")
-  return codes[dtype]
-
-
-def _replace_atomically(path: str, write):
+def _write_atomically(path: str, data: bytes):
   """Write through a temporary file and rename it, so a crash never leaves half a file."""
-  tmp = f"{path}.tmp{os.getpid()}"
+  path = epath.Path(path)
+  tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
   try:
-    write(tmp)
-    os.replace(tmp, path)
+    tmp.write_bytes(data)
+    tmp.rename(path)
   finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    if tmp.exists():
+      tmp.unlink()
 
 
 def save_safetensors(state_dict: Mapping, path: str, metadata: Mapping | None = None):
-  """Write a .safetensors file (no `safetensors` package needed); metadata values become str."""
-  header, arrays, offset = {}, [], 0
-  for name, value in state_dict.items():
-    if name == "__metadata__":
-      raise ValueError("'__metadata__' is reserved by the safetensors format")
-    a = np.ascontiguousarray(_to_numpy(value))
-    if a.dtype.byteorder == ">":
-      a = a.astype(a.dtype.newbyteorder("<"))
-    code = _st_code(a.dtype)
-    header[str(name)] = {"dtype": code, "shape": list(a.shape),
-                         "data_offsets": [offset, offset + a.nbytes]}
-    arrays.append(a)
-    offset += a.nbytes
-  if metadata:
-    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-  blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-  blob += b" " * (-len(blob) % 8)  # the reference writer aligns the data to 8 bytes
+  """Write a .safetensors file (the `safetensors` library); metadata values become str."""
+  import safetensors.numpy
 
-  def write(tmp):
-    with open(tmp, "wb") as f:
-      f.write(struct.pack("<Q", len(blob)))
-      f.write(blob)
-      for a in arrays:
-        f.write(a.tobytes())
-
-  _replace_atomically(path, write)
+  tensors = {str(k): np.ascontiguousarray(_to_numpy(v)) for k, v in state_dict.items()}
+  meta = {str(k): str(v) for k, v in (metadata or {}).items()} or None
+  _write_atomically(path, safetensors.numpy.save(tensors, metadata=meta))
 
 
-def _read_safetensors_header(f, size: int) -> dict:
-  raw = f.read(8)
-  if len(raw) != 8:
-    raise ValueError("Not a safetensors file: shorter than its 8-byte header length")
-  (n,) = struct.unpack("<Q", raw)
-  if n > size - 8:
-    raise ValueError(f"Not a safetensors file: header length {n} exceeds the file size {size}")
-  return json.loads(f.read(n).decode("utf-8"))
+def _open_safetensors(path: str):
+  import safetensors
+
+  try:
+    return safetensors.safe_open(os.fspath(path), framework="np")
+  except safetensors.SafetensorError as e:
+    raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
 
 
 def safetensors_metadata(path: str) -> dict[str, str]:
   """The `__metadata__` of a .safetensors file ({} when it has none)."""
-  with open(path, "rb") as f:
-    return dict(_read_safetensors_header(f, os.path.getsize(path)).get("__metadata__", {}))
+  with _open_safetensors(path) as f:
+    return dict(f.metadata() or {})
 
 
 def load_safetensors(path: str) -> dict[str, np.ndarray]:
-  """Read a .safetensors file into NumPy arrays (bfloat16 via ml_dtypes), checking offsets."""
-  size = os.path.getsize(path)
-  out = {}
-  with open(path, "rb") as f:
-    header = _read_safetensors_header(f, size)
-    start = f.tell()
-    for name, info in header.items():
-      if name == "__metadata__":
-        continue
-      dtype, shape = _st_dtype(info["dtype"]), tuple(info["shape"])
-      begin, end = info["data_offsets"]
-      count = math.prod(shape)
-      if end - begin != count * dtype.itemsize or start + end > size or begin < 0:
-        raise ValueError(f"Corrupt safetensors entry {name!r}: offsets {begin}..{end} for "
-                         f"{info['dtype']} {list(shape)} in a file of {size} bytes")
-      f.seek(start + begin)
-      out[name] = np.frombuffer(f.read(end - begin), dtype=dtype).reshape(shape).copy()
-  return out
+  """Read a .safetensors file into NumPy arrays (bfloat16 as ml_dtypes.bfloat16)."""
+  with _open_safetensors(path) as f:
+    return {name: f.get_tensor(name) for name in f.keys()}
 
 
 def save_pth(state_dict: Mapping, path: str):
@@ -461,7 +388,9 @@ def save_pth(state_dict: Mapping, path: str):
 
   tensors = {str(k): torch.from_numpy(np.array(_to_numpy(v), copy=True))
              for k, v in state_dict.items()}
-  _replace_atomically(path, lambda tmp: torch.save(tensors, tmp))
+  buffer = io.BytesIO()
+  torch.save(tensors, buffer)
+  _write_atomically(path, buffer.getvalue())
 
 
 def _tree_to_numpy(obj):
@@ -531,6 +460,7 @@ def export_checkpoint(workdir: str, out_path: str, *, step=None, which: str = "t
   The .safetensors metadata records the step and the ViT shape, so it can be rebuilt.
   """
   from sove_jax import checkpoint
+  from sove_jax.evaluate import backbone
 
   fmt = _format(out_path, fmt)
   checkpoint.read_config(workdir)  # fails on a path that is no workdir, before Orbax creates dirs
@@ -538,7 +468,7 @@ def export_checkpoint(workdir: str, out_path: str, *, step=None, which: str = "t
     step = _latest_step(workdir)
     if step is None:
       raise FileNotFoundError(f"No checkpoint under {os.path.join(workdir, 'checkpoints')}")
-  config, model = checkpoint.load_backbone(workdir, step=step, which=which)
+  config, model = backbone.load_backbone(workdir, step=step, which=which)
   state_dict = to_torch_state_dict(model, mask_token=mask_token)
   m = config.model
   summary = {"format": "pt", "producer": "sove_jax", "which": which, "step": int(step),
@@ -552,7 +482,7 @@ def export_checkpoint(workdir: str, out_path: str, *, step=None, which: str = "t
     save_pth(state_dict, out_path)
   summary.update(path=out_path, num_tensors=len(state_dict),
                  num_params=int(sum(a.size for a in state_dict.values())))
-  log.info("Exported %s backbone of %s step %d to %s.", which, workdir, step, out_path)
+  logging.info("Exported %s backbone of %s step %d to %s.", which, workdir, step, out_path)
   return summary
 
 
@@ -600,7 +530,7 @@ def _import_main(args):
 
   overrides = {k: getattr(args, k) for k in ("width", "depth", "num_heads")
                if getattr(args, k) is not None}
-  # Abstract: nothing is initialised only to be overwritten (a DINO mask token becomes zeros).
+  # Abstract: nothing is initialized only to be overwritten (a DINO mask token becomes zeros).
   model = nnx.eval_shape(lambda: create_vit(
       args.variant, patch_size=args.patch_size, image_size=args.image_size, dtype=jnp.float32,
       rngs=nnx.Rngs(0), **overrides))
@@ -655,8 +585,6 @@ def main(argv=None):
   im.add_argument("--trust_pickle", action="store_true",
                   help="unpickle arbitrary objects (only for files you trust)")
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-  log.setLevel(logging.INFO)  # this module's lines, not Orbax's
   try:
     (_export_main if args.command == "export" else _import_main)(args)
   except (ValueError, FileNotFoundError) as e:

@@ -1,4 +1,4 @@
-"""SOVE projection head (SPEC section 6): Linear-GELU-Linear-GELU-Linear, L2-normalised output.
+"""SOVE projection head (docs/method.md §9): Linear-GELU-Linear-GELU-Linear, L2-normalized output.
 
 One head serves [CLS] and patch tokens, so it maps any leading shape. There is no prototype
 layer: the banks play that role. The last layer accumulates and returns float32, since the

@@ -12,7 +12,7 @@ from sove_jax.models.vit import VARIANTS, ViT
 
 
 class Network(nnx.Module):
-  """Backbone + head. Returns L2-normalised [CLS] and (optionally) patch embeddings."""
+  """Backbone + head. Returns L2-normalized [CLS] and (optionally) patch embeddings."""
 
   def __init__(self, backbone, head):
     self.backbone = backbone

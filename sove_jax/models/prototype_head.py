@@ -1,18 +1,18 @@
-"""DINO's head, also iBOT's: an MLP to a bottleneck, L2-normalised, then a prototype layer.
+"""DINO's head, also iBOT's: an MLP to a bottleneck, L2-normalized, then a prototype layer.
 
 `PrototypeHead(x)` maps [..., in_dim] to float32 logits [..., num_prototypes]:
 Linear-GELU-Linear-GELU-Linear to the bottleneck (the same MLP as `ProjectionHead`, whose
-output is already unit-norm), then a weight-normalised linear layer without bias whose columns
+output is already unit-norm), then a weight-normalized linear layer without bias whose columns
 are the prototypes. iBOT runs one such head over the [CLS] and the patch tokens alike (its
 "shared head"), so the head maps any leading shape.
 
 Faithful to the reference heads where it changes training:
-- the prototype layer is weight-normalised per prototype, `w_k = g_k v_k / ||v_k||`, with
+- the prototype layer is weight-normalized per prototype, `w_k = g_k v_k / ||v_k||`, with
   `g = 1` fixed (DINO's `norm_last_layer=True`: the logits are cosine similarities) or
   trainable from 1 (`norm_last_layer=False`, iBOT's ViT recipes);
 - `v` starts from PyTorch's default `nn.Linear` draw, uniform in +-1/sqrt(bottleneck_dim): the
-  reference heads initialise the MLP with a truncated normal (std 0.02) *before* creating the
-  prototype layer, and with weight normalisation the scale of `v` sets how fast the prototypes
+  reference heads initialize the MLP with a truncated normal (std 0.02) *before* creating the
+  prototype layer, and with weight normalization the scale of `v` sets how fast the prototypes
   turn under Adam;
 - `g` is stored as [1, K] (PyTorch's `weight_g` is [K, 1]), so the optimizer's weight-decay
   mask, which decays parameters of rank > 1, treats it as the references' parameter groups do.

@@ -2,7 +2,7 @@
 
 The architecture is the reference Swin: a 4x4 patch embedding followed by a LayerNorm, four
 stages of blocks that alternate regular and shifted window attention with a learned relative
-position bias per head, a patch merging (2x2 neighbours concatenated, LayerNorm, linear 4C -> 2C
+position bias per head, a patch merging (2x2 neighbors concatenated, LayerNorm, linear 4C -> 2C
 without bias) between stages, and a final LayerNorm. Swin-T: width 96, depths (2, 2, 6, 2),
 heads (3, 6, 12, 24), window 7, MLP ratio 4; 28,288,354 parameters with the 1000-class
 classifier of the reference (27,519,354 without it, plus 96 for the mask token). The SOVE paper
@@ -229,7 +229,7 @@ class SwinBlock(nnx.Module):
 
 
 class PatchMerging(nnx.Module):
-  """2x2 neighbours -> one token: concat (4C), LayerNorm, linear to 2C without bias."""
+  """2x2 neighbors -> one token: concat (4C), LayerNorm, linear to 2C without bias."""
 
   def __init__(self, width: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs):
     self.norm = _layer_norm(4 * width, eps, param_dtype, rngs)
@@ -267,7 +267,7 @@ class SwinStage(nnx.Module):
 class Swin(nnx.Module):
   """Swin backbone: patch embedding + LayerNorm, mask token, stages, final LayerNorm.
 
-  `remat=True` rematerialises each block in the backward pass (activation memory). There is no
+  `remat=True` rematerializes each block in the backward pass (activation memory). There is no
   `scan_layers`: stages differ in shape and their blocks alternate shifts.
   """
 

@@ -1,4 +1,4 @@
-"""Vision Transformer backbone for the SOVE student and teacher (SPEC section 6), in Flax NNX.
+"""Vision Transformer backbone for the SOVE student and teacher (docs/method.md §9), in Flax NNX.
 
 Design points, each for a reason:
 - Parameters are float32 and carry logical axis names (`nnx.with_partitioning`), so a config
@@ -40,7 +40,7 @@ ATTENTION = {
 LN_EPS = 1e-6
 INIT_STD = 0.02
 # jax's truncated normal (cut at +-2 sigma) has std 0.8796 sigma; dividing by it makes the
-# initialised weights' standard deviation exactly INIT_STD.
+# initialized weights' standard deviation exactly INIT_STD.
 _TRUNC_CORRECTION = 0.87962566103423978
 
 
@@ -251,7 +251,7 @@ class ViT(nnx.Module):
 
   `scan_layers=True` stacks the block parameters along a leading axis (logical name "layers")
   and runs them with `lax.scan` (one compiled block: ViT-L compile time); `remat=True`
-  rematerialises each block in the backward pass (activation memory). Use both together for
+  rematerializes each block in the backward pass (activation memory). Use both together for
   ViT-L: inside a scan, the recomputation cannot be scheduled early, so the memory saving is
   guaranteed; with unrolled blocks it is up to XLA's scheduler. `pos_interpolation` says how the
   position embedding is resized for inputs of another size (POS_INTERPOLATIONS; "dino" for
