@@ -11,8 +11,14 @@ Expected (measured on 2 CPU cores, 10.7 min with the k-NN monitor): teacher [CLS
 k = 20 of 73.4% on the whole Fashion-MNIST test split; on the monitor's subsets 68.2%, against
 63.6% for the random initialization and 82.8% for raw pixels (README, "Does it learn?").
 
-Fields are grouped: data (host input pipeline), model (backbone + head), sove (the objective),
-optim (optimizer and schedules), mesh (devices), and run control (logging, checkpoints, eval).
+Fields are grouped: the method, data (host input pipeline), model (backbone + head), sove (the
+objective), baseline (DINO's and iBOT's objective), optim (optimizer and schedules), mesh
+(devices), and run control (logging, checkpoints, eval).
+
+The same entry point trains the baselines at this budget, with every shared setting the same:
+
+    python -m sove_jax.main --config=configs/default.py --config.method=dino --workdir=runs/dino
+    python -m sove_jax.main --config=configs/default.py --config.method=ibot --workdir=runs/ibot
 """
 import ml_collections
 
@@ -24,6 +30,11 @@ def get_config():
   c.num_epochs = 1.6          # training length in epochs of the train split...
   c.total_steps = -1          # ...or, when > 0, in steps (overrides num_epochs)
   c.run_steps = -1            # steps this process takes before saving and exiting (-1: to the end)
+  # The objective: "sove" (the `sove` block), or a baseline on the same backbone, views, masks,
+  # optimizer, EMA teacher and schedules, with its own head and loss (the `baseline` block):
+  # "dino" (Caron et al., 2021: [CLS] loss over prototypes, student's global views unmasked) or
+  # "ibot" (Zhou et al., 2022: DINO's [CLS] loss + the masked-patch loss, one shared head).
+  c.method = "sove"
 
   # --- data: host-side tf.data pipeline (sove_jax/data) -------------------------------------
   c.data = d = ml_collections.ConfigDict()
@@ -81,8 +92,14 @@ def get_config():
   m.attention = "xla"         # "xla" | "cudnn" (GPU flash attention; head dim % 8, 16-bit dtype)
   m.pos_interpolation = "size"  # resizing pos_embed for local crops: "size" (to the grid) |
                               # "dino" (scale_factor (grid + 0.1) / n, as DINO, iBOT, the authors)
-  m.head_hidden = 256         # paper: 2048
-  m.head_out = 128            # d, the embedding size (paper: 256)
+  m.head_hidden = 256         # paper: 2048 (DINO, iBOT: their head's hidden width too)
+  m.head_out = 128            # d, the embedding size (paper: 256); DINO, iBOT: the bottleneck
+                              # before the prototype layer (theirs: 256)
+  # The global representation the [CLS] loss, SOVE's class bank and the k-NN evaluation use:
+  # "cls" (the [CLS] token) | "mean_patch" (the mean of the patch tokens; paper Table B.2). The
+  # k-NN monitor and `evaluate.knn` take the same from the teacher backbone (after its final
+  # LayerNorm); the linear probe's default for "mean_patch" is "cls_meanpatch".
+  m.global_pool = "cls"
 
   # --- sove: the objective (sove_jax/objective.py, docs/method.md §2-§7) ------------------------
   c.sove = s = ml_collections.ConfigDict()
@@ -101,9 +118,26 @@ def get_config():
   s.teacher_temp = 0.04
   s.teacher_temp_warmup = 0.04  # start value, ramped linearly to teacher_temp...
   s.teacher_temp_warmup_epochs = 0.0  # ...over these epochs (paper 30)
-  s.class_weight = 1.0        # lambda_1
-  s.patch_weight = 1.0        # lambda_2
+  s.class_weight = 1.0        # lambda_1 ([CLS] loss); 0: MIM only, nothing of it is computed
+  s.patch_weight = 1.0        # lambda_2 (MIM loss); 0: [CLS] only, no patch head or patch bank
   s.judge_chunk = 1024        # anchors per chunk of the anchor-by-bank similarity
+
+  # --- baseline: DINO's and iBOT's objective (config.method "dino" | "ibot"; sove_jax/prototypes.py)
+  # Their papers' values in brackets (DINO / iBOT ViT-S/16); here scaled to this run's length.
+  c.baseline = bl = ml_collections.ConfigDict()
+  bl.num_prototypes = 4096    # K, the prototype layer's size [65536 / 8192]
+  bl.norm_last_layer = True   # prototypes of unit norm (DINO's default); False: a trained
+                              # per-prototype norm (both papers' ViT-S/16 recipes)
+  bl.student_temp = 0.1
+  bl.teacher_temp = 0.07      # [CLS] targets, after a linear warm-up [0.04 -> 0.07 / 0.07]
+  bl.teacher_temp_warmup = 0.04  # ...from this value...
+  bl.teacher_temp_warmup_epochs = 0.5  # ...over these epochs [30], for patches too (as iBOT)
+  bl.teacher_patch_temp = 0.07  # iBOT's patch targets [0.07]...
+  bl.teacher_patch_temp_warmup = 0.04  # ...warmed up from this value [0.04]
+  bl.center_momentum = 0.9    # EMA of the teacher's mean logits, each center [0.9]
+  bl.freeze_last_layer_epochs = 0.1  # the prototype layer held still (no update, no decay) [1]
+  bl.class_weight = 1.0       # lambda_1, the [CLS] loss; 0: iBOT MIM only (DINO needs it)
+  bl.patch_weight = 1.0       # lambda_2, iBOT's masked-patch loss; 0: [CLS] only (DINO has none)
 
   # --- optim (sove_jax/optim.py) --------------------------------------------------------------
   c.optim = o = ml_collections.ConfigDict()
@@ -125,8 +159,10 @@ def get_config():
   c.mesh.fsdp = 1             # parameter/optimizer sharding axis
   c.mesh.shard_params = False  # FSDP-shard parameters by their logical axes, by these rules:
   # (logical axis, mesh axis) pairs; one matrix dimension per parameter is enough to divide its
-  # memory by the fsdp size, and the model width ("embed") is in every block matrix.
-  c.mesh.rules = (("embed", "fsdp"), ("proj_hidden", "fsdp"))
+  # memory by the fsdp size, and the model width ("embed") is in every block matrix; DINO's and
+  # iBOT's prototype layer is split along its prototypes (a rule for an axis the run's network
+  # lacks is idle).
+  c.mesh.rules = (("embed", "fsdp"), ("proj_hidden", "fsdp"), ("prototypes", "fsdp"))
   c.mesh.max_replicated = 0.02  # FSDP: largest share of parameter bytes left whole (else error)
 
   # --- run control ------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ SOURCES = ("fashion_mnist", "tfds", "folder")
 MASK_TYPES = ("block", "block_exact", "random")
 EXACT_MIN_PATCHES = 4
 ATTENTIONS = ("xla", "cudnn")
+METHODS = ("sove", "dino", "ibot")       # sove_jax.models.network.METHODS
+GLOBAL_POOLS = ("cls", "mean_patch")     # sove_jax.models.network.GLOBAL_POOLS
 
 
 def sibling(name: str, *, of: str):
@@ -117,10 +119,11 @@ def validate_data(d, *, patch_size: int, global_batch_size: int, process_count: 
 
 def validate(config, *, num_devices: int, process_count: int = 1):
   """Raises ConfigError on the first problem found."""
-  m, s, o = config.model, config.sove, config.optim
+  m, o = config.model, config.optim
+  _one_of(config.method, METHODS, "method")
   _one_of(m.variant, VARIANTS, "model.variant")
   _one_of(m.dtype, DTYPES, "model.dtype")
-  _one_of(s.labels, ("soft", "onehot"), "sove.labels")
+  _one_of(m.global_pool, GLOBAL_POOLS, "model.global_pool")
   _one_of(o.clip_mode, ("per_tensor", "global"), "optim.clip_mode")
   _one_of(m.attention, ATTENTIONS, "model.attention")
   from sove_jax.models import network, vit  # the model's own size rules (no TensorFlow)
@@ -139,7 +142,38 @@ def validate(config, *, num_devices: int, process_count: int = 1):
            f"{m.variant!r}, model.width={m.width}, model.num_heads={m.num_heads}).")
   _require(config.num_epochs > 0 or config.total_steps > 0,
            "Set num_epochs > 0 or total_steps > 0: the run has no length.")
+  if config.method == "sove":
+    validate_sove(config.sove, global_batch_size=b, num_devices=num_devices)
+  else:
+    validate_baseline(config.baseline, method=config.method)
+  _require(o.base_lr > 0, f"optim.base_lr={o.base_lr} must be > 0.")
+  _require(0.0 <= o.ema_momentum <= 1.0 and 0.0 <= o.ema_momentum_end <= 1.0,
+           "optim.ema_momentum and optim.ema_momentum_end must be in [0, 1].")
+  fsdp = config.mesh.fsdp
+  _require(fsdp >= 1 and num_devices % fsdp == 0,
+           f"mesh.fsdp={fsdp} must divide the {num_devices} devices.")
+  rules = config.mesh.rules
+  _require(all(len(rule) == 2 and all(isinstance(name, str) for name in rule) for rule in rules),
+           f"mesh.rules={rules!r} must be (logical axis, mesh axis) pairs of names.")
+  _require(0.0 <= config.mesh.max_replicated <= 1.0,
+           f"mesh.max_replicated={config.mesh.max_replicated} must be in [0, 1].")
 
+
+def _loss_weights(block, name: str, *, needs_class: bool = False):
+  """Both weights >= 0 and at least one loss left (the [CLS] loss, where it is the only one)."""
+  for field in ("class_weight", "patch_weight"):
+    _require(block[field] >= 0, f"{name}.{field}={block[field]} must be >= 0 (0 drops that loss).")
+  if needs_class:
+    _require(block.class_weight > 0,
+             f"{name}.class_weight={block.class_weight} must be > 0: DINO has only the [CLS] loss.")
+  _require(block.class_weight > 0 or block.patch_weight > 0,
+           f"{name}.class_weight and {name}.patch_weight are both 0: no loss is left to train.")
+
+
+def validate_sove(sove_config, *, global_batch_size: int, num_devices: int):
+  """The `sove` block's checks (config.method "sove")."""
+  s, b = sove_config, global_batch_size
+  _one_of(s.labels, ("soft", "onehot"), "sove.labels")
   for bank, anchors, neighbors, tasks in (
       ("class_bank_size", "num_anchors", "num_neighbors", "class_tasks"),
       ("patch_bank_size", "patch_anchors", "patch_neighbors", "patch_tasks")):
@@ -159,14 +193,22 @@ def validate(config, *, num_devices: int, process_count: int = 1):
   _require(s.judge_chunk > 0 and s.judge_chunk % num_devices == 0,
            f"sove.judge_chunk={s.judge_chunk} must be a positive multiple of the {num_devices} "
            "devices (each device searches a share of every chunk of anchors).")
-  _require(o.base_lr > 0, f"optim.base_lr={o.base_lr} must be > 0.")
-  _require(0.0 <= o.ema_momentum <= 1.0 and 0.0 <= o.ema_momentum_end <= 1.0,
-           "optim.ema_momentum and optim.ema_momentum_end must be in [0, 1].")
-  fsdp = config.mesh.fsdp
-  _require(fsdp >= 1 and num_devices % fsdp == 0,
-           f"mesh.fsdp={fsdp} must divide the {num_devices} devices.")
-  rules = config.mesh.rules
-  _require(all(len(rule) == 2 and all(isinstance(name, str) for name in rule) for rule in rules),
-           f"mesh.rules={rules!r} must be (logical axis, mesh axis) pairs of names.")
-  _require(0.0 <= config.mesh.max_replicated <= 1.0,
-           f"mesh.max_replicated={config.mesh.max_replicated} must be in [0, 1].")
+  _loss_weights(s, "sove")
+
+
+def validate_baseline(baseline_config, *, method: str):
+  """The `baseline` block's checks (config.method "dino" or "ibot")."""
+  bl = baseline_config
+  _require(isinstance(bl.num_prototypes, int) and bl.num_prototypes >= 2,
+           f"baseline.num_prototypes={bl.num_prototypes!r} must be an integer >= 2.")
+  for field in ("student_temp", "teacher_temp", "teacher_temp_warmup", "teacher_patch_temp",
+                "teacher_patch_temp_warmup"):
+    _require(bl[field] > 0, f"baseline.{field}={bl[field]} must be > 0.")
+  _require(bl.teacher_temp_warmup_epochs >= 0,
+           f"baseline.teacher_temp_warmup_epochs={bl.teacher_temp_warmup_epochs} must be >= 0.")
+  _require(0.0 <= bl.center_momentum < 1.0,
+           f"baseline.center_momentum={bl.center_momentum} must be in [0, 1) (1 would never "
+           "move the centers).")
+  _require(bl.freeze_last_layer_epochs >= 0,
+           f"baseline.freeze_last_layer_epochs={bl.freeze_last_layer_epochs} must be >= 0.")
+  _loss_weights(bl, "baseline", needs_class=method == "dino")

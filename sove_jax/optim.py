@@ -3,9 +3,10 @@
 AdamW with a linear warm-up then cosine learning rate, a cosine weight-decay ramp on weights only
 (no bias, no norm scale), per-tensor gradient clipping (DINO's `clip_gradients`, one layer at a
 time under `scan_layers`) or global norm clipping, and the non-optimizer schedules the step
-reads: teacher EMA momentum and teacher temperature. Every schedule is a pure function of the
-step, so a resumed run sees the same values. The schedules are optax's; the teacher's EMA is
-`optax.incremental_update` (in the step).
+reads: teacher EMA momentum and teacher temperature (the method's own: `sove` or `baseline`, and
+iBOT's patch temperature). Every schedule is a pure function of the step, so a resumed run sees
+the same values. The schedules are optax's; the teacher's EMA is `optax.incremental_update` (in
+the step).
 """
 from typing import Callable, NamedTuple
 
@@ -23,6 +24,8 @@ class Schedules(NamedTuple):
   weight_decay: Schedule
   ema_momentum: Schedule
   teacher_temp: Schedule
+  teacher_patch_temp: Schedule | None = None  # iBOT's patch targets; None for the others
+  frozen_last_layer_steps: int = 0  # DINO, iBOT: steps the prototype layer is held still
 
 
 def cosine(start: float, end: float, steps: int) -> Schedule:
@@ -32,25 +35,42 @@ def cosine(start: float, end: float, steps: int) -> Schedule:
   return lambda step: end + (start - end) * shape(step)
 
 
+def warmed_up(start: float, end: float, steps: int) -> Schedule:
+  """`start` to `end` linearly over `steps` steps, then `end` (a constant when steps <= 0)."""
+  return optax.linear_schedule(start, end, steps) if steps > 0 else optax.constant_schedule(end)
+
+
 def make_schedules(config, steps_per_epoch: int, total_steps: int) -> Schedules:
   """Learning rate: linear warm-up from 0, then cosine to `min_lr` (the peak scaled by
   batch / 256); weight decay and EMA momentum: cosine from start to end over the run; teacher
-  temperature: linear warm-up, then constant."""
-  o, s = config.optim, config.sove
+  temperatures: linear warm-up, then constant, from the method's block (`sove` or `baseline`);
+  DINO's and iBOT's prototype layer frozen for `baseline.freeze_last_layer_epochs`."""
+  o = config.optim
   total_steps = max(int(total_steps), 1)
   peak_lr = o.base_lr * config.batch_size / 256.0
   # optax needs a cosine of at least one step after the warm-up.
   warmup = min(max(round(o.warmup_epochs * steps_per_epoch), 0), total_steps - 1)
-  temp_warmup = round(s.teacher_temp_warmup_epochs * steps_per_epoch)
-  return Schedules(
+  common = dict(
       learning_rate=optax.warmup_cosine_decay_schedule(
           init_value=0.0, peak_value=peak_lr, warmup_steps=warmup, decay_steps=total_steps,
           end_value=o.min_lr),
       weight_decay=cosine(o.weight_decay, o.weight_decay_end, total_steps),
-      ema_momentum=cosine(o.ema_momentum, o.ema_momentum_end, total_steps),
-      teacher_temp=(optax.linear_schedule(s.teacher_temp_warmup, s.teacher_temp, temp_warmup)
-                    if temp_warmup > 0 else optax.constant_schedule(s.teacher_temp)),
-  )
+      ema_momentum=cosine(o.ema_momentum, o.ema_momentum_end, total_steps))
+  method = config.get("method", "sove")
+  if method == "sove":
+    s = config.sove
+    temp_warmup = round(s.teacher_temp_warmup_epochs * steps_per_epoch)
+    return Schedules(**common, teacher_temp=warmed_up(s.teacher_temp_warmup, s.teacher_temp,
+                                                      temp_warmup))
+  b = config.baseline
+  temp_warmup = round(b.teacher_temp_warmup_epochs * steps_per_epoch)  # both, as iBOT's
+  patch_temp = (warmed_up(b.teacher_patch_temp_warmup, b.teacher_patch_temp, temp_warmup)
+                if method == "ibot" else None)
+  return Schedules(**common,
+                   teacher_temp=warmed_up(b.teacher_temp_warmup, b.teacher_temp, temp_warmup),
+                   teacher_patch_temp=patch_temp,
+                   frozen_last_layer_steps=max(
+                       0, round(b.freeze_last_layer_epochs * steps_per_epoch)))
 
 
 def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:

@@ -18,6 +18,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sove_jax.configuration import ConfigError
+from sove_jax.models import LOGICAL_AXES
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -73,7 +74,9 @@ def param_shardings(param_specs, abstract_params, mesh, rules=()):
   carried = {name for spec in jax.tree.leaves(param_specs, is_leaf=is_spec) for name in spec
              if name is not None}
   for logical, mesh_axis in rules:
-    if logical not in carried:
+    # A rule for another network's axis ("prototypes" in a SOVE run) is idle, not a mistake;
+    # a name that no network of the project carries is.
+    if logical not in carried and logical not in LOGICAL_AXES:
       raise ConfigError(f"mesh.rules maps {logical!r}, which no parameter carries (they carry "
                         f"{', '.join(sorted(carried))}).")
     if mesh_axis not in mesh.axis_names:

@@ -1,5 +1,9 @@
 """The train state: everything a checkpoint must hold to continue a run bit for bit.
 
+SOVE's state holds its two banks (`TrainState`); DINO's and iBOT's hold their teacher centers
+instead (`PrototypeTrainState`), so each checkpoint holds exactly what its method needs and a
+SOVE checkpoint is the same whatever other methods exist. `make_init` picks by `config.method`.
+
 Parameters are stored as pure nested dicts (`nnx.State.to_pure_dict()`), so optax, Orbax and the
 sharding rules see plain pytrees; the step rebuilds the module with `nnx.merge(graphdef, params)`.
 The state is created the big_vision way: `jax.eval_shape(init)` gives shapes, the sharding rules
@@ -27,20 +31,44 @@ class TrainState:
   key: jax.Array           # uint32[2]; split once per step
 
 
+@flax.struct.dataclass
+class PrototypeTrainState:
+  """The state of DINO and iBOT: parameters, optimizer and the teacher's running centers."""
+  step: jax.Array
+  student: Any
+  teacher: Any
+  opt_state: Any
+  centers: dict            # float32 [K] each: "cls" (DINO, iBOT), "patch" (iBOT)
+  key: jax.Array
+
+
+def center_names(config) -> tuple[str, ...]:
+  """The centers a prototype method keeps: the [CLS] logits' and, for iBOT, the patches'."""
+  return ("cls", "patch") if network.method(config) == "ibot" else ("cls",)
+
+
 class Layout(NamedTuple):
   """Static facts about the state: the module graph and every leaf's sharding."""
   graphdef: Any
-  abstract: TrainState
-  shardings: TrainState
+  abstract: TrainState | PrototypeTrainState
+  shardings: TrainState | PrototypeTrainState
 
 
 def make_init(config, tx, image_size: int):
-  """init(seed_key) -> TrainState; pure, so it can be traced by eval_shape and jit."""
+  """init(seed_key) -> the method's state; pure, so it can be traced by eval_shape and jit."""
   s = config.sove
+  baseline = network.prototypes_of(config)
 
   def init(key):
     k_params, k_cbank, k_pbank, k_state = jax.random.split(key, 4)
-    params = network.init_params(config.model, image_size, k_params)
+    params = network.init_params(config.model, image_size, k_params, baseline)
+    if baseline is not None:  # DINO, iBOT: centers start at zero, as in the references
+      return PrototypeTrainState(
+          step=jnp.zeros((), jnp.int32), student=params,
+          teacher=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
+          centers={name: jnp.zeros((baseline.num_prototypes,), jnp.float32)
+                   for name in center_names(config)},
+          key=k_state)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         student=params,
@@ -56,7 +84,8 @@ def make_init(config, tx, image_size: int):
 
 def layout(config, tx, mesh, image_size: int) -> Layout:
   """Shapes and shardings of the state, without allocating it."""
-  graphdef, abstract_params = network.abstract_network(config.model, image_size)
+  graphdef, abstract_params = network.abstract_network(config.model, image_size,
+                                                       network.prototypes_of(config))
   specs = nnx.get_partition_spec(abstract_params).to_pure_dict()
   abstract = jax.eval_shape(make_init(config, tx, image_size), jax.random.PRNGKey(0))
   rules = tuple(tuple(rule) for rule in config.mesh.rules) if config.mesh.shard_params else ()
@@ -65,19 +94,16 @@ def layout(config, tx, mesh, image_size: int) -> Layout:
     sharding.check_param_shardings(params_sh, abstract.student,
                                    max_replicated=config.mesh.max_replicated)
   rep = sharding.replicated(mesh)
-  shardings = TrainState(
-      step=rep,
+  # Banks and centers are whole on every device; parameters and their moments follow the rules.
+  shardings = jax.tree.map(lambda _: rep, abstract).replace(
       student=params_sh,
       teacher=params_sh,
       opt_state=sharding.optimizer_shardings(tx, abstract.opt_state, params_sh, mesh),
-      class_bank=jax.tree.map(lambda _: rep, abstract.class_bank),
-      patch_bank=jax.tree.map(lambda _: rep, abstract.patch_bank),
-      key=rep,
   )
   return Layout(graphdef, abstract, shardings)
 
 
-def create(config, tx, layout: Layout, image_size: int) -> TrainState:
+def create(config, tx, layout: Layout, image_size: int) -> TrainState | PrototypeTrainState:
   """The initial state, sharded as `layout` says, from `config.seed`."""
   init = jax.jit(make_init(config, tx, image_size), out_shardings=layout.shardings)
   return init(jax.random.PRNGKey(config.seed))

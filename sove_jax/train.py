@@ -273,19 +273,22 @@ def knn_inputs(config, mesh, pipeline):
 
 
 def knn_monitor(config, mesh, pipeline, graphdef):
-  """run(state) -> {"knn/top1_k{k}": %}: k-NN of the teacher backbone's [CLS] on the
+  """run(state) -> {"knn/top1_k{k}": %}: k-NN of the teacher backbone's global representation
+  ([CLS], or the mean patch token with `model.global_pool="mean_patch"`) on the
   train -> eval splits; `run(apply_fn=f)` scores features `f(images)` instead (baselines)."""
   from flax import nnx
 
   from sove_jax.evaluate import knn
+  from sove_jax.models import network
 
   train_batches, eval_batches = knn_inputs(config, mesh, pipeline)
+  pool = config.model.global_pool
 
   @jax.jit
   def embed(teacher_params, images):
     backbone = nnx.merge(graphdef, teacher_params).backbone
-    cls = backbone(images)[:, 0]
-    return cls / jnp.linalg.norm(cls, axis=-1, keepdims=True)
+    feature = network.global_pool(backbone(images), pool)
+    return feature / jnp.linalg.norm(feature, axis=-1, keepdims=True)
 
   def run(state=None, *, apply_fn=None):
     fn = apply_fn or (lambda images: embed(state.teacher, images))

@@ -50,7 +50,7 @@ def test_optax_schedules_equal_the_formulas(warmup_epochs, temp_epochs):
           "ema_momentum": _np_cosine(o.ema_momentum, o.ema_momentum_end, 50, 0, 0.0, step),
           "teacher_temp": _np_linear(0.02, c.sove.teacher_temp, temp_steps, step),
       }
-      traced = jax.jit(lambda n: {k: f(n) for k, f in s._asdict().items()})(
+      traced = jax.jit(lambda n: {k: f(n) for k, f in s._asdict().items() if callable(f)})(
           jnp.int32(step))
       for name, value in want.items():
         np.testing.assert_allclose(float(traced[name]), value, rtol=2e-6, atol=5e-8,

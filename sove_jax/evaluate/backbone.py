@@ -30,6 +30,6 @@ def load_backbone(workdir: str, step=None, which: str = "teacher"):
     ckpt.close()
   if got is None:
     raise FileNotFoundError(f"No checkpoint under {ckpt.directory}.")
-  graphdef, _ = network.abstract_network(config.model, image_size)
+  graphdef, _ = network.abstract_network(config.model, image_size, network.prototypes_of(config))
   net = nnx.merge(graphdef, getattr(got[0], which))
   return config, net.backbone

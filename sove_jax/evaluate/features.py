@@ -16,6 +16,8 @@ import numpy as np
 from flax import nnx
 
 from sove_jax import reporting
+from sove_jax.models import network
+from sove_jax.models.network import GLOBAL_POOLS
 
 PROBE_CONVENTIONS = ("last4_cls", "cls_meanpatch")
 
@@ -31,8 +33,8 @@ def _backbone_features(graphdef, convention, last_blocks, state, images):
   """One jitted forward for every backbone of a structure; parameters are arguments, not
   constants, so a new teacher (the monitor, every N steps) reuses the compiled function."""
   model = nnx.merge(graphdef, state)
-  if convention == "cls":
-    return l2_normalize(model(images)[:, 0].astype(jnp.float32))
+  if convention in GLOBAL_POOLS:  # the k-NN features: the run's global representation
+    return l2_normalize(network.global_pool(model(images), convention).astype(jnp.float32))
   if convention == "last4_cls":
     _, blocks = model(images, return_blocks=last_blocks)
     return jnp.concatenate([b[:, 0] for b in blocks], axis=-1).astype(jnp.float32)
@@ -61,9 +63,13 @@ def _apply_fn(model, convention, mesh):
   return functools.partial(_backbone_features, graphdef, convention, last_blocks, state)
 
 
-def cls_features(model, *, mesh=None):
-  """images -> L2-normalized [CLS] of the final LayerNorm output: the k-NN features."""
-  return _apply_fn(model, "cls", mesh)
+def cls_features(model, *, mesh=None, pool: str = "cls"):
+  """images -> the k-NN features: the L2-normalized [CLS] of the final LayerNorm output, or
+  with `pool="mean_patch"` the mean of its patch tokens (a run trained with
+  `model.global_pool="mean_patch"`, whose [CLS] token no loss trained)."""
+  if pool not in GLOBAL_POOLS:
+    raise ValueError(f"pool must be one of {GLOBAL_POOLS}, got {pool!r}")
+  return _apply_fn(model, pool, mesh)
 
 
 def probe_features(model, convention, *, mesh=None):
@@ -76,7 +82,11 @@ def probe_features(model, convention, *, mesh=None):
 
 
 def default_probe_convention(model_config):
-  """The official choice per size: 4 blocks of [CLS] for ViT-Ti/S, [CLS] + mean patch above."""
+  """The official choice per size: 4 blocks of [CLS] for ViT-Ti/S, [CLS] + mean patch above;
+  [CLS] + mean patch as well for a run whose global representation was the mean patch token
+  (`model.global_pool`), so the probe sees what the run trained."""
+  if model_config.get("global_pool", "cls") == "mean_patch":
+    return "cls_meanpatch"
   return "cls_meanpatch" if model_config.variant in ("b", "l") else "last4_cls"
 
 

@@ -180,7 +180,8 @@ def knn_monitor(apply_fn, train_batches, eval_batches, *, ks=DEFAULT_KS, tempera
 def evaluate_knn(config, model, *, input_fn, dataset=None, data_dir=None, train_split=None,
                  eval_split=None, batch_size=None, ks=None, temperature=None, lowshot=False,
                  lowshot_splits=None, max_train_examples=-1, max_eval_examples=-1, mesh=None):
-  """k-NN (and optionally low-shot k-NN) of `model`'s [CLS] on a run's data.
+  """k-NN (and optionally low-shot k-NN) of `model`'s [CLS] on a run's data (the mean patch
+  token for a run trained with `model.global_pool="mean_patch"`).
 
   `input_fn` is the data package's `eval_input` (or a stand-in). `lowshot_splits` maps a
   fraction to a split file; fractions without one use `class_balanced_subset`.
@@ -193,7 +194,8 @@ def evaluate_knn(config, model, *, input_fn, dataset=None, data_dir=None, train_
   batch_size = batch_size or config.batch_size
   ks = tuple(config.knn_k if ks is None else ks)
   temperature = config.knn_temperature if temperature is None else temperature
-  apply_fn = features_lib.cls_features(model, mesh=mesh)
+  apply_fn = features_lib.cls_features(model, mesh=mesh,
+                                       pool=config.model.get("global_pool", "cls"))
   (train_f, train_y), (test_f, test_y), num_classes = features_lib.train_and_eval_features(
       apply_fn, input_fn, data, batch_size=batch_size, sharding=sharding,
       max_train_examples=max_train_examples, max_eval_examples=max_eval_examples)

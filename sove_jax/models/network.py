@@ -1,29 +1,56 @@
-"""The SOVE network: a ViT backbone and the projection head applied to its tokens.
+"""The network of every method: a ViT backbone and a head applied to its tokens.
 
-Student and teacher are two parameter sets of this one module (same graph): the teacher is
-called without a drop-path key and without a mask.
+SOVE's head is the projection head (unit embeddings, compared with the banks); DINO's and iBOT's
+is the prototype head (logits over learned prototypes), chosen by `config.method`. Student and
+teacher are two parameter sets of this one module (same graph): the teacher is called without a
+drop-path key and without a mask.
+
+The global representation, the one the [CLS] loss (and SOVE's class bank) sees, is the [CLS]
+token or the mean of the patch tokens (`model.global_pool`, the paper's Table B.2); `global_pool`
+gives it from the backbone's tokens, for the head here and for k-NN evaluation alike.
 """
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from sove_jax.models.head import ProjectionHead
+from sove_jax.models.prototype_head import PrototypeHead
 from sove_jax.models.vit import VARIANTS, ViT
+
+METHODS = ("sove", "dino", "ibot")
+GLOBAL_POOLS = ("cls", "mean_patch")
+
+
+def global_pool(tokens, pool: str = "cls"):
+  """The global representation of backbone tokens [N, 1 + L, D]: the [CLS] token ("cls") or
+  the mean of the L patch tokens ("mean_patch"), [N, D]."""
+  if pool == "cls":
+    return tokens[:, 0]
+  if pool == "mean_patch":
+    return jnp.mean(tokens[:, 1:], axis=1)
+  raise ValueError(f"global pool {pool!r} is not one of {GLOBAL_POOLS}")
 
 
 class Network(nnx.Module):
-  """Backbone + head. Returns L2-normalized [CLS] and (optionally) patch embeddings."""
+  """Backbone + head. Returns the head's output for the global representation and
+  (optionally) for every patch token: L2-normalized embeddings (SOVE) or prototype logits
+  (DINO, iBOT)."""
 
-  def __init__(self, backbone, head):
+  def __init__(self, backbone, head, pool: str = "cls"):
+    if pool not in GLOBAL_POOLS:
+      raise ValueError(f"pool={pool!r} is not one of {GLOBAL_POOLS}")
     self.backbone = backbone
     self.head = head
+    self.pool = pool
 
   def __call__(self, images, mask=None, *, key=None, patch_tokens=True):
     tokens = self.backbone(images, mask, key=key)
     if patch_tokens:
+      if self.pool != "cls":  # the pooled token takes the [CLS] token's place
+        tokens = jnp.concatenate([global_pool(tokens, self.pool)[:, None], tokens[:, 1:]], 1)
       out = self.head(tokens)
       return out[:, 0], out[:, 1:]
-    return self.head(tokens[:, 0]), None
+    return self.head(global_pool(tokens, self.pool)), None
 
 
 def _dtype(name: str):
@@ -55,23 +82,46 @@ def build_backbone(model_config, image_size: int, rngs: nnx.Rngs):
   return ViT(image_size=image_size, rngs=rngs, **backbone_kwargs(model_config))
 
 
-def build_network(model_config, image_size: int, rngs: nnx.Rngs) -> Network:
-  backbone = build_backbone(model_config, image_size, rngs)
-  head = ProjectionHead(backbone.width, hidden_dim=model_config.head_hidden,
-                        out_dim=model_config.head_out, dtype=_dtype(model_config.dtype),
-                        rngs=rngs)
-  return Network(backbone, head)
+def method(config) -> str:
+  """The run's method, "sove" for configs written before `method` existed."""
+  return config.get("method", "sove")
 
 
-def abstract_network(model_config, image_size: int):
+def prototypes_of(config):
+  """The `baseline` block when the run's method has a prototype head (DINO, iBOT), else None:
+  the last argument of `build_network`, `abstract_network` and `init_params`."""
+  return None if method(config) == "sove" else config.baseline
+
+
+def build_network(model_config, image_size: int, rngs: nnx.Rngs,
+                  baseline_config=None) -> Network:
+  """Backbone and head. Without `baseline_config` the head is SOVE's projection head, MLP
+  `model.head_hidden` -> `model.head_out`; with it, DINO's/iBOT's prototype head: the same MLP
+  (`model.head_out` is its bottleneck) then `baseline.num_prototypes` weight-normalized
+  prototypes."""
+  m = model_config
+  backbone = build_backbone(m, image_size, rngs)
+  if baseline_config is None:
+    head = ProjectionHead(backbone.width, hidden_dim=m.head_hidden, out_dim=m.head_out,
+                          dtype=_dtype(m.dtype), rngs=rngs)
+  else:
+    head = PrototypeHead(backbone.width, hidden_dim=m.head_hidden, bottleneck_dim=m.head_out,
+                         num_prototypes=baseline_config.num_prototypes,
+                         norm_last_layer=baseline_config.norm_last_layer, dtype=_dtype(m.dtype),
+                         rngs=rngs)
+  return Network(backbone, head, pool=m.get("global_pool", "cls"))
+
+
+def abstract_network(model_config, image_size: int, baseline_config=None):
   """(graphdef, abstract param State) without allocating parameters."""
   with nnx.use_eager_sharding(False):
-    model = nnx.eval_shape(lambda: build_network(model_config, image_size, nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: build_network(model_config, image_size, nnx.Rngs(0),
+                                                 baseline_config))
   return nnx.split(model)
 
 
-def init_params(model_config, image_size: int, key: jax.Array) -> dict:
+def init_params(model_config, image_size: int, key: jax.Array, baseline_config=None) -> dict:
   """Fresh parameters as a pure dict (the train state stores pure dicts)."""
   with nnx.use_eager_sharding(False):
-    model = build_network(model_config, image_size, nnx.Rngs(key))
+    model = build_network(model_config, image_size, nnx.Rngs(key), baseline_config)
   return nnx.state(model, nnx.Param).to_pure_dict()
