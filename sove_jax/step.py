@@ -68,7 +68,7 @@ def _agreement(student_log_probs, teacher_probs, num_global: int):
   return jnp.mean(student_votes[::-1] == teacher_votes)
 
 
-class _Sove:
+class SoveParts:
   """SOVE's parts of the step: judges from the banks, eq. 2 and eq. 4, the banks' refill."""
 
   def __init__(self, config, schedules, anchor_sharding):
@@ -143,7 +143,7 @@ class _Sove:
     return new
 
 
-class _Prototypes:
+class PrototypeParts:
   """DINO's and iBOT's parts of the step: centered, sharpened teacher targets over the
   prototypes, DINO's [CLS] loss (and iBOT's masked-patch loss), the frozen prototype layer,
   the centers' update."""
@@ -214,9 +214,9 @@ def make_train_step(config, graphdef, tx, schedules: optim.Schedules, *, anchor_
   `graphdef`; `anchor_sharding` splits each SOVE judge search over the devices (see
   `objective.select_judges`)."""
   if network.method(config) == "sove":
-    method = _Sove(config, schedules, anchor_sharding)
+    method = SoveParts(config, schedules, anchor_sharding)
   else:
-    method = _Prototypes(config, schedules)
+    method = PrototypeParts(config, schedules)
 
   def step(state, batch):
     new_key, key = jax.random.split(state.key)
