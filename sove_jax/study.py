@@ -28,8 +28,10 @@ The study file is Python (a module-level `STUDY`, or `get_study()` returning it)
         sweep_seeds=1,          # a sweep tries every rate on the first seed(s) only, and runs
                                 # the best rate on the others (default: every seed)
         knn_args=[], linear_args=["--epochs=100"],   # extra flags of the evaluators
+        notes="...",            # markdown printed under the report's first paragraph
         arms=[
-            dict(name="SOVE", group="Table 7", overrides=[], base_lrs=[5e-4, 1e-3, 2e-3]),
+            dict(name="SOVE", group="Table 7", overrides=[], base_lrs=[5e-4, 1e-3, 2e-3],
+                 paper=dict(knn=70.0, linear=74.3)),   # the published figures, for the report
             dict(name="SOVE [CLS] only", group="Table 7",
                  overrides={"sove.patch_weight": 0.0}),
         ],
@@ -39,7 +41,18 @@ The study file is Python (a module-level `STUDY`, or `get_study()` returning it)
 `base_lrs` (or the study's `base_lrs`, for arms without their own) is a learning-rate sweep:
 one run per rate, and its table row reports the best rate by mean k-NN top-1 (`--select=linear`:
 by linear top-1) over the seeds every rate ran; the sweep's every rate is listed below the
-tables. A bare list of arms is a study with the defaults above.
+tables. An arm's `paper` figures are printed beside its own in the report's table. An arm with
+`same_as=NAME` (and no overrides) is a row that reports the runs of arm NAME: the same config in
+several tables trains once. A bare list of arms is a study with the defaults above.
+
+A Python study file may define `get_study(config)`: the runner passes it the base config's path
+when `--config` names one (else None), so a study can derive its arms' values from that config
+(a learning-rate sweep around its `optim.base_lr`, anchors as fractions of its bank) and stays
+right when the config changes.
+
+`--only=NAME,...` runs (and reports) the arms so named, or every arm of the groups so named;
+`--knn_args` and `--linear_args` add evaluator flags (e.g. subsets of the splits for a quick
+check of a whole study; docs/study.md).
 """
 from __future__ import annotations
 
@@ -48,6 +61,7 @@ import ctypes
 import dataclasses
 import datetime
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -87,6 +101,9 @@ class Arm:
   group: str
   overrides: tuple[str, ...]
   base_lrs: tuple[float, ...] = ()   # empty: no learning-rate sweep
+  paper_knn: float | None = None     # the published figures for this row, shown beside ours
+  paper_linear: float | None = None
+  same_as: str = ""                  # another arm's name: this row reports that arm's runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +135,7 @@ class Study:
   linear_args: tuple[str, ...] = ()
   select: str = "knn"                 # "knn" | "linear": how a sweep's best rate is chosen
   name: str = "study"
+  notes: str = ""                     # markdown for the report, under its first paragraph
 
   @property
   def num_sweep_seeds(self) -> int:
@@ -196,7 +214,7 @@ def make_study(spec: Any, *, name: str = "study") -> Study:
     raise StudyError(f"the study must be a dict with 'arms' (or a list of arms), got "
                      f"{type(spec).__name__}.")
   known = {"arms", "config", "overrides", "seeds", "sweep_seeds", "knn_ks", "knn_args",
-           "linear_args", "select", "base_lrs", "name"}
+           "linear_args", "select", "base_lrs", "name", "notes"}
   unknown = sorted(set(spec) - known)
   if unknown:
     raise StudyError(f"unknown study field(s) {unknown}; known: {sorted(known)}.")
@@ -209,21 +227,37 @@ def make_study(spec: Any, *, name: str = "study") -> Study:
   for i, a in enumerate(arms_spec):
     if not isinstance(a, dict) or not isinstance(a.get("name"), str) or not a["name"].strip():
       raise StudyError(f"arm {i} must be a dict with a non-empty 'name'.")
-    extra = sorted(set(a) - {"name", "group", "overrides", "base_lrs"})
+    extra = sorted(set(a) - {"name", "group", "overrides", "base_lrs", "paper", "same_as"})
     if extra:
       raise StudyError(f"arm {a['name']!r} has unknown field(s) {extra}; known: name, group, "
-                       "overrides, base_lrs.")
+                       "overrides, base_lrs, paper, same_as.")
+    same_as = a.get("same_as") or ""
+    if same_as and (not isinstance(same_as, str) or a.get("overrides") or a.get("base_lrs")):
+      raise StudyError(f"arm {a['name']!r} reports the runs of arm {same_as!r} (same_as), so it "
+                       "cannot have overrides or base_lrs of its own.")
+    paper = a.get("paper") or {}
+    if (not isinstance(paper, dict) or set(paper) - {"knn", "linear"}
+        or not all(isinstance(v, (int, float)) for v in paper.values())):
+      raise StudyError(f"arm {a['name']!r}: paper must be a dict with numbers 'knn' and/or "
+                       f"'linear', got {paper!r}.")
     overrides = normalize_overrides(a.get("overrides"), f"arm {a['name']!r}")
     lrs = a.get("base_lrs", None)
     lrs = default_lrs if lrs is None else (_floats(lrs, f"arm {a['name']!r} base_lrs")
                                            if lrs else ())
     arm = Arm(name=a["name"], group=str(a.get("group") or "Results"), overrides=overrides,
-              base_lrs=lrs)
+              base_lrs=() if same_as else lrs, paper_knn=paper.get("knn"),
+              paper_linear=paper.get("linear"), same_as=same_as)
     if slug(arm.name) in slugs:
       raise StudyError(f"arms {slugs[slug(arm.name)]!r} and {arm.name!r} would share the "
                        f"directory {slug(arm.name)!r}; rename one.")
     slugs[slug(arm.name)] = arm.name
     arms.append(arm)
+  by_name = {a.name: a for a in arms}
+  for arm in arms:
+    target = by_name.get(arm.same_as)
+    if arm.same_as and (target is None or target.same_as or target.base_lrs):
+      raise StudyError(f"arm {arm.name!r}: same_as={arm.same_as!r} must name an arm of the study "
+                       "that runs itself at one learning rate (no same_as, no base_lrs).")
 
   seeds = _ints(spec.get("seeds", (0,)), "seeds")
   sweep_seeds = spec.get("sweep_seeds")
@@ -239,7 +273,7 @@ def make_study(spec: Any, *, name: str = "study") -> Study:
                 overrides=common, seeds=seeds, sweep_seeds=sweep_seeds, knn_ks=ks,
                 knn_args=tuple(spec.get("knn_args", ())),
                 linear_args=tuple(spec.get("linear_args", ())), select=select,
-                name=str(spec.get("name", name)))
+                name=str(spec.get("name", name)), notes=str(spec.get("notes", "")))
   _check_budget(study)
   return study
 
@@ -266,8 +300,11 @@ def _check_budget(study: Study) -> None:
                        "arm's); set it once.")
 
 
-def load_study(path: str) -> Study:
-  """Reads a study file: Python (STUDY or get_study()) or JSON."""
+def load_study(path: str, config: str | None = None) -> Study:
+  """Reads a study file: Python (STUDY, get_study() or get_study(config)) or JSON.
+
+  `config` (the `--config` flag, or None) goes to a `get_study` that takes an argument.
+  """
   if not os.path.isfile(path):
     raise StudyError(f"--arms={path}: no such file.")
   name = os.path.splitext(os.path.basename(path))[0]
@@ -282,7 +319,8 @@ def load_study(path: str) -> Study:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     if hasattr(module, "get_study"):
-      spec = module.get_study()
+      takes_config = bool(inspect.signature(module.get_study).parameters)
+      spec = module.get_study(config) if takes_config else module.get_study()
     elif hasattr(module, "STUDY"):
       spec = module.STUDY
     else:
@@ -402,6 +440,10 @@ def table_rows(study: Study, by_run: dict) -> list[dict]:
   rows = []
   for arm in study.arms:
     row = dict(arm=arm, group=arm.group, base_lr=None, note="")
+    if arm.same_as:
+      row["summary"] = summarize(list(by_run.get((arm.same_as, None), {}).values()))
+      rows.append(row)
+      continue
     if arm.base_lrs:
       lr, scores = best_rate(study, arm, by_run)
       if lr is None:
@@ -439,6 +481,8 @@ def markdown(study: Study, records: Sequence[dict], failures: Sequence[dict] = (
            f"linear `{' '.join(study.linear_args)}`" if study.linear_args else ""]
   if any(flags):
     lines += ["", "Evaluator flags: " + "; ".join(f for f in flags if f) + "."]
+  if study.notes:
+    lines += ["", study.notes.strip()]
   if sweeps:
     sweep_seeds = ", ".join(map(str, study.seeds[:study.num_sweep_seeds]))
     lines += ["", f"Learning-rate sweeps report the best `optim.base_lr` by mean "
@@ -447,8 +491,12 @@ def markdown(study: Study, records: Sequence[dict], failures: Sequence[dict] = (
   for group in dict.fromkeys(r["group"] for r in rows):
     group_rows = [r for r in rows if r["group"] == group]
     with_lr = any(r["arm"].base_lrs for r in group_rows)
+    paper = [(label, key) for label, key in (("Paper k-NN", "paper_knn"),
+                                             ("Paper linear", "paper_linear"))
+             if any(getattr(r["arm"], key) is not None for r in group_rows)]
     head = ["Arm"] + (["base_lr"] if with_lr else []) + [
-        "n", f"k-NN k={REPORT_K}", "Linear", "Steps", "img/s", "Train time"]
+        "n", f"k-NN k={REPORT_K}", "Linear"] + [label for label, _ in paper] + [
+        "Steps", "img/s", "Train time"]
     lines += ["", f"## {group}", "", "| " + " | ".join(head) + " |",
               "|" + "---|" * len(head)]
     for r in group_rows:
@@ -456,8 +504,10 @@ def markdown(study: Study, records: Sequence[dict], failures: Sequence[dict] = (
       cells = [r["arm"].name]
       if with_lr:
         cells.append(f"{_rate(r['base_lr'])} ({r['note']})" if r["arm"].base_lrs else "–")
-      cells += [f"{s.n}/{len(study.seeds)}", _pm(s.knn), _pm(s.linear),
-                "–" if s.steps is None else str(s.steps),
+      cells += [f"{s.n}/{len(study.seeds)}", _pm(s.knn), _pm(s.linear)]
+      cells += ["–" if getattr(r["arm"], key) is None else f"{getattr(r['arm'], key):.1f}"
+                for _, key in paper]
+      cells += ["–" if s.steps is None else str(s.steps),
                 "–" if s.images_per_sec is None else f"{s.images_per_sec:,.0f}",
                 _duration(s.train_seconds)]
       lines.append("| " + " | ".join(cells) + " |")
@@ -473,6 +523,9 @@ def markdown(study: Study, records: Sequence[dict], failures: Sequence[dict] = (
         lines.append(f"| {lr:g} | {s.n} | {_pm(s.knn)} | {_pm(s.linear)} | {mark} |")
   lines += ["", "## Arms", ""]
   for arm in study.arms:
+    if arm.same_as:
+      lines.append(f"- {arm.name} ({arm.group}): the runs of {arm.same_as} (the same config)")
+      continue
     overrides = " ".join(f"`{o}`" for o in arm.overrides) or "(none)"
     rates = f"; base_lr swept over {', '.join(f'{lr:g}' for lr in arm.base_lrs)}" \
         if arm.base_lrs else ""
@@ -774,6 +827,8 @@ def planned_runs(study: Study, by_run: dict) -> list[tuple[Run, int]]:
   plan = []
   for i, seed in enumerate(study.seeds):
     for arm in study.arms:
+      if arm.same_as:
+        continue   # its row reports another arm's runs
       if not arm.base_lrs:
         plan.append((Run(arm), seed))
       elif i < study.num_sweep_seeds:
@@ -856,6 +911,12 @@ def _define_flags():
   flags.DEFINE_string("config", "", "Base config of every arm (default: the study's).")
   flags.DEFINE_multi_string("override", [], "A common override --config.FIELD=VALUE for every "
                             "arm, after the study's (repeatable).")
+  flags.DEFINE_list("only", [], "Run and report only these arms (names), or the arms of these "
+                    "groups (group names); default: every arm.")
+  flags.DEFINE_multi_string("knn_args", [], "A flag for the k-NN evaluator, after the study's "
+                            "(repeatable), e.g. --knn_args=--max_eval_examples=1000.")
+  flags.DEFINE_multi_string("linear_args", [], "A flag for the linear probe, after the study's "
+                            "(repeatable).")
   flags.DEFINE_integer("sweep_seeds", None, "Seeds on which sweeps try every rate.")
   flags.DEFINE_enum("select", None, ["knn", "linear"], "Metric choosing a sweep's best rate.")
   flags.DEFINE_string("train_cmd", "", "Training command (default: python -m sove_jax.main).")
@@ -881,6 +942,20 @@ def _with_flags(study: Study, f) -> Study:
     changes["sweep_seeds"] = f.sweep_seeds
   if f.select:
     changes["select"] = f.select
+  if f.knn_args:
+    changes["knn_args"] = study.knn_args + tuple(f.knn_args)
+  if f.linear_args:
+    changes["linear_args"] = study.linear_args + tuple(f.linear_args)
+  if f.only:
+    known = {a.name for a in study.arms} | {a.group for a in study.arms}
+    unknown = [n for n in f.only if n not in known]
+    if unknown:
+      raise StudyError(f"--only names no arm or group {unknown}; arms: "
+                       f"{[a.name for a in study.arms]}; groups: "
+                       f"{list(dict.fromkeys(a.group for a in study.arms))}.")
+    chosen = {a.name for a in study.arms if a.name in f.only or a.group in f.only}
+    chosen |= {a.same_as for a in study.arms if a.name in chosen and a.same_as}
+    changes["arms"] = tuple(a for a in study.arms if a.name in chosen)
   study = dataclasses.replace(study, **changes)
   _check_budget(study)
   if not os.path.isfile(study.config):
@@ -896,7 +971,7 @@ def main(argv):
   from absl import flags
   f = flags.FLAGS
   try:
-    study = _with_flags(load_study(f.arms), f)
+    study = _with_flags(load_study(f.arms, config=f.config or None), f)
   except StudyError as e:
     sys.exit(f"Study error: {e}")
   defaults = Commands.default()
