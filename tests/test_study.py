@@ -6,6 +6,7 @@ linear.json. A fake accuracy is set per arm by a config override (`--config.fake
 shifted by the seed (and, in a sweep, by the distance of the rate from 1e-3), so the expected
 tables are known in advance. One test runs the real trainer and evaluators on the smoke config.
 """
+import collections
 import json
 import os
 import statistics
@@ -78,8 +79,12 @@ def fake(tmp_path):
   cmds = [f"--{m}_cmd={sys.executable} {script} {m}" for m in ("train", "knn", "linear")]
 
   def run(study, *flags, extra_env=None):
-    path = tmp_path / "study.json"
-    path.write_text(json.dumps(study))
+    """`study`: a study spec (written to a JSON file) or the path of a study file."""
+    if isinstance(study, str):
+      path = study
+    else:
+      path = tmp_path / "study.json"
+      path.write_text(json.dumps(study))
     proc = subprocess.run(
         [sys.executable, "-m", "sove_jax.study", f"--arms={path}", f"--out={out}",
          "--progress_every=1", *cmds, *flags],
@@ -265,6 +270,12 @@ def test_best_rate_selection_rules():
     (dict(arms=[dict(name="A")], knn_ks=[10, 100]), "k = 20"),
     (dict(arms=[dict(name="A", base_lrs=[1e-3, 1e-3])]), "distinct positive"),
     (dict(arms=[]), "no arms"),
+    (dict(arms=[dict(name="A", same_as="B")]), "must name an arm"),
+    (dict(arms=[dict(name="A", base_lrs=[1e-3]), dict(name="B", same_as="A")]),
+     "must name an arm"),
+    (dict(arms=[dict(name="A"), dict(name="B", same_as="A", overrides={"x.y": 1})]),
+     "cannot have overrides"),
+    (dict(arms=[dict(name="A", paper=dict(knn="70"))]), "paper must be"),
 ])
 def test_bad_studies_are_refused_before_anything_runs(spec, message):
   with pytest.raises(study_lib.StudyError, match=message):
@@ -323,3 +334,141 @@ def test_smoke_study_end_to_end(tmp_path):
   md = (out / "results.md").read_text()
   assert "| SOVE smoke | 1/1 |" in md and (out / "results.png").exists()
   assert "Evaluator flags: k-NN `--max_train_examples=512" in md
+
+
+# ----------------------------------------------------------------------------- the paper's studies
+
+TABLE7 = os.path.join(ROOT, "studies", "table7.py")
+ABLATIONS = os.path.join(ROOT, "studies", "ablations.py")
+
+
+def _parse_config(config_path, overrides):
+  """The config `python -m sove_jax.main --config=PATH OVERRIDES...` trains, parsed the same way."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ["main", f"--config={config_path}", *overrides]
+  values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", config_path, flag_values=values,
+                                           sys_argv=argv)
+  values(argv)
+  return holder.value
+
+
+def test_paper_studies_hold_the_papers_tables():
+  from sove_jax import configuration
+  default = configuration.load(os.path.join(ROOT, "configs", "default.py"))
+  t7 = study_lib.load_study(TABLE7)
+  assert [a.name for a in t7.arms] == ["SOVE", "SOVE [CLS] only", "SOVE MIM only", "iBOT",
+                                       "iBOT MIM only", "DINO"]
+  assert t7.seeds == (0, 1, 2) and t7.num_sweep_seeds == 1
+  lr = default.optim.base_lr
+  assert all(a.base_lrs == (lr / 2, lr, 2 * lr) for a in t7.arms)
+  assert [(a.paper_knn, a.paper_linear) for a in t7.arms] == [
+      (70.0, 74.3), (68.6, 72.7), (16.8, 30.2), (69.1, 74.2), (9.5, 29.8), (67.9, 72.5)]
+  assert "--config.data.num_local=0" in t7.overrides  # Table 7: no multi-crop
+
+  ab = study_lib.load_study(ABLATIONS)
+  assert ab.seeds == (0, 1) and not any(a.base_lrs for a in ab.arms)
+  groups = collections.Counter(a.group for a in ab.arms)
+  assert list(groups.items()) == [
+      ("Base recipe", 1), ("Table 8 [CLS] judges", 4), ("Table 9 judge contributions", 2),
+      ("Table B.1 [CLS] tasks", 3), ("Table B.2 global representation", 2),
+      ("Table B.3 [CLS] anchors", 4), ("Figure B.1 masks", 2)]
+  bank = default.sove.class_bank_size
+  anchors = [a.name.split(": ")[1] for a in ab.arms if a.group == "Table B.3 [CLS] anchors"]
+  assert anchors == [f"K={bank // d}" for d in (32, 16, 8, 4)]
+  # Derived from the base config the study is given: the smoke config's bank and rate, and the
+  # rows that are its own recipe (they report the base arm's runs instead of training again).
+  smoke = configuration.load(os.path.join(ROOT, "configs", "smoke.py"))
+  small = study_lib.load_study(ABLATIONS, config="configs/smoke.py")
+  assert small.config == "configs/smoke.py"
+  k = smoke.sove.class_bank_size
+  assert [a.overrides[-1] if a.overrides else a.same_as for a in small.arms
+          if a.group.startswith("Table B.3")] == [
+      f"--config.sove.num_anchors={k // 32}", f"--config.sove.num_anchors={k // 16}",
+      "SOVE: base recipe", f"--config.sove.num_anchors={k // 4}"]   # smoke: K = bank / 8
+  assert smoke.sove.num_anchors == k // 8 and smoke.sove.num_neighbors == 4
+  assert [a.name for a in small.arms if a.same_as] == [
+      "Table 8 [CLS] judges: J=5", "Table 9 judge contributions: soft",
+      "Table B.1 [CLS] tasks: T=2", "Table B.2 global representation: [CLS]",
+      f"Table B.3 [CLS] anchors: K={k // 8}", "Figure B.1 masks: block 0.3"]
+  assert study_lib.load_study(TABLE7, config="configs/smoke.py").arms[0].base_lrs == (
+      smoke.optim.base_lr / 2, smoke.optim.base_lr, 2 * smoke.optim.base_lr)
+
+
+@pytest.mark.parametrize("study_file", [TABLE7, ABLATIONS])
+@pytest.mark.parametrize("config", ["configs/default.py", "configs/smoke.py"])
+def test_every_arm_of_the_paper_studies_is_a_valid_config(study_file, config):
+  """Each arm x rate parses as the trainer's command line and passes the config checks, and the
+  fields it sets are the ones the trainer reads."""
+  from sove_jax import configuration
+  study = study_lib.load_study(study_file, config=config)
+  seen = collections.Counter()
+  for arm in study.arms:
+    if arm.same_as:
+      continue
+    for lr in arm.base_lrs or (None,):
+      overrides = study.overrides_for(study_lib.Run(arm, lr), seed=1)
+      parsed = _parse_config(os.path.join(ROOT, config), overrides)
+      configuration.validate(parsed, num_devices=1)
+      assert parsed.seed == 1 and parsed.knn_every == 0
+      if lr is not None:
+        assert parsed.optim.base_lr == lr
+      trained = parsed.to_dict()
+      del trained["seed"]
+      seen[json.dumps(trained, sort_keys=True, default=str)] += 1
+  # No two runs train the same config (an override that did not land would repeat one; a row
+  # that is the base recipe reports the base arm's runs).
+  assert max(seen.values()) == 1
+
+
+def test_paper_studies_plan_and_report():
+  """Table 7: every rate of every arm on seed 0, then each arm's best rate on seeds 1 and 2; the
+  report puts the paper's figures beside ours. The ablations: each trained arm on 2 seeds."""
+  t7 = study_lib.load_study(TABLE7)
+  plan = study_lib.planned_runs(t7, {})
+  assert len(plan) == 6 * 3 and {seed for _, seed in plan} == {0}
+  best = {arm.name: arm.base_lrs[i % 3] for i, arm in enumerate(t7.arms)}
+  record = lambda run, seed: {
+      "arm": run.arm.name, "base_lr": run.base_lr, "seed": seed, "steps": 749,
+      "knn": {"20": 60.0 + seed + (run.base_lr == best[run.arm.name])},
+      "linear_top1": 65.0 + seed}
+  records = [record(run, seed) for run, seed in plan]
+  plan = study_lib.planned_runs(t7, study_lib.records_by_run(t7, records))
+  later = [(run.arm.name, run.base_lr, seed) for run, seed in plan if seed > 0]
+  assert later == [(a.name, best[a.name], seed) for seed in (1, 2) for a in t7.arms]
+  records += [record(run, seed) for run, seed in plan if seed > 0]
+  md = study_lib.markdown(t7, records)
+  assert "## Table 7: parametric vs non-parametric tokenizer" in md
+  assert "| Arm | base_lr | n | k-NN k=20 | Linear | Paper k-NN | Paper linear |" in md
+  for arm in t7.arms:
+    row = next(l for l in md.splitlines() if l.startswith(f"| {arm.name} |"))
+    assert row.startswith(f"| {arm.name} | {best[arm.name]:g} (best of 3) | 3/3 | 62.00 ± 1.00 "
+                          f"| 66.00 ± 1.00 | {arm.paper_knn:.1f} | {arm.paper_linear:.1f} |"), row
+  assert "Table 7 (ImageNet-1k, ViT-S/16, 300 epochs without multi-crop)" in md
+
+  ab = study_lib.load_study(ABLATIONS)
+  plan = study_lib.planned_runs(ab, {})
+  trained = [a for a in ab.arms if not a.same_as]
+  assert len(plan) == 2 * len(trained) and len(trained) == 12  # 17 rows, 6 of them the base
+  assert [run.arm.name for run, seed in plan if seed == 0] == [a.name for a in trained]
+
+
+def test_paper_study_subset_through_the_runner(fake):
+  """`--only` picks rows (and the base arm a row reports), `--knn_args` reaches the evaluator,
+  and a row that is the base recipe shows the base arm's runs."""
+  out = fake["out"]
+  proc = fake["run"](ABLATIONS, "--only=Table B.2 global representation,Figure B.1 masks: "
+                     "random 0.7", "--knn_args=--max_eval_examples=7", "--seeds=0")
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  runs = [c["run"] for c in fake["calls"]()]
+  # The [CLS] row is the default's recipe: it reports the base arm's run, trained first.
+  assert runs == ["sove-base-recipe/seed0", "table-b.2-global-representation-mean-patch/seed0",
+                  "figure-b.1-masks-random-0.7/seed0"]
+  assert all("--max_eval_examples=7" in c["args"] for c in fake["calls"]("knn"))
+  md = (out / "results.md").read_text()
+  assert "| Table B.2 global representation: [CLS] | 1/1 | 70.00 | 75.00 | 69.2 | 4 |" in md, md
+  assert "| Table B.2 global representation: mean patch | 1/1 |" in md and "67.8" in md
+  assert "the runs of SOVE: base recipe" in md and "Table 8" not in md
+  bad = fake["run"](ABLATIONS, "--only=Table 10")
+  assert bad.returncode != 0 and "--only names no arm or group ['Table 10']" in bad.stderr
