@@ -19,7 +19,6 @@ from configs import default, smoke
 from sove_jax import configuration, optim, sharding, state as state_lib, train
 from sove_jax import step as step_lib
 from sove_jax.evaluate import features, knn
-from sove_jax.models import network
 
 
 def _batch(config, seed=0):
