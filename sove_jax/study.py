@@ -71,6 +71,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -431,6 +432,13 @@ def _duration(seconds: float | None) -> str:
   return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def row_label(arm: Arm) -> str:
+  """An arm's name in its table and chart: without its group's name when it starts with it
+  ("Table 9: soft" in group "Table 9" is "soft"); names stay unique in the study."""
+  prefix = arm.group + ": "
+  return arm.name[len(prefix):] if arm.name.startswith(prefix) and arm.name != prefix else arm.name
+
+
 def _rate(lr: float | None) -> str:
   return "–" if lr is None else f"{lr:g}"
 
@@ -501,7 +509,7 @@ def markdown(study: Study, records: Sequence[dict], failures: Sequence[dict] = (
               "|" + "---|" * len(head)]
     for r in group_rows:
       s = r["summary"]
-      cells = [r["arm"].name]
+      cells = [row_label(r["arm"]) + (f" (= {r['arm'].same_as})" if r["arm"].same_as else "")]
       if with_lr:
         cells.append(f"{_rate(r['base_lr'])} ({r['note']})" if r["arm"].base_lrs else "–")
       cells += [f"{s.n}/{len(study.seeds)}", _pm(s.knn), _pm(s.linear)]
@@ -564,7 +572,7 @@ def chart(study: Study, records: Sequence[dict], path: str) -> bool:
       for p, m, sd in zip(pos, means, stds):
         if m is not None:
           ax.text(p, m + sd + 0.3, f"{m:.1f}", ha="center", va="bottom", fontsize=7)
-    names = [r["arm"].name + ("" if r["base_lr"] is None else f"\nlr {r['base_lr']:g}")
+    names = [row_label(r["arm"]) + ("" if r["base_lr"] is None else f"\nlr {r['base_lr']:g}")
              + f"\nn={r['summary'].n}" for r in group_rows]
     ax.set_xticks(xs, names, fontsize=8)
     present = [(m, sd or 0.0) for r in group_rows
@@ -574,7 +582,8 @@ def chart(study: Study, records: Sequence[dict], path: str) -> bool:
       high = max(m + sd for m, sd in present)
       ax.set_ylim(max(0.0, low - 10.0), min(105.0, high + 0.25 * (high - low) + 6.0))
     ax.set_ylabel("top-1 (%)")
-    ax.set_title(f"{study.name}: {group} (mean ± std over seeds)")
+    ax.set_title(textwrap.fill(f"{study.name}: {group} (mean ± std over seeds)",
+                               width=int(width * 12)), fontsize=10)
     ax.legend(fontsize=8, loc="upper center", ncol=2, frameon=False)
   fig.tight_layout()
   fig.savefig(path, dpi=120)

@@ -467,8 +467,8 @@ def test_paper_study_subset_through_the_runner(fake):
                   "figure-b.1-masks-random-0.7/seed0"]
   assert all("--max_eval_examples=7" in c["args"] for c in fake["calls"]("knn"))
   md = (out / "results.md").read_text()
-  assert "| Table B.2 global representation: [CLS] | 1/1 | 70.00 | 75.00 | 69.2 | 4 |" in md, md
-  assert "| Table B.2 global representation: mean patch | 1/1 |" in md and "67.8" in md
+  assert "| [CLS] (= SOVE: base recipe) | 1/1 | 70.00 | 75.00 | 69.2 | 4 |" in md, md
+  assert "| mean patch | 1/1 |" in md and "67.8" in md
   assert "the runs of SOVE: base recipe" in md and "Table 8" not in md
   bad = fake["run"](ABLATIONS, "--only=Table 10")
   assert bad.returncode != 0 and "--only names no arm or group ['Table 10']" in bad.stderr
