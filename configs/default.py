@@ -79,6 +79,10 @@ def get_config():
 
   # --- model: student/teacher backbone and projection head (sove_jax/models) -----------------
   c.model = m = ml_collections.ConfigDict()
+  m.arch = "vit"              # backbone: "vit" | "swin" (Swin: variant "t" | "s" | "b"; width,
+                              # num_heads: stage 1's; depth: blocks of the first stages kept;
+                              # [CLS] role: mean of the final tokens; see configs/swint.py)
+  m.window_size = 7           # Swin only: attention window side (reference 7; paper's Swin-T: 14)
   m.variant = "ti"            # ViT size (width/depth/heads): "ti" 192/12/3, "s" 384/12/6,
                               # "b" 768/12/12, "l" 1024/24/16
   m.width = 128               # > 0 replaces the variant's width, 0 keeps it; here a small ViT

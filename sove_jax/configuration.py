@@ -13,7 +13,9 @@ class ConfigError(ValueError):
   """A config value that cannot work; the message is meant for the user as it is."""
 
 
+ARCHS = ("vit", "swin")  # sove_jax.models.network.ARCHS
 VARIANTS = ("ti", "s", "b", "l")  # sove_jax.models.vit.VARIANTS' names
+SWIN_VARIANTS = ("t", "s", "b")  # sove_jax.models.swin.SWIN_VARIANTS' names
 DTYPES = ("bfloat16", "float32", "float16")
 SOURCES = ("fashion_mnist", "tfds", "folder")
 # sove_jax.data.masking.MASK_TYPES and EXACT_MIN_PATCHES, spelled out: config checks run before
@@ -64,8 +66,13 @@ def _probability(p, field: str):
   _require(0.0 <= p <= 1.0, f"data.{field} must be a probability in [0, 1], got {p}.")
 
 
-def validate_data(d, *, patch_size: int, global_batch_size: int, process_count: int = 1):
-  """The `data` block's checks (also run by the input pipeline alone); touches no files."""
+def validate_data(d, *, patch_size: int, global_batch_size: int, process_count: int = 1,
+                  token_stride: int = 0):
+  """The `data` block's checks (also run by the input pipeline alone); touches no files.
+
+  `token_stride`: input pixels per final token of the backbone (`models.network.token_stride`;
+  0: `patch_size`, the ViT's). The masks are drawn at the global crop's final token grid.
+  """
   _one_of(d.source, SOURCES, "data.source")
   _require(d.source != "tfds" or d.name,
            "data.source='tfds' needs data.name, the TFDS dataset name (e.g. 'imagenet2012').")
@@ -79,6 +86,11 @@ def validate_data(d, *, patch_size: int, global_batch_size: int, process_count: 
     size = d[field]
     _require(size > 0 and size % patch_size == 0,
              f"data.{field}={size} must be a positive multiple of model.patch_size={patch_size}.")
+  stride = token_stride or patch_size
+  _require(d.global_size % stride == 0,
+           f"data.global_size={d.global_size} must be a multiple of {stride} px, the Swin's input "
+           f"pixels per final token (model.patch_size * 2 ** (stages - 1)), so that its final "
+           "grid, where the masks are drawn, is whole.")
   _require(d.eval_resize >= d.eval_crop,
            f"data.eval_resize={d.eval_resize} must be >= data.eval_crop={d.eval_crop}.")
   _pair(d.global_scale, "global_scale", 1e-6, 1.0)
@@ -102,11 +114,11 @@ def validate_data(d, *, patch_size: int, global_batch_size: int, process_count: 
   low, high = d.mask_ratio - d.mask_ratio_var, d.mask_ratio + d.mask_ratio_var
   _require(d.mask_ratio_var >= 0 and low >= 0 and high <= 1,
            f"data.mask_ratio +- data.mask_ratio_var must stay in [0, 1], got [{low}, {high}].")
-  side = d.global_size // patch_size
+  side = d.global_size // stride
   num_patches = side * side
   _require(0 <= d.mask_min_patches <= num_patches,
            f"data.mask_min_patches={d.mask_min_patches} must be in [0, {num_patches}] "
-           f"({side}x{side} patches; 0 = the mask type's own minimum).")
+           f"({side}x{side} mask cells; 0 = the mask type's own minimum).")
   if d.mask_type == "block_exact":
     smallest = d.mask_min_patches or EXACT_MIN_PATCHES
     fewest = math.floor(low * num_patches + 0.5)  # data.masking.masked_count
@@ -117,11 +129,34 @@ def validate_data(d, *, patch_size: int, global_batch_size: int, process_count: 
            "data.shuffle_buffer must be >= 1, data.prefetch and data.threads >= 0.")
 
 
+def _validate_swin(m, network):
+  """The Swin backbone's own checks: its stages, window and the options it does not have."""
+  try:
+    network.swin_size(m)
+  except ValueError as e:
+    raise ConfigError(f"{e}.") from None
+  _require(m.window_size >= 1, f"model.window_size={m.window_size} must be >= 1.")
+  _require(m.patch_size >= 1, f"model.patch_size={m.patch_size} must be >= 1.")
+  _require(m.attention == "xla",
+           f"model.attention={m.attention!r} is a ViT option: the Swin's window attention runs "
+           "in XLA (set model.attention='xla').")
+  _require(not m.scan_layers,
+           "model.scan_layers=True is a ViT option: the Swin's stages differ in shape and "
+           "cannot be scanned (set model.scan_layers=False).")
+
+
 def validate(config, *, num_devices: int, process_count: int = 1):
   """Raises ConfigError on the first problem found."""
   m, o = config.model, config.optim
   _one_of(config.method, METHODS, "method")
-  _one_of(m.variant, VARIANTS, "model.variant")
+  _one_of(m.arch, ARCHS, "model.arch")
+  swin = m.arch == "swin"
+  if swin:
+    _require(m.variant in SWIN_VARIANTS,
+             f"model.variant={m.variant!r} is not a Swin size (model.arch='swin'): choose one of "
+             f"{', '.join(map(repr, SWIN_VARIANTS))}.")
+  else:
+    _one_of(m.variant, VARIANTS, "model.variant")
   _one_of(m.dtype, DTYPES, "model.dtype")
   _one_of(m.global_pool, GLOBAL_POOLS, "model.global_pool")
   _one_of(o.clip_mode, ("per_tensor", "global"), "optim.clip_mode")
@@ -132,14 +167,18 @@ def validate(config, *, num_devices: int, process_count: int = 1):
   b = config.batch_size
   _require(b > 0 and b % num_devices == 0,
            f"batch_size={b} must be a positive multiple of the {num_devices} devices.")
-  validate_data(config.data, patch_size=m.patch_size, global_batch_size=b,
-                process_count=process_count)
   for field in ("width", "depth", "num_heads"):
     _require(m[field] >= 0, f"model.{field}={m[field]} must be >= 0 (0: model.variant's).")
-  width, _, heads = network.vit_size(m)
+  if swin:
+    _validate_swin(m, network)
+  validate_data(config.data, patch_size=m.patch_size, global_batch_size=b,
+                process_count=process_count, token_stride=network.token_stride(m))
+  width, _, heads = network.swin_size(m) if swin else network.vit_size(m)
+  heads = heads[0] if swin else heads
   _require(width % heads == 0,
-           f"The ViT width {width} must be divisible by its {heads} heads (model.variant="
-           f"{m.variant!r}, model.width={m.width}, model.num_heads={m.num_heads}).")
+           f"The {'Swin' if swin else 'ViT'} width {width} must be divisible by its {heads} heads "
+           f"(model.variant={m.variant!r}, model.width={m.width}, "
+           f"model.num_heads={m.num_heads}).")
   _require(config.num_epochs > 0 or config.total_steps > 0,
            "Set num_epochs > 0 or total_steps > 0: the run has no length.")
   if config.method == "sove":

@@ -19,6 +19,7 @@ from absl import logging
 from sove_jax import checkpoint, configuration, optim, reporting, sharding
 from sove_jax import state as state_lib
 from sove_jax import step as step_lib
+from sove_jax.models import network
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -35,7 +36,7 @@ def batch_shapes(config, mesh):
   """Abstract global batch (ShapeDtypeStructs with the batch sharding), for AOT compilation."""
   d, b = config.data, config.batch_size
   g, l = d.global_size, d.local_size
-  tokens = (g // config.model.patch_size) ** 2
+  tokens = network.token_grid(config.model, g) ** 2  # masks: the backbone's final token grid
   sh = sharding.batch_sharding(mesh)
   spec = {
       "global": ((b, 2, g, g, 3), jnp.float32),
@@ -147,7 +148,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   reporting.say(f"sove_jax: {sharding.devices_summary(mesh)}; workdir {workdir}")
 
   train_in = pipeline.train_input(config.data, patch_size=config.model.patch_size,
-                                  global_batch_size=config.batch_size, seed=config.seed)
+                                  global_batch_size=config.batch_size, seed=config.seed,
+                                  token_stride=network.token_stride(config.model))
   setup = build(config, mesh, train_in.steps_per_epoch)
   num_steps = setup.total_steps
   checkpoint.write_config(config, workdir)

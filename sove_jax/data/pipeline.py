@@ -101,11 +101,13 @@ class TrainInput:
   """Iterator over host-local training batches (numpy), resumable from `get_state()`.
 
   Each batch: "global" float32 [b, 2, G, G, 3], "local" float32 [b, N, S, S, 3] (absent when
-  N = 0), "mask" bool [b, 2, (G/p)^2] (True = masked), "label" int32 [b]; b = global batch / P.
+  N = 0), "mask" bool [b, 2, (G/t)^2] (True = masked), "label" int32 [b]; b = global batch / P;
+  t = `token_stride`, the backbone's input pixels per final token (default `patch_size`, the
+  ViT's; a Swin's is its patch doubled per merging): masks are drawn at that token grid.
   """
 
   def __init__(self, source, data_config, *, patch_size: int, global_batch_size: int, seed: int,
-               process_index: int, process_count: int):
+               process_index: int, process_count: int, token_stride: int = 0):
     self.source = source
     self.config = d = data_config
     self.seed = int(seed)
@@ -116,7 +118,7 @@ class TrainInput:
     if self.steps_per_epoch == 0:
       raise ValueError(f"{source.name}: {self.num_examples} examples do not fill one global batch "
                        f"of {global_batch_size}.")
-    self.grid = d.global_size // patch_size
+    self.grid = d.global_size // (token_stride or patch_size)
     self.skipped: set[str] = set()  # examples that did not decode (this process), named
     self._epoch, self._position = 0, 0
     self._iterator, self._order = None, None
@@ -330,14 +332,18 @@ class TrainInput:
 
 
 def train_input(data_config, *, patch_size: int, global_batch_size: int, seed: int,
-                process_index: int | None = None, process_count: int | None = None) -> TrainInput:
-  """The training stream of this process, from the `data` config block."""
+                process_index: int | None = None, process_count: int | None = None,
+                token_stride: int = 0) -> TrainInput:
+  """The training stream of this process, from the `data` config block; masks at the global
+  crop's grid of `token_stride` px tokens (default `patch_size`; see `TrainInput`)."""
   process_index, process_count = _processes(process_index, process_count)
   configuration.validate_data(data_config, patch_size=patch_size,
-                              global_batch_size=global_batch_size, process_count=process_count)
+                              global_batch_size=global_batch_size, process_count=process_count,
+                              token_stride=token_stride)
   source = sources.open_source(data_config, data_config.train_split)
   return TrainInput(source, data_config, patch_size=patch_size, global_batch_size=global_batch_size,
-                    seed=seed, process_index=process_index, process_count=process_count)
+                    seed=seed, process_index=process_index, process_count=process_count,
+                    token_stride=token_stride)
 
 
 # --- evaluation -----------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ from sove_jax.models import network
 
 
 def load_backbone(workdir: str, step=None, which: str = "teacher"):
-  """(config, ViT) with the `which` ("teacher" | "student") backbone weights of a checkpoint
-  (`step`, default the latest)."""
+  """(config, backbone) with the `which` ("teacher" | "student") backbone weights of a
+  checkpoint (`step`, default the latest): the run's `model.arch`, a ViT or a Swin, built for
+  the run's global crop size."""
   if which not in ("teacher", "student"):
     raise ValueError(f"which={which!r} must be 'teacher' or 'student'")
   config = checkpoint.read_config(workdir)

@@ -74,8 +74,9 @@ def cls_features(model, *, mesh=None, pool: str = "cls"):
 
 def probe_features(model, convention, *, mesh=None):
   """images -> linear-probe features, by the official conventions: "last4_cls", the concat
-  of the last 4 blocks' (LayerNorm-ed) [CLS] (ViT-S; all blocks of a shallower model), or
-  "cls_meanpatch", the last block's [CLS] ++ the mean of its patch tokens (ViT-B and up)."""
+  of the last 4 blocks' (LayerNorm-ed) [CLS] (ViT-S; all blocks of a shallower model; a Swin's
+  last 4 blocks' token averages, of their stages' widths), or "cls_meanpatch", the last
+  block's [CLS] ++ the mean of its patch tokens (ViT-B and up)."""
   if convention not in PROBE_CONVENTIONS:
     raise ValueError(f"convention must be one of {PROBE_CONVENTIONS}, got {convention!r}")
   return _apply_fn(model, convention, mesh)
@@ -84,7 +85,11 @@ def probe_features(model, convention, *, mesh=None):
 def default_probe_convention(model_config):
   """The official choice per size: 4 blocks of [CLS] for ViT-Ti/S, [CLS] + mean patch above;
   [CLS] + mean patch as well for a run whose global representation was the mean patch token
-  (`model.global_pool`), so the probe sees what the run trained."""
+  (`model.global_pool`), so the probe sees what the run trained; for a Swin (whose [CLS] role is
+  already the mean of its tokens) the average-pooled tokens of its last 4 blocks, as iBOT probes
+  its Swins."""
+  if model_config.get("arch", "vit") == "swin":
+    return "last4_cls"
   if model_config.get("global_pool", "cls") == "mean_patch":
     return "cls_meanpatch"
   return "cls_meanpatch" if model_config.variant in ("b", "l") else "last4_cls"

@@ -101,7 +101,7 @@ def evaluate_linear(config, model, *, input_fn, convention=None, dataset=None, d
                     epochs=100, probe_batch_size=1024, weight_decay=0.0, seed=0,
                     max_train_examples=-1, max_eval_examples=-1, mesh=None):
   """Linear probe of `model` on a run's data: {"convention", "top1" (best), "per_lr"}.
-  `convention` defaults to the official one for config.model.variant."""
+  `convention` defaults to the official one for config.model (arch and variant)."""
   mesh = features_lib.batch_mesh() if mesh is None else mesh
   sharding = jax.NamedSharding(mesh, jax.P(tuple(mesh.axis_names)))
   convention = convention or features_lib.default_probe_convention(config.model)
@@ -148,7 +148,8 @@ def _define_flags():
   from absl import flags
   features_lib.define_flags(flags)
   flags.DEFINE_enum("convention", "", ("",) + features_lib.PROBE_CONVENTIONS,
-                    "Probe features (default: last4_cls for ViT-Ti/S, cls_meanpatch above).")
+                    "Probe features (default: last4_cls for ViT-Ti/S and Swins, "
+                    "cls_meanpatch for ViT-B/L).")
   flags.DEFINE_list("lrs", [str(lr) for lr in DEFAULT_LRS], "Learning rates, one head each.")
   flags.DEFINE_integer("epochs", 100, "Probe training epochs.")
   flags.DEFINE_integer("probe_batch_size", 1024, "Probe training batch.")

@@ -1,9 +1,13 @@
-"""The network of every method: a ViT backbone and a head applied to its tokens.
+"""The network of every method: a backbone (`model.arch`: ViT or Swin) and a head applied to its
+tokens.
 
 SOVE's head is the projection head (unit embeddings, compared with the banks); DINO's and iBOT's
 is the prototype head (logits over learned prototypes), chosen by `config.method`. Student and
 teacher are two parameter sets of this one module (same graph): the teacher is called without a
-drop-path key and without a mask.
+drop-path key and without a mask. Both backbones return `[CLS-role token, final tokens...]`: the
+ViT its [CLS] and patch tokens, the Swin the average of its final tokens and those tokens (the
+final stage's grid), so the step treats them alike; masks are drawn on the backbone's final token
+grid (`token_grid`).
 
 The global representation, the one the [CLS] loss (and SOVE's class bank) sees, is the [CLS]
 token or the mean of the patch tokens (`model.global_pool`, the paper's Table B.2); `global_pool`
@@ -15,8 +19,10 @@ from flax import nnx
 
 from sove_jax.models.head import ProjectionHead
 from sove_jax.models.prototype_head import PrototypeHead
+from sove_jax.models.swin import SWIN_VARIANTS, Swin
 from sove_jax.models.vit import VARIANTS, ViT
 
+ARCHS = ("vit", "swin")
 METHODS = ("sove", "dino", "ibot")
 GLOBAL_POOLS = ("cls", "mean_patch")
 
@@ -67,6 +73,51 @@ def vit_size(model_config) -> tuple[int, int, int]:
                for own, preset in zip((m.width, m.depth, m.num_heads), VARIANTS[m.variant]))
 
 
+def arch(model_config) -> str:
+  """The backbone architecture; "vit" for workdirs whose config.json predates `model.arch`."""
+  return model_config.get("arch", "vit")
+
+
+def swin_size(model_config) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+  """(embed_dim, depths, heads) of the Swin `model.variant` (t, s, b), each overridden when > 0:
+  `model.width` is the first stage's width, `model.num_heads` the first stage's heads (both
+  doubled at each later stage, the reference's rule), `model.depth` the blocks kept: the
+  variant's stages from the first, as many as hold exactly `depth` blocks (Swin-T: 2, 4, 10 or
+  12; 4 is stages (2, 2)). A depth that ends inside a stage raises ValueError."""
+  m = model_config
+  if m.variant not in SWIN_VARIANTS:
+    raise ValueError(f"model.variant={m.variant!r} is not a Swin size, one of "
+                     f"{sorted(SWIN_VARIANTS)}")
+  embed_dim, depths, heads = SWIN_VARIANTS[m.variant]
+  if m.width > 0:
+    embed_dim = m.width
+  if m.num_heads > 0:
+    heads = tuple(m.num_heads * 2 ** i for i in range(len(depths)))
+  if m.depth > 0:
+    ends = [sum(depths[:i + 1]) for i in range(len(depths))]
+    if m.depth not in ends:
+      raise ValueError(f"model.depth={m.depth} does not end at a stage of Swin-"
+                       f"{m.variant.upper()} {depths}: use one of {ends}")
+    stages = ends.index(m.depth) + 1
+    depths, heads = depths[:stages], heads[:stages]
+  return embed_dim, tuple(depths), tuple(heads)
+
+
+def token_stride(model_config) -> int:
+  """Input pixels per final token, per side: the ViT's patch; the Swin's patch doubled by each
+  patch merging (Swin-T, patch 4: 32)."""
+  m = model_config
+  if arch(m) == "swin":
+    return m.patch_size * 2 ** (len(swin_size(m)[1]) - 1)
+  return m.patch_size
+
+
+def token_grid(model_config, image_size: int) -> int:
+  """Side of the backbone's final token grid at `image_size` px: where the step's masks are
+  drawn and the patch loss compares tokens (ViT-S/16 at 224 px: 14; Swin-T at 224 px: 7)."""
+  return image_size // token_stride(model_config)
+
+
 def backbone_kwargs(model_config) -> dict:
   """ViT constructor arguments from a config's `model` block. (The defaults of `get` serve
   workdirs whose config.json predates those fields.)"""
@@ -78,7 +129,20 @@ def backbone_kwargs(model_config) -> dict:
               pos_interpolation=m.get("pos_interpolation", "size"))
 
 
+def swin_kwargs(model_config) -> dict:
+  """Swin constructor arguments from a config's `model` block (`swin_size`, the window)."""
+  m = model_config
+  embed_dim, depths, heads = swin_size(m)
+  return dict(embed_dim=embed_dim, depths=depths, num_heads=heads,
+              window_size=m.get("window_size", 7), patch_size=m.patch_size,
+              drop_path_rate=m.drop_path, dtype=_dtype(m.dtype), remat=m.remat)
+
+
 def build_backbone(model_config, image_size: int, rngs: nnx.Rngs):
+  """The `model.arch` backbone, built for `image_size` px inputs (the global crop): the ViT's
+  position embedding and the Swin's windows are fixed from that size."""
+  if arch(model_config) == "swin":
+    return Swin(image_size=image_size, rngs=rngs, **swin_kwargs(model_config))
   return ViT(image_size=image_size, rngs=rngs, **backbone_kwargs(model_config))
 
 
