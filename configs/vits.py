@@ -19,6 +19,8 @@ def imagenet(c):
   d.train_split, d.eval_split = "train", "validation"
   d.global_size, d.local_size, d.num_local = 224, 96, 10
   d.global_scale, d.local_scale = (0.14, 1.0), (0.05, 0.4)
+  d.color_jitter_prob, d.color_jitter, d.grayscale_prob = 0.8, (0.4, 0.4, 0.2, 0.1), 0.2
+  d.blur_prob, d.solarize_prob = (1.0, 0.1, 0.5), (0.0, 0.2, 0.0)
   d.eval_resize, d.eval_crop = 256, 224
   d.mask_type, d.mask_ratio = "block", 0.3
   m = c.model
@@ -27,12 +29,12 @@ def imagenet(c):
   m.dtype = "bfloat16"
   s = c.sove
   s.class_bank_size, s.patch_bank_size = 65536, 8192
-  s.num_anchors, s.num_neighbors, s.class_tasks = 8192, 8, 4
+  s.num_anchors, s.anchor_keep, s.num_neighbors, s.class_tasks = 8192, 1.0, 8, 4
   s.patch_anchors, s.patch_neighbors, s.patch_tasks = 512, 0, 1
   s.teacher_temp_warmup, s.teacher_temp, s.teacher_temp_warmup_epochs = 0.04, 0.04, 30
   o = c.optim
   o.base_lr, o.min_lr, o.warmup_epochs = 5e-4, 1e-6, 10
-  o.ema_momentum = 0.996
+  o.ema_momentum, o.ema_momentum_end = 0.996, 1.0
   c.log_every, c.checkpoint_every = 100, 2000
   c.knn_every = 0
   return c

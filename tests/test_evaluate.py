@@ -243,8 +243,9 @@ def test_knn_cli_with_stand_in_backbone(tmp_path):
   results = knn.evaluate_checkpoint(
       str(tmp_path), load_backbone=lambda workdir, step, which: (run_config(), model),
       input_fn=input_fn, dataset="tfds:imagenet2012", lowshot=True,
-      lowshot_splits={0.01: str(tmp_path / "split_1pct.txt")})
-  assert seen == [("tfds", "imagenet2012", "train"), ("tfds", "imagenet2012", "test")]
+      lowshot_splits={0.01: str(tmp_path / "split_1pct.txt")}, baselines=("pixels",))
+  # The trained network's splits, then the same splits again for the pixel baseline.
+  assert seen == [("tfds", "imagenet2012", "train"), ("tfds", "imagenet2012", "test")] * 2
 
   record = json.loads((tmp_path / "knn.json").read_text())
   assert set(record["top1"]) == {"full", "1%", "10%"}
@@ -254,15 +255,22 @@ def test_knn_cli_with_stand_in_backbone(tmp_path):
     f = np.asarray(model(x), np.float64)[:, 0]
     return f / np.linalg.norm(f, axis=1, keepdims=True)
 
-  train_f, test_f = cls(train_x), cls(test_x)
+  def pixels(x):
+    f = np.asarray(x, np.float64).reshape(len(x), -1)
+    return f / np.linalg.norm(f, axis=1, keepdims=True)
+
   subsets = {"full": np.arange(250), "1%": given,
              "10%": knn.class_balanced_subset(train_y, 0.1)}
-  for name, idx in subsets.items():
-    for k in (10, 20, 100, 200):
-      ref, clear = knn_reference(train_f[idx], train_y[idx], test_f, k, 0.07, 4)
-      want = 100 * np.mean(ref == test_y)
-      assert abs(record["top1"][name][str(k)] - want) <= 100 * np.mean(~clear) + 1e-9
-      assert results[name][k] == record["top1"][name][str(k)]
+  for got, feats in ((record["top1"], cls), (record["baselines"]["pixels"], pixels)):
+    train_f, test_f = feats(train_x), feats(test_x)
+    for name, idx in subsets.items():
+      for k in (10, 20, 100, 200):
+        ref, clear = knn_reference(train_f[idx], train_y[idx], test_f, k, 0.07, 4)
+        want = 100 * np.mean(ref == test_y)
+        assert abs(got[name][str(k)] - want) <= 100 * np.mean(~clear) + 1e-9
+  for name in subsets:
+    assert results[name] == {k: record["top1"][name][str(k)] for k in (10, 20, 100, 200)}
+  assert record["top1"] != record["baselines"]["pixels"]
   assert results["full"][20] > 60  # the stand-in's [CLS] separates the prototypes
 
 
@@ -321,3 +329,48 @@ def test_linear_cli_with_stand_in_backbone(tmp_path, variant, convention):
   assert record["top1"] == max(record["per_lr"].values()) == results["top1"]
   assert set(record["per_lr"]) == {"0.01", "0.1"}
   assert results["top1"] > 60
+
+
+def test_linear_cli_pixel_baseline(tmp_path):
+  """The pixel baseline probes the flattened, L2-normalized images with the same sweep."""
+  model, seen = StandInViT(), []
+  input_fn, splits = fake_data(seen)
+  kwargs = dict(lrs=(0.01, 0.1), epochs=20, probe_batch_size=64)
+  linear.evaluate_checkpoint(
+      str(tmp_path), load_backbone=lambda workdir, step, which: (run_config(), model),
+      input_fn=input_fn, baselines=("pixels",), **kwargs)
+  record = json.loads((tmp_path / "linear.json").read_text())
+  pixels = record["baselines"]["pixels"]
+  assert pixels["convention"] == "pixels"
+
+  def flat(x):
+    f = np.asarray(x, np.float32).reshape(len(x), -1)
+    return f / np.linalg.norm(f, axis=1, keepdims=True)
+
+  (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
+  want = linear.linear_probe_sweep(flat(train_x), train_y, flat(test_x), test_y, num_classes=4,
+                                   lrs=kwargs["lrs"], epochs=20, batch_size=64)
+  for lr, acc in want.items():
+    assert abs(pixels["per_lr"][f"{lr:g}"] - acc) <= 100 / len(test_y) + 1e-9
+
+
+def test_random_init_baseline_is_the_runs_first_teacher():
+  """The random-init baseline is the teacher a run with that config starts from (same seed,
+  before any step), and another seed gives another network."""
+  from configs import smoke
+  from sove_jax import optim, state as state_lib
+  from sove_jax.evaluate import backbone
+  config = smoke.get_config()
+  config.seed = 3
+  tx = optim.make_optimizer(config, optim.make_schedules(config, 1, 1))
+  first = state_lib.make_init(config, tx, config.data.global_size)(jax.random.PRNGKey(3))
+  images = jnp.asarray(np.random.default_rng(0).normal(
+      size=(2, config.data.global_size, config.data.global_size, 3)), jnp.float32)
+  from sove_jax.models import network
+  graphdef, _ = network.abstract_network(config.model, config.data.global_size)
+  want = nnx.merge(graphdef, first.teacher).backbone(images)
+  got = backbone.random_backbone(config)(images)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+  config.seed = 4
+  other = backbone.random_backbone(config)(images)
+  assert not np.allclose(np.asarray(other), np.asarray(want), atol=1e-3)

@@ -67,7 +67,7 @@ def test_make_schedules_scales_lr_by_batch_and_warmup():
   np.testing.assert_allclose(float(s.learning_rate(100)), c.optim.min_lr, rtol=1e-5)
   np.testing.assert_allclose(float(s.weight_decay(0)), c.optim.weight_decay, rtol=1e-6)
   np.testing.assert_allclose(float(s.weight_decay(100)), c.optim.weight_decay_end, rtol=1e-6)
-  np.testing.assert_allclose(float(s.ema_momentum(100)), 1.0, rtol=1e-7)
+  np.testing.assert_allclose(float(s.ema_momentum(100)), c.optim.ema_momentum_end, rtol=1e-7)
 
 
 def test_clip_per_tensor_matches_dino_rule():

@@ -9,6 +9,24 @@ from sove_jax.evaluate import features
 from sove_jax.models import network
 
 
+def _abstract_state(config):
+  """The run's state structure, placed whole on every local device."""
+  # The optimizer only fixes the state's structure; its values are not used.
+  tx = optim.make_optimizer(config, optim.make_schedules(config, 1, 1))
+  init = state_lib.make_init(config, tx, config.data.global_size)
+  replicated = jax.NamedSharding(features.batch_mesh(), jax.P())
+  return init, replicated
+
+
+def random_backbone(config, which: str = "teacher"):
+  """The `which` backbone as the run with `config` starts: initialized from `config.seed`,
+  before any step. Evaluated beside the trained one, it shows what training added."""
+  init, replicated = _abstract_state(config)
+  state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.seed))
+  graphdef, _ = network.abstract_network(config.model, config.data.global_size)
+  return nnx.merge(graphdef, getattr(state, which)).backbone
+
+
 def load_backbone(workdir: str, step=None, which: str = "teacher"):
   """(config, backbone) with the `which` ("teacher" | "student") backbone weights of a
   checkpoint (`step`, default the latest): the run's `model.arch`, a ViT or a Swin, built for
@@ -17,11 +35,9 @@ def load_backbone(workdir: str, step=None, which: str = "teacher"):
     raise ValueError(f"which={which!r} must be 'teacher' or 'student'")
   config = checkpoint.read_config(workdir)
   image_size = config.data.global_size
-  # The optimizer only fixes the state's structure for the restore; its values are not used.
-  tx = optim.make_optimizer(config, optim.make_schedules(config, 1, 1))
-  abstract = jax.eval_shape(state_lib.make_init(config, tx, image_size), jax.random.PRNGKey(0))
+  init, replicated = _abstract_state(config)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
   # Restored whole on every device here, whatever devices and mesh the run was trained on.
-  replicated = jax.NamedSharding(features.batch_mesh(), jax.P())
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                           abstract)
   ckpt = checkpoint.Checkpointer(workdir, save_every=1, keep=1)

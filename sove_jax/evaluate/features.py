@@ -45,6 +45,33 @@ def _backbone_features(graphdef, convention, last_blocks, state, images):
   raise ValueError(f"unknown feature convention {convention!r}")
 
 
+@jax.jit
+def _pixel_features(images):
+  return l2_normalize(images.reshape(images.shape[0], -1).astype(jnp.float32))
+
+
+def pixel_features():
+  """The raw-pixel baseline: each normalized evaluation image flattened and L2-normalized, the
+  features a k-NN or a probe sees without any network."""
+  return _pixel_features
+
+
+BASELINES = ("random_init", "pixels")
+BASELINE_NAMES = {"random_init": "random init", "pixels": "raw pixels"}
+
+
+def baseline(name, config):
+  """(model, apply_fn) of a baseline evaluated beside a run's trained network on the same data:
+  "random_init" is the run's network before its first step (model set, apply_fn None: the
+  evaluator's own features), "pixels" the raw pixels (model None, apply_fn pixel_features)."""
+  if name == "random_init":
+    from sove_jax.evaluate import backbone
+    return backbone.random_backbone(config), None
+  if name == "pixels":
+    return None, pixel_features()
+  raise ValueError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
+
+
 def _apply_fn(model, convention, mesh):
   # "last4_cls" on a backbone shallower than 4 blocks (smoke runs) takes all its blocks.
   last_blocks = min(4, getattr(model, "depth", 4))

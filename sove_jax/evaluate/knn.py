@@ -179,12 +179,14 @@ def knn_monitor(apply_fn, train_batches, eval_batches, *, ks=DEFAULT_KS, tempera
 
 def evaluate_knn(config, model, *, input_fn, dataset=None, data_dir=None, train_split=None,
                  eval_split=None, batch_size=None, ks=None, temperature=None, lowshot=False,
-                 lowshot_splits=None, max_train_examples=-1, max_eval_examples=-1, mesh=None):
+                 lowshot_splits=None, max_train_examples=-1, max_eval_examples=-1, mesh=None,
+                 apply_fn=None):
   """k-NN (and optionally low-shot k-NN) of `model`'s [CLS] on a run's data (the mean patch
   token for a run trained with `model.global_pool="mean_patch"`).
 
   `input_fn` is the data package's `eval_input` (or a stand-in). `lowshot_splits` maps a
-  fraction to a split file; fractions without one use `class_balanced_subset`.
+  fraction to a split file; fractions without one use `class_balanced_subset`. `apply_fn`
+  replaces the model's features (`features.pixel_features()`: the raw-pixel baseline).
   Returns {"full": {k: acc}, "1%": {...}, "10%": {...}} (low-shot keys when asked).
   """
   mesh = features_lib.batch_mesh() if mesh is None else mesh
@@ -194,8 +196,9 @@ def evaluate_knn(config, model, *, input_fn, dataset=None, data_dir=None, train_
   batch_size = batch_size or config.batch_size
   ks = tuple(config.knn_k if ks is None else ks)
   temperature = config.knn_temperature if temperature is None else temperature
-  apply_fn = features_lib.cls_features(model, mesh=mesh,
-                                       pool=config.model.get("global_pool", "cls"))
+  if apply_fn is None:
+    apply_fn = features_lib.cls_features(model, mesh=mesh,
+                                         pool=config.model.get("global_pool", "cls"))
   (train_f, train_y), (test_f, test_y), num_classes = features_lib.train_and_eval_features(
       apply_fn, input_fn, data, batch_size=batch_size, sharding=sharding,
       max_train_examples=max_train_examples, max_eval_examples=max_eval_examples)
@@ -211,26 +214,36 @@ def evaluate_knn(config, model, *, input_fn, dataset=None, data_dir=None, train_
   return results
 
 
-def format_table(results, ks):
-  """Rows per label subset, columns per k."""
-  lines = ["k-NN top-1 (%)  " + "".join(f"{'k=' + str(k):>8}" for k in ks)]
-  for name, acc in results.items():
-    lines.append(f"{name:<16}" + "".join(f"{acc[k]:8.2f}" for k in ks))
+def format_table(results, ks, baselines=None):
+  """Rows per label subset, columns per k; each baseline's row under the trained one."""
+  baselines = baselines or {}
+  lines = ["k-NN top-1 (%)" + " " * 18 + "".join(f"{'k=' + str(k):>8}" for k in ks)]
+  for subset, acc in results.items():
+    rows = [("trained", acc)] + [(features_lib.BASELINE_NAMES[b], r[subset])
+                                 for b, r in baselines.items()]
+    for who, a in rows:
+      lines.append(f"{subset + ', ' + who:<32}" + "".join(f"{a[k]:8.2f}" for k in ks))
   return "\n".join(lines)
 
 
-def evaluate_checkpoint(workdir, *, load_backbone, input_fn, step=None, **kwargs):
-  """Loads the teacher of `workdir` (latest or `step`), runs `evaluate_knn`, prints the table
-  and writes `knn.json` into the workdir (process 0). Returns the results."""
+def evaluate_checkpoint(workdir, *, load_backbone, input_fn, step=None, baselines=(), **kwargs):
+  """Loads the teacher of `workdir` (latest or `step`), runs `evaluate_knn` on it and on each
+  of `baselines` (features.BASELINES) with the same splits, prints them side by side and writes
+  `knn.json` into the workdir (process 0). Returns the trained network's results."""
   config, model = load_backbone(workdir, step=step, which="teacher")
   results = evaluate_knn(config, model, input_fn=input_fn, **kwargs)
+  base = {}
+  for name in baselines:
+    other, apply_fn = features_lib.baseline(name, config)
+    base[name] = evaluate_knn(config, other, input_fn=input_fn, apply_fn=apply_fn, **kwargs)
   ks = tuple(kwargs.get("ks") or config.knn_k)
   if jax.process_index() == 0:
-    logging.info("k-NN of %s:\n%s", workdir, format_table(results, ks))
+    logging.info("k-NN of %s:\n%s", workdir, format_table(results, ks, base))
+    as_json = lambda res: {name: {str(k): v for k, v in acc.items()} for name, acc in res.items()}
     record = {"step": "latest" if step is None else step,
               "temperature": kwargs.get("temperature") or config.knn_temperature,
-              "top1": {name: {str(k): v for k, v in acc.items()}
-                       for name, acc in results.items()}}
+              "top1": as_json(results),
+              "baselines": {b: as_json(r) for b, r in base.items()}}
     (epath.Path(workdir) / "knn.json").write_text(json.dumps(record, indent=2))
   return results
 
@@ -243,7 +256,7 @@ def main(argv):
   evaluate_checkpoint(
       **features_lib.flag_arguments(f), ks=[int(k) for k in f.ks] if f.ks else None,
       temperature=f.temperature, lowshot=f.lowshot,
-      lowshot_splits={k: v for k, v in splits.items() if v})
+      lowshot_splits={k: v for k, v in splits.items() if v}, baselines=tuple(f.baselines))
 
 
 def _define_flags():
@@ -255,6 +268,9 @@ def _define_flags():
   flags.DEFINE_string("lowshot_split_1pct", "", "1% split file (one train index per line); "
                       "default: a class-balanced subset.")
   flags.DEFINE_string("lowshot_split_10pct", "", "10% split file, as above.")
+  flags.DEFINE_multi_enum("baselines", ["random_init"], features_lib.BASELINES,
+                          "Baselines evaluated on the same splits and printed beside the "
+                          "trained network (repeatable; --nobaselines for none).")
 
 
 if __name__ == "__main__":

@@ -99,16 +99,20 @@ def train_linear_probe(train_f, train_y, test_f, test_y, *, num_classes, epochs=
 def evaluate_linear(config, model, *, input_fn, convention=None, dataset=None, data_dir=None,
                     train_split=None, eval_split=None, batch_size=None, lrs=DEFAULT_LRS,
                     epochs=100, probe_batch_size=1024, weight_decay=0.0, seed=0,
-                    max_train_examples=-1, max_eval_examples=-1, mesh=None):
+                    max_train_examples=-1, max_eval_examples=-1, mesh=None, apply_fn=None):
   """Linear probe of `model` on a run's data: {"convention", "top1" (best), "per_lr"}.
-  `convention` defaults to the official one for config.model (arch and variant)."""
+  `convention` defaults to the official one for config.model (arch and variant); `apply_fn`
+  replaces the model's features (`features.pixel_features()`: the raw-pixel baseline)."""
   mesh = features_lib.batch_mesh() if mesh is None else mesh
   sharding = jax.NamedSharding(mesh, jax.P(tuple(mesh.axis_names)))
   convention = convention or features_lib.default_probe_convention(config.model)
   data = features_lib.override_data(config.data, dataset=dataset, data_dir=data_dir,
                                     train_split=train_split, eval_split=eval_split)
   batch_size = batch_size or config.batch_size
-  apply_fn = features_lib.probe_features(model, convention, mesh=mesh)
+  if apply_fn is None:
+    apply_fn = features_lib.probe_features(model, convention, mesh=mesh)
+  else:
+    convention = "pixels"
   (train_f, train_y), (test_f, test_y), num_classes = features_lib.train_and_eval_features(
       apply_fn, input_fn, data, batch_size=batch_size, sharding=sharding,
       max_train_examples=max_train_examples, max_eval_examples=max_eval_examples)
@@ -118,18 +122,26 @@ def evaluate_linear(config, model, *, input_fn, convention=None, dataset=None, d
   return {"convention": convention, "top1": max(per_lr.values()), "per_lr": per_lr}
 
 
-def evaluate_checkpoint(workdir, *, load_backbone, input_fn, step=None, **kwargs):
-  """Loads the teacher of `workdir` (latest or `step`), runs `evaluate_linear`, prints the
-  result and writes `linear.json` into the workdir (process 0). Returns the results."""
+def evaluate_checkpoint(workdir, *, load_backbone, input_fn, step=None, baselines=(), **kwargs):
+  """Loads the teacher of `workdir` (latest or `step`), runs `evaluate_linear` on it and on each
+  of `baselines` (features.BASELINES) with the same splits, prints the results and writes
+  `linear.json` into the workdir (process 0). Returns the trained network's results."""
   config, model = load_backbone(workdir, step=step, which="teacher")
   results = evaluate_linear(config, model, input_fn=input_fn, **kwargs)
+  base = {}
+  for name in baselines:
+    other, apply_fn = features_lib.baseline(name, config)
+    base[name] = evaluate_linear(config, other, input_fn=input_fn, apply_fn=apply_fn, **kwargs)
   if jax.process_index() == 0:
-    per_lr = "  ".join(f"lr={lr:g}: {acc:.2f}" for lr, acc in results["per_lr"].items())
-    logging.info("linear probe (%s) top-1 %.2f%%  [%s]", results["convention"], results["top1"],
-                 per_lr)
-    record = {"step": "latest" if step is None else step, "convention": results["convention"],
-              "top1": results["top1"],
-              "per_lr": {f"{lr:g}": acc for lr, acc in results["per_lr"].items()}}
+    for who, res in [("trained", results)] + [(features_lib.BASELINE_NAMES[b], r)
+                                              for b, r in base.items()]:
+      per_lr = "  ".join(f"lr={lr:g}: {acc:.2f}" for lr, acc in res["per_lr"].items())
+      logging.info("linear probe of %s, %s (%s): top-1 %.2f%%  [%s]", workdir, who,
+                   res["convention"], res["top1"], per_lr)
+    as_json = lambda res: {"convention": res["convention"], "top1": res["top1"],
+                           "per_lr": {f"{lr:g}": acc for lr, acc in res["per_lr"].items()}}
+    record = {"step": "latest" if step is None else step, **as_json(results),
+              "baselines": {b: as_json(r) for b, r in base.items()}}
     (epath.Path(workdir) / "linear.json").write_text(json.dumps(record, indent=2))
   return results
 
@@ -141,7 +153,7 @@ def main(argv):
   evaluate_checkpoint(
       **features_lib.flag_arguments(f), convention=f.convention or None,
       lrs=[float(lr) for lr in f.lrs], epochs=f.epochs, probe_batch_size=f.probe_batch_size,
-      weight_decay=f.weight_decay, seed=f.seed)
+      weight_decay=f.weight_decay, seed=f.seed, baselines=tuple(f.baselines))
 
 
 def _define_flags():
@@ -155,6 +167,9 @@ def _define_flags():
   flags.DEFINE_integer("probe_batch_size", 1024, "Probe training batch.")
   flags.DEFINE_float("weight_decay", 0.0, "Probe weight decay.")
   flags.DEFINE_integer("seed", 0, "Probe shuffling seed.")
+  flags.DEFINE_multi_enum("baselines", [], features_lib.BASELINES,
+                          "Baselines probed on the same splits and printed beside the trained "
+                          "network (repeatable): random_init, pixels.")
 
 
 if __name__ == "__main__":

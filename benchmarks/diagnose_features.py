@@ -1,0 +1,96 @@
+"""Which features of a trained run carry the most class information? (tuning diagnostics)
+
+    python benchmarks/diagnose_features.py --workdir=runs/tune/ARM [--train=10000 --test=2000]
+
+k-NN top-1 (k = 20) on Fashion-MNIST subsets for several features of the checkpoint's teacher and
+student (backbone [CLS], mean patch token, both, the head's embedding, every block's [CLS]), and
+the effective rank (exp of the singular-value entropy) of each feature set.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from sove_jax import checkpoint, optim, state as state_lib  # noqa: E402
+from sove_jax.evaluate import knn  # noqa: E402
+from sove_jax.models import network  # noqa: E402
+
+
+def norm(x):
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def eff_rank(x):
+  x = x - x.mean(0)
+  s = np.linalg.svd(x, compute_uv=False)
+  p = s / s.sum()
+  return float(np.exp(-(p * np.log(p + 1e-12)).sum()))
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--train", type=int, default=10000)
+  p.add_argument("--test", type=int, default=2000)
+  p.add_argument("--random", action="store_true", help="also the random initialisation")
+  a = p.parse_args()
+
+  from sove_jax.data import pipeline
+  config = checkpoint.read_config(a.workdir)
+  size = config.data.global_size
+  tx = optim.make_optimizer(config, optim.make_schedules(config, 1, 1))
+  abstract = jax.eval_shape(state_lib.make_init(config, tx, size), jax.random.PRNGKey(0))
+  ck = checkpoint.Checkpointer(a.workdir, save_every=1, keep=1)
+  st, _ = ck.restore(abstract)
+  ck.close()
+  graphdef, _ = network.abstract_network(config.model, size)
+  nets = {"teacher": st.teacher, "student": st.student}
+  if a.random:
+    init = state_lib.make_init(config, tx, size)(jax.random.PRNGKey(config.seed))
+    nets["random"] = init.teacher
+
+  def batches(split, n):
+    return pipeline.eval_input(config.data, split=split, global_batch_size=500, max_examples=n)
+
+  @jax.jit
+  def feats(params, images):
+    net = nnx.merge(graphdef, params)
+    tokens, blocks = net.backbone(images, return_blocks=net.backbone.depth)
+    emb, _ = net(images, patch_tokens=False)
+    out = {"cls": tokens[:, 0], "meanpatch": tokens[:, 1:].mean(1),
+           "cls+meanpatch": jnp.concatenate([tokens[:, 0], tokens[:, 1:].mean(1)], -1),
+           "head": emb, "allpatch": tokens[:, 1:].reshape(tokens.shape[0], -1)}
+    for i, b in enumerate(blocks):
+      out[f"block{i + 1}_cls"] = b[:, 0]
+    return out
+
+  def collect(params, split, n):
+    out, labels = {}, []
+    for batch in batches(split, n):
+      f = jax.device_get(feats(params, batch["image"]))
+      valid = np.asarray(batch["valid"]) if "valid" in batch else slice(None)
+      for k, v in f.items():
+        out.setdefault(k, []).append(np.asarray(v)[valid])
+      labels.append(np.asarray(batch["label"])[valid])
+    return {k: np.concatenate(v) for k, v in out.items()}, np.concatenate(labels)
+
+  print(f"| net | feature | dim | eff. rank | k-NN k=20 |")
+  print("|---|---|---|---|---|")
+  for name, params in nets.items():
+    tr, ytr = collect(params, config.data.train_split, a.train)
+    te, yte = collect(params, config.data.eval_split, a.test)
+    for k in tr:
+      acc = knn.knn_classify(norm(tr[k]), ytr, norm(te[k]), yte, ks=(20,), temperature=0.07,
+                             num_classes=10)[20]
+      print(f"| {name} | {k} | {tr[k].shape[1]} | {eff_rank(tr[k][:5000]):.1f} | {acc:.2f} |",
+            flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,42 @@
+"""The default config is what its docstring says: the README's first command trains that many
+steps of that many images, and the compiled step costs the stated FLOPs per image. A change to
+the recipe that changes its cost (model shape, crops, banks) fails here until the docstring, and
+the figures measured with it, are brought up to date."""
+import re
+
+import jax
+
+from configs import default
+from sove_jax import sharding, state as state_lib, train
+
+FASHION_MNIST_TRAIN = 60_000
+
+
+def _stated(pattern):
+  found = re.search(pattern, default.__doc__)
+  assert found, f"configs/default.py's docstring no longer states {pattern!r}"
+  return found.groups()
+
+
+def test_default_steps_are_the_docstrings():
+  steps, batch = map(int, _stated(r"(\d+) steps of (\d+) images"))
+  config = default.get_config()
+  assert config.batch_size == batch
+  assert train.total_steps(config, FASHION_MNIST_TRAIN // config.batch_size) == steps
+
+
+def test_default_step_flops_per_image_are_the_docstrings():
+  (gflop,) = _stated(r"([\d.]+) GFLOP per image")
+  config = default.get_config()
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])  # whole-step FLOPs
+  setup = train.build(config, mesh, steps_per_epoch=FASHION_MNIST_TRAIN // config.batch_size)
+  compiled = setup.step.lower(state_lib.abstract_with_shardings(setup.layout),
+                              train.batch_shapes(config, mesh)).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  per_image = float(cost["flops"]) / config.batch_size / 1e9
+  # The docstring rounds to the digits it prints.
+  digits = len(gflop.split(".")[1]) if "." in gflop else 0
+  assert abs(per_image - float(gflop)) <= 0.5 * 10 ** -digits, (
+      f"the compiled default step costs {per_image:.4f} GFLOP per image; the docstring says "
+      f"{gflop}")
