@@ -220,7 +220,9 @@ def format_table(results, ks):
 def evaluate_checkpoint(workdir, *, load_backbone, input_fn, step=None, **kwargs):
   """Loads the teacher of `workdir` (latest or `step`), runs `evaluate_knn`, prints the table
   and writes `knn.json` into the workdir (process 0). Returns the results."""
-  config, model = load_backbone(workdir, step=step, which="teacher")
+  loaded = load_backbone(workdir, step=step, which="teacher")
+  config, model = loaded
+  step = getattr(loaded, "step", step)  # the checkpoint read (backbone.LoadedBackbone)
   results = evaluate_knn(config, model, input_fn=input_fn, **kwargs)
   ks = tuple(kwargs.get("ks") or config.knn_k)
   if jax.process_index() == 0:
@@ -257,5 +259,7 @@ def _define_flags():
 
 if __name__ == "__main__":
   from absl import app
+
+  from sove_jax import reporting
   _define_flags()
-  app.run(main)
+  app.run(reporting.command(main))

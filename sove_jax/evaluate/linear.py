@@ -121,7 +121,9 @@ def evaluate_linear(config, model, *, input_fn, convention=None, dataset=None, d
 def evaluate_checkpoint(workdir, *, load_backbone, input_fn, step=None, **kwargs):
   """Loads the teacher of `workdir` (latest or `step`), runs `evaluate_linear`, prints the
   result and writes `linear.json` into the workdir (process 0). Returns the results."""
-  config, model = load_backbone(workdir, step=step, which="teacher")
+  loaded = load_backbone(workdir, step=step, which="teacher")
+  config, model = loaded
+  step = getattr(loaded, "step", step)  # the checkpoint read (backbone.LoadedBackbone)
   results = evaluate_linear(config, model, input_fn=input_fn, **kwargs)
   if jax.process_index() == 0:
     per_lr = "  ".join(f"lr={lr:g}: {acc:.2f}" for lr, acc in results["per_lr"].items())
@@ -158,5 +160,7 @@ def _define_flags():
 
 if __name__ == "__main__":
   from absl import app
+
+  from sove_jax import reporting
   _define_flags()
-  app.run(main)
+  app.run(reporting.command(main))
