@@ -107,6 +107,12 @@ def knn_predict(train_features, train_labels, test_features, *, ks=DEFAULT_KS, t
   shards = mesh.devices.size
   rows = -(-len(train_features) // shards) * shards
   ks = tuple(int(k) for k in ks)
+  if min(ks) < 1:
+    raise ValueError(f"k-NN needs k >= 1, got ks={ks}.")
+  larger = [k for k in ks if k > len(train_features)]
+  if larger:
+    logging.warning("k-NN: k=%s exceeds the %d train features: those votes use all of them.",
+                    ",".join(map(str, larger)), len(train_features))
   k_max = min(max(ks), len(train_features))
   k_local = min(k_max, rows // shards)
 
