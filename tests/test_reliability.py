@@ -422,7 +422,7 @@ def test_evaluation_commands_fail_in_one_line_without_a_run(tmp_path, trained):
       ("sove_jax.evaluate.linear", (f"--workdir={no_checkpoints}",), "No checkpoints in"),
       ("sove_jax.evaluate.pca", (f"--workdir={missing}", f"--images={image}"), "does not exist"),
       ("sove_jax.evaluate.video", (f"--workdir={missing}", f"--data_dir={tmp_path}"),
-       "No such file"),
+       "a DAVIS-2017 folder?"),
       ("sove_jax.evaluate.retrieval", (f"--workdir={missing}", f"--data_dir={tmp_path}"),
        "gnd_roxford5k.pkl"),
   ]
