@@ -21,6 +21,8 @@ setup(
         # Metric writers and periodic actions (progress, profiling); paths local or on buckets.
         "clu>=0.0.12",
         "etils[epath]>=1.7",
+        # Orbax asks a gs:// bucket for its namespace layout before listing checkpoints.
+        "google-cloud-storage>=2.18",
         # What `tensorboard --logdir WORKDIR` needs, and CLU's writer reads its hparams API.
         "tensorboard>=2.18,<2.22",
         "safetensors>=0.4",

@@ -164,6 +164,8 @@ def validate(config, *, num_devices: int, process_count: int = 1):
   from sove_jax.models import network, vit  # the model's own size rules (no TensorFlow)
   _one_of(m.pos_interpolation, vit.POS_INTERPOLATIONS, "model.pos_interpolation")
 
+  _require(m.patch_size > 0, f"model.patch_size={m.patch_size} must be > 0.")
+  validate_run_control(config)
   b = config.batch_size
   _require(b > 0 and b % num_devices == 0,
            f"batch_size={b} must be a positive multiple of the {num_devices} devices.")
@@ -175,6 +177,12 @@ def validate(config, *, num_devices: int, process_count: int = 1):
                 process_count=process_count, token_stride=network.token_stride(m))
   width, _, heads = network.swin_size(m) if swin else network.vit_size(m)
   heads = heads[0] if swin else heads
+  if not swin:
+    w, depth, nh = network.vit_size(m)
+    _require(min(w, depth, nh) > 0,
+             f"The ViT needs width, depth and heads > 0, got {w}, {depth}, {nh} "
+             f"(model.variant={m.variant!r}, model.width={m.width}, model.depth={m.depth}, "
+             f"model.num_heads={m.num_heads}).")
   _require(width % heads == 0,
            f"The {'Swin' if swin else 'ViT'} width {width} must be divisible by its {heads} heads "
            f"(model.variant={m.variant!r}, model.width={m.width}, "
@@ -186,6 +194,7 @@ def validate(config, *, num_devices: int, process_count: int = 1):
   else:
     validate_baseline(config.baseline, method=config.method)
   _require(o.base_lr > 0, f"optim.base_lr={o.base_lr} must be > 0.")
+  _require(o.clip >= 0, f"optim.clip={o.clip} must be >= 0 (0 turns clipping off).")
   _require(0.0 <= o.ema_momentum <= 1.0 and 0.0 <= o.ema_momentum_end <= 1.0,
            "optim.ema_momentum and optim.ema_momentum_end must be in [0, 1].")
   fsdp = config.mesh.fsdp
@@ -251,3 +260,71 @@ def validate_baseline(baseline_config, *, method: str):
   _require(bl.freeze_last_layer_epochs >= 0,
            f"baseline.freeze_last_layer_epochs={bl.freeze_last_layer_epochs} must be >= 0.")
   _loss_weights(bl, "baseline", needs_class=method == "dino")
+
+
+# --- run control ---------------------------------------------------------------------------------
+
+# Fields that belong to one launch, not to the run: a restart may change them freely.
+PER_LAUNCH = ("run_steps", "profile")
+
+
+def validate_run_control(config):
+  """Length, cadences, checkpoints and the k-NN monitor: values that would silently do
+  something else are refused."""
+  _require(config.total_steps > 0 or config.total_steps == -1,
+           f"total_steps={config.total_steps} must be > 0, or -1 to train for num_epochs.")
+  _require(config.log_every >= 1, f"log_every={config.log_every} must be >= 1 (steps between "
+           "metric lines).")
+  _require(config.checkpoint_every >= 0, f"checkpoint_every={config.checkpoint_every} must be "
+           ">= 0 (0: only at the end and on preemption).")
+  _require(config.keep_checkpoints >= 1, f"keep_checkpoints={config.keep_checkpoints} must be "
+           ">= 1: with 0 every checkpoint, the final one included, would be deleted.")
+  _require(config.knn_every >= 0, f"knn_every={config.knn_every} must be >= 0 (0: never).")
+  ks = tuple(config.knn_k)
+  _require(len(ks) > 0 and all(int(k) == k and k >= 1 for k in ks),
+           f"knn_k={ks} must be neighbor counts >= 1.")
+  memory = config.knn_train_examples
+  _require(not (config.knn_every > 0 and 0 <= memory < max(ks)),
+           f"knn_k={ks} asks for {max(ks)} neighbors but the k-NN monitor's memory holds "
+           f"knn_train_examples={memory}: lower knn_k or raise knn_train_examples.")
+
+
+def validate_schedule(config, *, steps_per_epoch: int, total_steps: int):
+  """Schedules that do not fit in the run (known once the data gives the epoch's length)."""
+  warmup = round(config.optim.warmup_epochs * steps_per_epoch)
+  _require(warmup < total_steps,
+           f"optim.warmup_epochs={config.optim.warmup_epochs} is {warmup} steps, not shorter "
+           f"than the run's {total_steps}: the learning rate would never decay; shorten the "
+           "warm-up or lengthen the run.")
+  temp_warmup = round(config.sove.teacher_temp_warmup_epochs * steps_per_epoch)
+  _require(temp_warmup <= total_steps,
+           f"sove.teacher_temp_warmup_epochs={config.sove.teacher_temp_warmup_epochs} is "
+           f"{temp_warmup} steps, longer than the run's {total_steps}: the teacher temperature "
+           "would never reach sove.teacher_temp.")
+
+
+def _flat(config, prefix="") -> dict:
+  out = {}
+  for key, value in config.items():
+    if hasattr(value, "items"):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = _plain(value)
+  return out
+
+
+def _plain(value):
+  """Lists and tuples compare alike (JSON stores tuples as lists)."""
+  return tuple(_plain(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def changed_fields(old, new, *, ignore=PER_LAUNCH) -> dict:
+  """{dotted field: (old value, new value)} where two configs differ (None: absent)."""
+  a, b = _flat(old), _flat(new)
+  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+          if k not in ignore and a.get(k) != b.get(k)}
+
+
+def describe_changes(changes: dict) -> str:
+  """`model.width 32 -> 64, batch_size 16 -> 32`."""
+  return ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())

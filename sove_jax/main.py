@@ -3,8 +3,17 @@ r"""Entry point: `python -m sove_jax.main --config=configs/default.py --workdir=
 The same command on one CPU, a GPU node, a SLURM cluster or every worker of a TPU pod. Config
 fields can be overridden on the command line (`--config.batch_size=256`). `--compile_only`
 lowers and compiles the step for the configured mesh and reports its per-device memory.
-`--verbose` shows the libraries' INFO lines as well as ours.
+
+A restart in the same workdir resumes from its latest readable checkpoint; the config is first
+compared with the run's: `--allow_config_change` continues under a changed config (recorded in
+the workdir) where the checkpoints allow it, `--restore_step=N` resumes from an earlier
+checkpoint (later ones are set aside, not deleted).
+
+Expected failures (a config mistake, missing data, an unwritable workdir, a failed save, a
+non-finite loss) end in one line and exit code 1; `--verbose` adds their tracebacks and the
+libraries' INFO lines.
 """
+import ast
 import os
 import pathlib
 import sys
@@ -15,17 +24,52 @@ from ml_collections import config_flags
 # The repository's default config, found from this file, so the default works from any folder.
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
 _CONFIG = config_flags.DEFINE_config_file("config", str(_DEFAULT_CONFIG), "Run config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard events.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard events "
+                               "(a local path or a bucket, gs://...).")
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False,
                                   "Compile the train step, print its memory, and exit.")
+_RESTORE_STEP = flags.DEFINE_integer("restore_step", None,
+                                     "Resume from this checkpoint step, not the latest; later "
+                                     "checkpoints are moved to checkpoints_set_aside/.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Continue a run under a config that differs from the one in "
+    "its workdir (steps, cadences, batch size, recipe; not the state's shapes); the change is "
+    "recorded in config_changes.jsonl.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (multi-process GPU/CPU runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _VERBOSE = flags.DEFINE_bool("verbose", False,
                              "Show the libraries' INFO lines too (Orbax saves and restores, CLU, "
-                             "optax, TensorFlow); by default the console shows sove_jax's lines "
-                             "and every warning.")
+                             "optax, TensorFlow) and the tracebacks of failures; by default the "
+                             "console shows sove_jax's lines and every warning.")
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with a config override that names no field (a typo) reported as one
+  line that keeps ml_collections' "did you mean" hint."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see "
+                     "help on flags.\n")
+    sys.exit(1)
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    if "--verbose" in argv:
+      raise
+    text = str(e.args[0]) if e.args else str(e)
+    while len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+      try:  # KeyError's message, quoted again when wrapped in an AttributeError
+        text = ast.literal_eval(text)
+      except (ValueError, SyntaxError):
+        break
+    first, _, hint = text.partition("\n")
+    if hint:
+      text = f"no field {first}; {hint[0].lower()}{hint[1:]}"
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    where = f" in {', '.join(overrides)}" if overrides else ""
+    sys.stderr.write(f"Config error{where}: {' '.join(text.split())}\n")
+    sys.exit(1)
 
 
 def _initialize_distributed():
@@ -48,30 +92,26 @@ def _initialize_distributed():
     logging.info("No cluster detected: a single-process run.")
 
 
-def main(argv):
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  if not _VERBOSE.value:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO and WARNING lines
-  from sove_jax import configuration, reporting, train
-  reporting.configure_console(verbose=_VERBOSE.value)
+  from sove_jax import train
   config = _CONFIG.value
   _initialize_distributed()
-  try:
-    if _COMPILE_ONLY.value:
-      _, report = train.compile_only(config)
-      logging.info("%s", report)
-      return
-    if not _WORKDIR.value:
-      raise app.UsageError("--workdir is required (where checkpoints and metrics go).")
-    train.train_and_evaluate(config, _WORKDIR.value)
-  except configuration.ConfigError as e:
-    logging.error("Config error: %s", e)
-    sys.exit(1)
-  except train.NonFiniteLoss as e:
-    logging.error("%s", e)
-    sys.exit(1)
+  if _COMPILE_ONLY.value:
+    _, report = train.compile_only(config)
+    logging.info("%s", report)
+    return
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required (where checkpoints and metrics go).")
+  train.train_and_evaluate(config, _WORKDIR.value, restore_step=_RESTORE_STEP.value,
+                           allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+
+
+def main(argv):
+  from sove_jax import reporting
+  reporting.command(_main)(argv)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -11,15 +11,18 @@
   its writer, after the input pipeline (`sove_jax.data`) has hidden the GPUs from TensorFlow;
   importing this module imports neither.
 """
+import functools
 import json
 import logging as python_logging
 import os
+import sys
 
 import jax
 from absl import logging
 from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
+SUPERSEDED_FILE = "metrics.superseded.jsonl"  # lines of steps a resumed run took again
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
@@ -32,10 +35,22 @@ def say(text: str):
 
 
 class _OursAndWarnings(python_logging.Filter):
-  """Passes warnings and errors from anywhere, INFO lines only from sove_jax."""
+  """Passes warnings and errors from anywhere, INFO lines only from sove_jax. Orbax's errors
+  (a failed save, with tracebacks) are left to the one line `checkpoint.CheckpointError` says."""
 
   def filter(self, record):
+    if record.levelno >= python_logging.ERROR and "/orbax/" in record.pathname:
+      return False
     return record.levelno >= python_logging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
+
+
+def _quiet_unraisable(unraisable):
+  """After a failed background save, tensorstore's callbacks find Orbax's event loop closed,
+  each printing a traceback; the failure itself is reported once (`checkpoint`)."""
+  error = unraisable.exc_value
+  if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+    return
+  sys.__unraisablehook__(unraisable)
 
 
 class _ConsoleFormatter(python_logging.Formatter):
@@ -56,9 +71,77 @@ def configure_console(verbose: bool = False):
     handler.removeFilter(old)
   if verbose:
     handler.setFormatter(logging.PythonFormatter())
+    sys.unraisablehook = sys.__unraisablehook__
   else:
     handler.addFilter(_OursAndWarnings())
     handler.setFormatter(_ConsoleFormatter())
+    sys.unraisablehook = _quiet_unraisable
+
+
+# --- commands: expected failures in one line ----------------------------------------------------
+
+def expected_errors() -> tuple:
+  """What a user can cause or fix (bad config, data or paths, storage, a diverged run, a
+  missing package): one line and exit code 1. Anything else is a bug: its traceback shows."""
+  from sove_jax import checkpoint, configuration
+  expected = (configuration.ConfigError, checkpoint.CheckpointError, FloatingPointError,
+              ValueError, OSError, ImportError)
+  tf = sys.modules.get("tensorflow")
+  if tf is not None:
+    expected += (tf.errors.OpError,)
+  return expected
+
+
+def error_line(error: BaseException) -> str:
+  """An expected failure as the line a user reads."""
+  from sove_jax import configuration
+  text = str(error).strip() or type(error).__name__
+  if isinstance(error, configuration.ConfigError):
+    return f"Config error: {text}"
+  if isinstance(error, (OSError, ImportError)) and not text.endswith("."):
+    return f"{text} ({type(error).__name__})"
+  return text
+
+
+def fail(error: BaseException, *, verbose: bool):
+  """Ends the process after an expected failure: the error's line (the traceback first with
+  `verbose`) and exit code 1. After a failed checkpoint save the process ends at once:
+  Orbax's background threads may otherwise hold it for minutes."""
+  from sove_jax import checkpoint
+  if verbose:
+    logging.error("Traceback of the failure below:", exc_info=error)
+  logging.error("%s", error_line(error))
+  if isinstance(error, checkpoint.CheckpointError):
+    logging.flush()
+    for stream in (sys.stdout, sys.stderr):
+      stream.flush()
+    os._exit(1)
+  sys.exit(1)
+
+
+def command(main):
+  """`main(argv)` of an absl command: the console configured (`--verbose` where the command
+  defines it), TensorFlow's C++ lines quiet unless verbose, and expected failures in one line
+  with exit code 1 (`fail`)."""
+
+  @functools.wraps(main)
+  def run(argv):
+    from absl import flags
+    verbose = bool(flags.FLAGS["verbose"].value) if "verbose" in flags.FLAGS else False
+    if not verbose:
+      os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    configure_console(verbose=verbose)
+    try:
+      return main(argv)
+    except expected_errors() as e:
+      fail(e, verbose=verbose)
+
+  return run
+
+
+def define_verbose_flag(flags):
+  flags.DEFINE_bool("verbose", False, "Show tracebacks of failures and the libraries' INFO "
+                    "lines (Orbax, CLU, TensorFlow); by default a failure is one line.")
 
 
 def duration(seconds: float) -> str:
@@ -146,6 +229,32 @@ class JsonlWriter:
 
   def close(self):
     self._file.close()
+
+
+def drop_metrics_after(workdir, step: int):
+  """Before a run (re)starts at `step`: lines of metrics.jsonl for later steps (logged before a
+  kill or preemption, about to be logged again) move to metrics.superseded.jsonl, so that each
+  step is in metrics.jsonl once. An unreadable line (cut by a kill) moves too."""
+  path = epath.Path(workdir) / METRICS_FILE
+  if not path.exists():
+    return
+  keep, drop = [], []
+  for line in path.read_text().splitlines():
+    if not line.strip():
+      continue
+    try:
+      later = int(json.loads(line)["step"]) > step
+    except (ValueError, KeyError, TypeError):
+      later = True
+    (drop if later else keep).append(line)
+  if not drop:
+    return
+  superseded = epath.Path(workdir) / SUPERSEDED_FILE
+  old = superseded.read_text() if superseded.exists() else ""
+  superseded.write_text(old + "".join(line + "\n" for line in drop))
+  tmp = epath.Path(workdir) / (METRICS_FILE + ".tmp")
+  tmp.write_text("".join(line + "\n" for line in keep))
+  tmp.replace(path)
 
 
 class Collector:

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from absl import logging
 
@@ -23,7 +24,7 @@ from sove_jax.models import network
 
 
 class NonFiniteLoss(FloatingPointError):
-  pass
+  """A step's loss or gradient was not finite; the message says what the checkpoints hold."""
 
 
 def total_steps(config, steps_per_epoch: int) -> int:
@@ -130,45 +131,194 @@ def itstime(step: int, every: int, last: int | None = None) -> bool:
 
 def _verified(step: int, metrics) -> dict:
   """The step's metrics on the host; stops the run if its loss or gradient was not finite (the
-  step then left the state as it was, so the last checkpoint is the last good state)."""
+  step then left the state as it was: the state after step - 1)."""
   host = {k: float(v) for k, v in jax.device_get(metrics).items()}
   if not host.pop("finite"):
-    raise NonFiniteLoss(
-        f"Non-finite loss or gradient at step {step}: the run stops here; the last "
-        "checkpoint holds the last good state.")
+    raise NonFiniteLoss(step)
   return host
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
+@jax.jit
+def _largest_parameter(params):
+  """The largest magnitude among `params` (a diverging run shows here first)."""
+  return jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree.leaves(params)]))
+
+
+# --- a run's workdir: what is there, and whether this config may continue it ---------------------
+
+
+def _state_signature(config):
+  """The train state's tree structure and every leaf's (shape, dtype): what a checkpoint must
+  match to be restored under `config`."""
+  tx = optim.make_optimizer(config, optim.make_schedules(config, 1, 1))
+  abstract = jax.eval_shape(state_lib.make_init(config, tx, config.data.global_size),
+                            jax.random.PRNGKey(0))
+  leaves, treedef = jax.tree.flatten(abstract)
+  return treedef, [(x.shape, x.dtype) for x in leaves]
+
+
+def _unrestorable(stored, config, changes: dict) -> list:
+  """The changed fields that alter the train state's structure or shapes (so the checkpoints
+  cannot be restored), each tried on its own on the stored config."""
+  reference = _state_signature(stored)
+  fields = []
+  for field in changes:
+    trial = ml_collections.ConfigDict(stored.to_dict())
+    *sections, name = field.split(".")
+    node = trial
+    for section in sections:
+      node = node[section]
+    try:
+      with node.ignore_type():
+        node[name] = _get(config, field)
+      same = _state_signature(trial) == reference
+    except Exception:  # noqa: BLE001  a field that breaks the state on its own changes it
+      same = False
+    if not same:
+      fields.append(field)
+  if not fields and _state_signature(config) != reference:
+    fields = list(changes)
+  return fields
+
+
+def _get(config, field: str):
+  node = config
+  for name in field.split("."):
+    node = node[name]
+  return node
+
+
+def _check_continuation(config, workdir, *, allow_config_change: bool):
+  """Compares `config` with the run already in `workdir` (before anything is written) and
+  returns the accepted changes ({} for a new run or the same config). Raises ConfigError for a
+  change the checkpoints cannot be restored under, and for any other change unless
+  `allow_config_change`."""
+  wd = checkpoint.workdir_path(workdir)
+  if not (wd / checkpoint.CONFIG_FILE).exists():
+    return {}
+  stored = checkpoint.read_config(wd)
+  changes = configuration.changed_fields(stored, config)
+  if not changes:
+    return {}
+  steps = checkpoint.checkpoint_steps(wd)
+  if not steps:
+    if not allow_config_change:
+      raise configuration.ConfigError(
+          f"{wd} holds a run configured otherwise ({configuration.describe_changes(changes)}) "
+          "but no checkpoint: pass --allow_config_change to start it anew with this config "
+          "(the old config.json is kept), or use another --workdir.")
+    return changes
+  fixed = _unrestorable(stored, config, changes)
+  if fixed:
+    shown = {k: changes[k] for k in fixed}
+    raise configuration.ConfigError(
+        f"The checkpoints in {wd} cannot be restored under this config: "
+        f"{configuration.describe_changes(shown)} change the train state; use another "
+        "--workdir, or drop those overrides.")
+  if not allow_config_change:
+    raise configuration.ConfigError(
+        f"This config differs from the run's in {wd}: {configuration.describe_changes(changes)}"
+        "; its checkpoints can continue under it: pass --allow_config_change to do so (the "
+        f"change is recorded in {checkpoint.CHANGES_FILE}), or use another --workdir.")
+  return changes
+
+
+def _nonfinite_report(step: int, ckpt) -> str:
+  """What a non-finite step leaves: which checkpoints exist and how large their parameters
+  are, where a restart resumes, and how to resume from an earlier step."""
+  try:
+    ckpt.wait()
+    steps = ckpt.all_steps()
+  except checkpoint.CheckpointError:
+    steps = checkpoint.checkpoint_steps(ckpt.workdir)
+  line = f"Non-finite loss or gradient at step {step}: the run stops. "
+  if not steps:
+    return line + "No checkpoint was saved before it: a restart begins a new run."
+
+  def described(s):
+    largest = checkpoint.saved_notes(ckpt.workdir, s).get("largest_parameter")
+    return f"step {s}" + ("" if largest is None else f" (parameters up to {largest:.3g})")
+
+  line += (f"Checkpoints in {ckpt.directory}: {', '.join(map(described, reversed(steps)))}; "
+           f"a restart resumes from step {steps[-1]}")
+  if len(steps) > 1:
+    line += (f"; to resume from an earlier one, restart with --restore_step={steps[-2]} (later "
+             "ones are set aside, not deleted)")
+  return line + "."
+
+
+def train_and_evaluate(config, workdir: str, *, restore_step: int | None = None,
+                       allow_config_change: bool = False) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the last logged metrics.
+
+  `restore_step` resumes from that checkpoint instead of the latest (later ones are set aside);
+  `allow_config_change` lets a restart continue under a config that differs from the run's in
+  fields the checkpoints can be restored under (the change is recorded in the workdir).
+  """
   mesh = validated_mesh(config)
+  changes = _check_continuation(config, workdir, allow_config_change=allow_config_change)
   from clu import periodic_actions
 
   from sove_jax.data import pipeline  # TensorFlow enters the process here, host side only
-  reporting.say(f"sove_jax: {sharding.devices_summary(mesh)}; workdir {workdir}")
+  wd = checkpoint.workdir_path(workdir)
+  reporting.say(f"sove_jax: {sharding.devices_summary(mesh)}; workdir {wd}")
 
   train_in = pipeline.train_input(config.data, patch_size=config.model.patch_size,
                                   global_batch_size=config.batch_size, seed=config.seed,
                                   token_stride=network.token_stride(config.model))
   setup = build(config, mesh, train_in.steps_per_epoch)
   num_steps = setup.total_steps
-  checkpoint.write_config(config, workdir)
-  ckpt = checkpoint.Checkpointer(workdir, save_every=config.checkpoint_every,
-                                 keep=config.keep_checkpoints)
-  restored = ckpt.restore(state_lib.abstract_with_shardings(setup.layout))
-  if restored is None:
-    state = state_lib.create(config, setup.tx, setup.layout, setup.image_size)
-    reporting.say(f"new run: {num_steps} steps of {config.batch_size} images "
-                  f"({train_in.steps_per_epoch} steps per epoch)")
-  else:
-    state, data_state = restored
-    train_in.set_state(data_state)
-    reporting.say(f"resumed from step {int(state.step)} of {num_steps}")
+  configuration.validate_schedule(config, steps_per_epoch=train_in.steps_per_epoch,
+                                  total_steps=num_steps)
+  # Nothing was written before this line.
+  if jax.process_index() == 0:
+    checkpoint.check_writable(wd)
+  ckpt = checkpoint.Checkpointer(wd, keep=config.keep_checkpoints)
+  try:
+    restored = ckpt.restore(state_lib.abstract_with_shardings(setup.layout), step=restore_step)
+    if restored is None:
+      if restore_step is not None:
+        raise checkpoint.CheckpointError(f"--restore_step={restore_step}: {ckpt.directory} "
+                                         "holds no checkpoint.")
+      if changes:
+        kept = wd / checkpoint.SET_ASIDE / f"config.{int(time.time())}.json"
+        reporting.say(f"new run in {wd} with another config "
+                      f"({configuration.describe_changes(changes)}); the previous config.json "
+                      f"is kept as {kept}")
+        if jax.process_index() == 0:
+          kept.parent.mkdir(parents=True, exist_ok=True)
+          (wd / checkpoint.CONFIG_FILE).rename(kept)
+      if jax.process_index() == 0 and not (wd / checkpoint.CONFIG_FILE).exists():
+        checkpoint.write_config(config, wd)
+      state = state_lib.create(config, setup.tx, setup.layout, setup.image_size)
+      reporting.say(f"new run: {num_steps} steps of {config.batch_size} images "
+                    f"({train_in.steps_per_epoch} steps per epoch)")
+    else:
+      state = restored.state
+      train_in.set_state(restored.data)
+      later = [s for s in ckpt.all_steps() if s > restored.step]
+      if later:
+        reason = "corrupt" if restore_step is None else f"after_restore_step_{restore_step}"
+        ckpt.set_aside(later, reason)
+        logging.warning("Checkpoint step(s) %s set aside in %s (%s): the run continues from "
+                        "step %d.", ", ".join(map(str, later)), wd / checkpoint.SET_ASIDE,
+                        reason.replace("_", " "), restored.step)
+      if changes:
+        checkpoint.record_config_change(wd, restored.step, changes)
+        reporting.say(f"continuing step {restored.step} with a changed config: "
+                      f"{configuration.describe_changes(changes)} (recorded in "
+                      f"{wd / checkpoint.CHANGES_FILE})")
+      reporting.say(f"resumed from step {restored.step} of {num_steps}")
+  except BaseException:
+    ckpt.close()
+    raise
   start = int(jax.device_get(state.step))
+  if jax.process_index() == 0:
+    reporting.drop_metrics_after(wd, start)  # steps about to be re-run are logged once
   stop_at = num_steps if config.run_steps < 0 else min(num_steps, start + config.run_steps)
 
   batch_sharding = sharding.batch_sharding(mesh)
-  writer = reporting.open_writer(workdir, enabled=jax.process_index() == 0)
+  writer = reporting.open_writer(wd, enabled=jax.process_index() == 0)
   writer.write_hparams(config.to_dict())
   monitor = knn_monitor(config, mesh, pipeline, setup.layout.graphdef) if config.knn_every else None
   # Steps per second between logged steps; the first call (after the first step, compiled by
@@ -177,7 +327,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   progress = periodic_actions.ReportProgress(
       num_train_steps=num_steps, writer=perf, every_steps=max(config.log_every, 1),
       every_secs=None, on_steps=(stop_at,))
-  profile = _profiler(config, workdir, start, stop_at)
+  profile = _profiler(config, wd, start, stop_at)
   window = reporting.Window(last=step_lib.SCHEDULE_METRICS)
   train_step = _compiled_everywhere(setup, config, mesh)
   preemption = _Preemption()
@@ -193,6 +343,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       progress(step)
       if profile is not None:
         profile(step)
+      ckpt.check()  # a background save that failed stops the run here, not minutes later
 
       log_due = itstime(step, config.log_every, stop_at)
       monitor_due = monitor is not None and itstime(step, config.knn_every, num_steps)
@@ -218,12 +369,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
         writer.write_scalars(step, scalars)
         last = scalars
       if save_due or preempted:
-        ckpt.save(step, state, train_in.get_state(), force=True)
+        ckpt.save(step, state, train_in.get_state(),
+                  notes={"largest_parameter": float(_largest_parameter(state.student))})
       if preempted:
         ckpt.wait()
         reporting.say(f"preempted: saved step {step}, exiting")
         break
+    ckpt.wait()
     return last
+  except NonFiniteLoss as e:
+    raise NonFiniteLoss(_nonfinite_report(e.args[0], ckpt)) from None
   finally:
     ckpt.close()
     writer.close()

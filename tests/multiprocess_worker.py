@@ -32,7 +32,8 @@ metrics = train.train_and_evaluate(config, workdir)
 mesh = sharding.make_mesh(config.mesh)
 setup = train.build(config, mesh, steps_per_epoch=1)
 ck = checkpoint.Checkpointer(workdir, save_every=1, keep=10)
-restored, data_state = ck.restore(state_lib.abstract_with_shardings(setup.layout))
+got = ck.restore(state_lib.abstract_with_shardings(setup.layout))
+restored, data_state = got.state, got.data
 ck.close()
 
 

@@ -93,3 +93,37 @@ def test_unknown_or_unprepared_tfds_dataset_is_a_clear_error(tmp_path):
     sources.TfdsSource("no_such_dataset_xyz", "train")
   with pytest.raises(FileNotFoundError, match=f"'mnist' is not prepared in data_dir='{tmp_path}'"):
     sources.TfdsSource("mnist", "train", data_dir=str(tmp_path))
+
+
+def test_sources_read_data_dirs_on_a_non_local_filesystem():
+  """data_dir may be a bucket URL (gs://...): sources list and read through tf.io.gfile, never
+  os.path or open. TensorFlow's in-memory filesystem (ram://) stands in for the bucket here:
+  a path that only os.path would accept fails, so this fails if any local-only call remains."""
+  import tensorflow as tf
+  root = "ram://sove_jax_test_sources"
+  rng = np.random.default_rng(1)
+  images, labels = rng.integers(0, 256, (6, 28, 28)), rng.integers(0, 10, 6)
+  for name, array, magic in (("t10k-images-idx3-ubyte.gz", images, 0x803),
+                             ("t10k-labels-idx1-ubyte.gz", labels, 0x801)):
+    header = np.array([magic, *array.shape], ">i4").tobytes()
+    tf.io.gfile.makedirs(f"{root}/fmnist")
+    with tf.io.gfile.GFile(f"{root}/fmnist/{name}", "wb") as f:
+      f.write(gzip.compress(header + array.astype(np.uint8).tobytes()))
+  src = sources.fashion_mnist("test", f"{root}/fmnist")
+  np.testing.assert_array_equal(src.images[..., 0], images)
+  np.testing.assert_array_equal(src.labels, labels)
+
+  pictures = rng.integers(0, 256, (3, 8, 8, 3)).astype(np.uint8)
+  written = sources.write_image_folder(f"{root}/folder", "train", pictures, [1, 0, 1],
+                                       class_names=["dog", "cat"])
+  assert all(p.startswith(f"{root}/folder/train/") for p in written)
+  train = sources.image_folder(f"{root}/folder", "train")
+  assert train.class_names == ["cat", "dog"] and sorted(train.labels.tolist()) == [0, 0, 1]
+  assert all(p.startswith(root) for p in train.paths)
+  d = default.get_config().data
+  d.update(source="folder", data_dir=f"{root}/folder", eval_resize=8, eval_crop=8)
+  batch = next(iter(pipeline.eval_input(d, split="train", global_batch_size=3, process_index=0,
+                                        process_count=1)))  # the pipeline reads the files
+  assert batch["image"].shape == (3, 8, 8, 3) and batch["valid"].sum() == 3
+  with pytest.raises(FileNotFoundError, match=f"{root}/folder/val"):
+    sources.image_folder(f"{root}/folder", "val")

@@ -375,7 +375,7 @@ def workdir(tmp_path_factory):
   ckpt = checkpoint.Checkpointer(path, save_every=1, keep=2, asynchronous=False)
   for step in (1, 2):
     states[step] = jax.tree.map(fill, abstract)
-    ckpt.save(step, states[step], {"epoch": 0}, force=True)
+    ckpt.save(step, states[step], {"epoch": 0})  # every save is written
   ckpt.close()
   return path, states
 

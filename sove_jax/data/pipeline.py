@@ -262,7 +262,7 @@ class TrainInput:
         fns, batched = [], True
       fns.append(fn)
       if name == "decode":  # drops examples that fail to read or decode
-        ds, fns = _map(ds, *fns).ignore_errors(log_warning=True), []
+        ds, fns = _map(ds, *fns).ignore_errors(log_warning=False), []
       if name == stop_after:
         break
     if fns:

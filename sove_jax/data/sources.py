@@ -162,14 +162,15 @@ class TfdsSource:
 def _read_idx(path_stem: str, magic: int) -> np.ndarray:
   """One IDX array from `stem` or `stem.gz`: big-endian header (magic, dims), then uint8 data."""
   for path in (path_stem + ".gz", path_stem):
-    if os.path.exists(path):
+    if tf.io.gfile.exists(path):
       break
   else:
     raise FileNotFoundError(f"Fashion-MNIST file not found: looked for {path_stem}.gz and "
                             f"{path_stem}")
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
+  with tf.io.gfile.GFile(path, "rb") as f:
     data = f.read()
+  if path.endswith(".gz"):
+    data = gzip.decompress(data)
   header = np.frombuffer(data, ">i4", count=1)[0]
   if header != magic:
     raise ValueError(f"{path}: not an IDX uint8 file of rank {magic & 0xFF} (magic {header:#x})")
@@ -184,10 +185,10 @@ def _read_idx(path_stem: str, magic: int) -> np.ndarray:
 @functools.lru_cache(maxsize=4)
 def _fashion_mnist_arrays(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   """Read once per process: the trainer opens the train split for training and for k-NN."""
-  if not os.path.isdir(directory):
+  if not tf.io.gfile.isdir(directory):
     raise FileNotFoundError(f"Fashion-MNIST directory not found: {directory} (install the Debian "
                             "package dataset-fashion-mnist, or set data.data_dir)")
-  stem = os.path.join(directory, _IDX_PREFIX[split])
+  stem = _join(directory, _IDX_PREFIX[split])
   images = _read_idx(stem + "-images-idx3-ubyte", 0x803)
   labels = _read_idx(stem + "-labels-idx1-ubyte", 0x801)
   if len(images) != len(labels):
@@ -202,7 +203,7 @@ def fashion_mnist(split: str, data_dir: str = "") -> ArraySource:
   if split not in _IDX_PREFIX:
     raise ValueError(f"Fashion-MNIST has splits {sorted(_IDX_PREFIX)}, not {split!r}")
   directory = data_dir or FASHION_MNIST_DIR
-  images, labels = _fashion_mnist_arrays(os.path.abspath(directory), split)
+  images, labels = _fashion_mnist_arrays(_absolute(directory), split)
   if len(images) == 0:
     raise ValueError(f"Fashion-MNIST {split} in {directory} is empty")
   return ArraySource(images, labels, name=f"fashion_mnist/{split}")
@@ -210,9 +211,21 @@ def fashion_mnist(split: str, data_dir: str = "") -> ArraySource:
 
 # --- image folders --------------------------------------------------------------------------------
 
+# Folders are listed through tf.io.gfile, so a data_dir may be local or in a bucket (gs://...).
+
+def _absolute(path: str) -> str:
+  """A local path made absolute; a bucket URL kept as it is."""
+  return path if "://" in path else os.path.abspath(path)
+
+
+def _join(*parts: str) -> str:
+  return "/".join(p.rstrip("/") for p in parts[:-1]) + "/" + parts[-1] if len(parts) > 1 \
+      else parts[0]
+
+
 def _subdirs(path: str) -> list[str]:
-  with os.scandir(path) as it:
-    return [e.name for e in it if e.is_dir() and not e.name.startswith(".")]
+  names = [n.rstrip("/") for n in tf.io.gfile.listdir(path)]
+  return sorted(n for n in names if not n.startswith(".") and tf.io.gfile.isdir(_join(path, n)))
 
 
 def image_folder(root: str, split: str) -> FileSource:
@@ -222,19 +235,18 @@ def image_folder(root: str, split: str) -> FileSource:
   split does not shift the labels of the others. Files are only listed here; one that does not
   decode is skipped (and counted) by the pipeline.
   """
-  split_dir = os.path.join(root, split)
-  if not os.path.isdir(split_dir):
+  split_dir = _join(root, split)
+  if not tf.io.gfile.isdir(split_dir):
     raise FileNotFoundError(f"Image folder not found: {split_dir} "
                             f"(expected {root}/{split}/<class>/*.jpg)")
-  classes = sorted({c for s in _subdirs(root) for c in _subdirs(os.path.join(root, s))})
+  classes = sorted({c for s in _subdirs(root) for c in _subdirs(_join(root, s))})
   label_of = {c: i for i, c in enumerate(classes)}
   paths, labels = [], []
   for c in sorted(_subdirs(split_dir)):
-    class_dir = os.path.join(split_dir, c)
-    with os.scandir(class_dir) as it:
-      names = sorted(e.name for e in it
-                     if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
-    paths += [os.path.join(class_dir, n) for n in names]
+    class_dir = _join(split_dir, c)
+    names = sorted(n for n in tf.io.gfile.listdir(class_dir)
+                   if not n.endswith("/") and n.lower().endswith(IMAGE_EXTENSIONS))
+    paths += [_join(class_dir, n) for n in names]
     labels += [label_of[c]] * len(names)
   if not paths:
     raise ValueError(f"Image folder {split_dir} holds no {'/'.join(IMAGE_EXTENSIONS)} files in "
@@ -255,10 +267,10 @@ def write_image_folder(root: str, split: str, images, labels, class_names=None,
   paths = []
   for image, label in zip(images, labels):
     name = class_names[label] if class_names is not None else f"{int(label):04d}"
-    folder = os.path.join(root, split, name)
-    os.makedirs(folder, exist_ok=True)
-    n = len(os.listdir(folder))
-    while os.path.exists(os.path.join(folder, f"{n:06d}.{ext}")):
+    folder = _join(root, split, name)
+    tf.io.gfile.makedirs(folder)
+    n = len(tf.io.gfile.listdir(folder))
+    while tf.io.gfile.exists(_join(folder, f"{n:06d}.{ext}")):
       n += 1
     image = np.asarray(image, np.uint8)
     if image.ndim == 2:
@@ -267,7 +279,7 @@ def write_image_folder(root: str, split: str, images, labels, class_names=None,
       data = tf.io.encode_png(image)
     else:
       data = tf.io.encode_jpeg(image, quality=quality)
-    path = os.path.join(folder, f"{n:06d}.{ext}")
+    path = _join(folder, f"{n:06d}.{ext}")
     tf.io.write_file(path, data)
     paths.append(path)
   return paths

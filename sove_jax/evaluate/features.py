@@ -258,6 +258,7 @@ def define_flags(flags):
   flags.DEFINE_string("workdir", None, "Training run directory (checkpoints, config).",
                       required=True)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  reporting.define_verbose_flag(flags)
   flags.DEFINE_string("dataset", "", "Dataset override: fashion_mnist | folder | tfds:NAME "
                       "(or a bare TFDS name). Default: the run's data config.")
   flags.DEFINE_string("data_dir", "", "Override of config.data.data_dir.")
@@ -273,12 +274,10 @@ def define_flags(flags):
 
 def flag_arguments(flag_values) -> dict:
   """`evaluate_checkpoint`'s shared arguments from the flags of `define_flags`, with the real
-  checkpoint loader and input (TensorFlow enters the CLI process here); the console quiet."""
-  from sove_jax import reporting
+  checkpoint loader and input (TensorFlow enters the CLI process here)."""
   from sove_jax.data import pipeline
   from sove_jax.evaluate import backbone
 
-  reporting.configure_console()
   f = flag_values
   return dict(workdir=f.workdir, load_backbone=backbone.load_backbone,
               input_fn=pipeline.eval_input, step=f.step, dataset=f.dataset,

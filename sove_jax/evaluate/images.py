@@ -21,6 +21,7 @@ from etils import epath
 from flax import nnx
 from PIL import Image
 
+from sove_jax import reporting
 from sove_jax.evaluate import features as features_lib
 
 log = logging.getLogger(__name__)
@@ -231,5 +232,6 @@ def define_backbone_flags(flags):
   flags.DEFINE_string("workdir", None, "Training run directory (checkpoints, config).",
                       required=True)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  reporting.define_verbose_flag(flags)
   flags.DEFINE_integer("batch_size", 0, "Global batch of images (default 8 per device); a "
                        "multiple of the device count.")

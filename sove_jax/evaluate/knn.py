@@ -107,6 +107,12 @@ def knn_predict(train_features, train_labels, test_features, *, ks=DEFAULT_KS, t
   shards = mesh.devices.size
   rows = -(-len(train_features) // shards) * shards
   ks = tuple(int(k) for k in ks)
+  if min(ks) < 1:
+    raise ValueError(f"k-NN needs k >= 1, got ks={ks}.")
+  larger = [k for k in ks if k > len(train_features)]
+  if larger:
+    logging.warning("k-NN: k=%s exceeds the %d train features: those votes use all of them.",
+                    ",".join(map(str, larger)), len(train_features))
   k_max = min(max(ks), len(train_features))
   k_local = min(k_max, rows // shards)
 
@@ -230,7 +236,9 @@ def evaluate_checkpoint(workdir, *, load_backbone, input_fn, step=None, baseline
   """Loads the teacher of `workdir` (latest or `step`), runs `evaluate_knn` on it and on each
   of `baselines` (features.BASELINES) with the same splits, prints them side by side and writes
   `knn.json` into the workdir (process 0). Returns the trained network's results."""
-  config, model = load_backbone(workdir, step=step, which="teacher")
+  loaded = load_backbone(workdir, step=step, which="teacher")
+  config, model = loaded
+  step = getattr(loaded, "step", step)  # the checkpoint read (backbone.LoadedBackbone)
   results = evaluate_knn(config, model, input_fn=input_fn, **kwargs)
   base = {}
   for name in baselines:
@@ -275,5 +283,7 @@ def _define_flags():
 
 if __name__ == "__main__":
   from absl import app
+
+  from sove_jax import reporting
   _define_flags()
-  app.run(main)
+  app.run(reporting.command(main))

@@ -126,7 +126,9 @@ def evaluate_checkpoint(workdir, *, load_backbone, input_fn, step=None, baseline
   """Loads the teacher of `workdir` (latest or `step`), runs `evaluate_linear` on it and on each
   of `baselines` (features.BASELINES) with the same splits, prints the results and writes
   `linear.json` into the workdir (process 0). Returns the trained network's results."""
-  config, model = load_backbone(workdir, step=step, which="teacher")
+  loaded = load_backbone(workdir, step=step, which="teacher")
+  config, model = loaded
+  step = getattr(loaded, "step", step)  # the checkpoint read (backbone.LoadedBackbone)
   results = evaluate_linear(config, model, input_fn=input_fn, **kwargs)
   base = {}
   for name in baselines:
@@ -174,5 +176,7 @@ def _define_flags():
 
 if __name__ == "__main__":
   from absl import app
+
+  from sove_jax import reporting
   _define_flags()
-  app.run(main)
+  app.run(reporting.command(main))

@@ -140,7 +140,9 @@ def evaluate_checkpoint(workdir, *, load_backbone, images, out="", step=None, **
   missing = [str(p) for p in images if not epath.Path(p).exists()]
   if missing:
     raise FileNotFoundError(f"no image at {', '.join(missing)}")
-  config, model = load_backbone(workdir, step=step, which="teacher")
+  loaded = load_backbone(workdir, step=step, which="teacher")
+  config, model = loaded
+  step = getattr(loaded, "step", step)  # the checkpoint read (backbone.LoadedBackbone)
   canvas, summary = pca_picture(config, model, list(images), **kwargs)
   out = out or str(epath.Path(workdir) / "pca.png")
   if jax.process_index() == 0:
@@ -158,9 +160,7 @@ def main(argv):
   del argv
   from absl import flags
 
-  from sove_jax import reporting
   from sove_jax.evaluate import backbone
-  reporting.configure_console()
   f = flags.FLAGS
   evaluate_checkpoint(f.workdir, load_backbone=backbone.load_backbone, images=f.images,
                       out=f.out, step=f.step, image_size=f.image_size,
@@ -183,5 +183,7 @@ def _define_flags():
 
 if __name__ == "__main__":
   from absl import app
+
+  from sove_jax import reporting
   _define_flags()
-  app.run(main)
+  app.run(reporting.command(main))

@@ -343,7 +343,9 @@ def evaluate_checkpoint(workdir, *, load_backbone, dataset, step=None, **kwargs)
   """Loads the teacher of `workdir` (latest or `step`), runs `evaluate_retrieval`, prints the
   table and writes `retrieval_<dataset>.json` into the workdir (process 0)."""
   load_ground_truth(dataset_dir(kwargs.get("data_dir"), dataset) / f"gnd_{dataset}.pkl")
-  config, model = load_backbone(workdir, step=step, which="teacher")  # data checked first
+  loaded = load_backbone(workdir, step=step, which="teacher")  # data checked first
+  config, model = loaded
+  step = getattr(loaded, "step", step)  # the checkpoint read (backbone.LoadedBackbone)
   results = evaluate_retrieval(config, model, dataset=dataset, **kwargs)
   if jax.process_index() == 0:
     print(format_table(dataset, results))
@@ -359,9 +361,7 @@ def main(argv):
   del argv
   from absl import flags
 
-  from sove_jax import reporting
   from sove_jax.evaluate import backbone
-  reporting.configure_console()
   f = flags.FLAGS
   evaluate_checkpoint(f.workdir, load_backbone=backbone.load_backbone, step=f.step,
                       dataset=f.dataset, data_dir=f.data_dir, imsize=f.imsize,
@@ -385,5 +385,7 @@ def _define_flags():
 
 if __name__ == "__main__":
   from absl import app
+
+  from sove_jax import reporting
   _define_flags()
-  app.run(main)
+  app.run(reporting.command(main))

@@ -374,7 +374,9 @@ def evaluate_checkpoint(workdir, *, load_backbone, step=None, **kwargs):
   check_settings(**settings)
   if not kwargs.get("sequences"):
     sequence_names(kwargs["data_dir"], kwargs.get("split", "val"))  # data checked first
-  config, model = load_backbone(workdir, step=step, which="teacher")
+  loaded = load_backbone(workdir, step=step, which="teacher")
+  config, model = loaded
+  step = getattr(loaded, "step", step)  # the checkpoint read (backbone.LoadedBackbone)
   results = evaluate_video(config, model, **kwargs)
   if jax.process_index() == 0:
     print(format_table(results))
@@ -388,9 +390,7 @@ def main(argv):
   del argv
   from absl import flags
 
-  from sove_jax import reporting
   from sove_jax.evaluate import backbone
-  reporting.configure_console()
   f = flags.FLAGS
   evaluate_checkpoint(
       f.workdir, load_backbone=backbone.load_backbone, step=f.step, data_dir=f.data_dir,
@@ -420,5 +420,7 @@ def _define_flags():
 
 if __name__ == "__main__":
   from absl import app
+
+  from sove_jax import reporting
   _define_flags()
-  app.run(main)
+  app.run(reporting.command(main))

@@ -41,6 +41,7 @@ import math
 import os
 import pickle
 import sys
+import traceback
 import warnings
 from collections.abc import Mapping
 
@@ -361,13 +362,49 @@ def save_safetensors(state_dict: Mapping, path: str, metadata: Mapping | None = 
   _write_atomically(path, safetensors.numpy.save(tensors, metadata=meta))
 
 
-def _open_safetensors(path: str):
-  import safetensors
+def _is_local(path) -> bool:
+  return "://" not in os.fspath(path)
 
+
+def _open_safetensors(path: str):
+  """A local file is memory-mapped; one in a bucket (gs://...) is read whole through epath."""
+  import safetensors
+  import safetensors.numpy
+
+  if not epath.Path(path).exists():
+    raise FileNotFoundError(f"No file {path}.")
   try:
-    return safetensors.safe_open(os.fspath(path), framework="np")
-  except safetensors.SafetensorError as e:
+    if _is_local(path):
+      return safetensors.safe_open(os.fspath(path), framework="np")
+    return _SafetensorsBytes(epath.Path(path).read_bytes())
+  except (safetensors.SafetensorError, ValueError) as e:
     raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+
+
+class _SafetensorsBytes:
+  """The part of `safetensors.safe_open` used here, over a file's bytes."""
+
+  def __init__(self, data: bytes):
+    import safetensors.numpy
+
+    size = int.from_bytes(data[:8], "little")
+    self._meta = json.loads(data[8:8 + size]).get("__metadata__")
+    self._tensors = safetensors.numpy.load(data)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    del exc
+
+  def metadata(self):
+    return self._meta
+
+  def keys(self):
+    return list(self._tensors)
+
+  def get_tensor(self, name):
+    return self._tensors[name]
 
 
 def safetensors_metadata(path: str) -> dict[str, str]:
@@ -384,7 +421,7 @@ def load_safetensors(path: str) -> dict[str, np.ndarray]:
 
 def save_pth(state_dict: Mapping, path: str):
   """torch.save of CPU tensors: loads with `torch.load(path, weights_only=True)`."""
-  import torch
+  torch = _import_torch(path)
 
   tensors = {str(k): torch.from_numpy(np.array(_to_numpy(v), copy=True))
              for k, v in state_dict.items()}
@@ -410,17 +447,52 @@ def load_pth(path: str, *, trusted: bool = False):
   iBOT and SOP store as 'args' in full checkpoints. `trusted=True` unpickles anything; use it
   only for files you trust.
   """
-  import torch
-
+  torch = _import_torch(path)
+  if not epath.Path(path).exists():
+    raise FileNotFoundError(f"No file {path}.")
+  source = path if _is_local(path) else io.BytesIO(epath.Path(path).read_bytes())
   try:
     with torch.serialization.safe_globals([argparse.Namespace]):
-      obj = torch.load(path, map_location="cpu", weights_only=not trusted)
+      obj = torch.load(source, map_location="cpu", weights_only=not trusted)
   except pickle.UnpicklingError as e:
-    raise ValueError(
-        f"{path} holds objects other than tensors and plain containers, so it was not "
-        f"unpickled. If you trust the file, load it with trusted=True (CLI --trust_pickle).\n"
-        f"{e}") from e
+    if "unsupported global" in str(e).lower():  # a well-formed file with other objects
+      raise ValueError(
+          f"{path} holds objects other than tensors and plain containers, so it was not "
+          f"unpickled. If you trust the file, load it with trusted=True (CLI --trust_pickle): "
+          f"{_torch_reason(e)}") from e
+    raise ValueError(f"{path} is not a readable PyTorch file (corrupt, truncated or another "
+                     f"format): {_torch_reason(e)}") from e
+  except (RuntimeError, EOFError, OSError) as e:
+    if isinstance(e, FileNotFoundError):
+      raise
+    raise ValueError(f"{path} is not a readable PyTorch file (corrupt, truncated or another "
+                     f"format): {_torch_reason(e)}") from e
   return _tree_to_numpy(obj)
+
+
+TORCH_INSTALL = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+
+
+def _import_torch(path):
+  """torch, or an ImportError that says how to install it (and that .safetensors needs none)."""
+  try:
+    import torch
+  except ImportError:
+    raise ImportError(f"{path} is a PyTorch file: reading or writing it needs PyTorch, which is "
+                      f"not installed; install the CPU build with `{TORCH_INSTALL}`, or use "
+                      ".safetensors files, which do not need it.") from None
+  return torch
+
+
+def _torch_reason(error) -> str:
+  """The informative line of torch.load's long message."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  for i, line in enumerate(lines):
+    if "WeightsUnpickler error" in line and i + 1 < len(lines):
+      return lines[i + 1]
+    if "unsupported global" in line.lower():
+      return line
+  return lines[0].split(". ")[0][:200] if lines else type(error).__name__
 
 
 def _format(path: str, fmt: str | None) -> str:
@@ -442,16 +514,6 @@ def load_weights_file(path: str, *, fmt: str | None = None, trusted: bool = Fals
   return load_pth(path, trusted=trusted)
 
 
-def _latest_step(workdir: str):
-  from sove_jax import checkpoint
-
-  ckpt = checkpoint.Checkpointer(workdir, save_every=1, keep=1, asynchronous=False)
-  try:
-    return ckpt.latest_step()
-  finally:
-    ckpt.close()
-
-
 def export_checkpoint(workdir: str, out_path: str, *, step=None, which: str = "teacher",
                       fmt: str | None = None, mask_token: bool = True) -> dict:
   """Write one backbone of a training checkpoint as DINO-layout weights; returns a summary.
@@ -459,16 +521,12 @@ def export_checkpoint(workdir: str, out_path: str, *, step=None, which: str = "t
   `step=None` takes the latest checkpoint; `fmt` defaults to the extension of `out_path`.
   The .safetensors metadata records the step and the ViT shape, so it can be rebuilt.
   """
-  from sove_jax import checkpoint
   from sove_jax.evaluate import backbone
 
   fmt = _format(out_path, fmt)
-  checkpoint.read_config(workdir)  # fails on a path that is no workdir, before Orbax creates dirs
-  if step is None:
-    step = _latest_step(workdir)
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint under {os.path.join(workdir, 'checkpoints')}")
-  config, model = backbone.load_backbone(workdir, step=step, which=which)
+  loaded = backbone.load_backbone(workdir, step=step, which=which)  # the latest readable one
+  config, model = loaded
+  step = loaded.step
   state_dict = to_torch_state_dict(model, mask_token=mask_token)
   m = config.model
   summary = {"format": "pt", "producer": "sove_jax", "which": which, "step": int(step),
@@ -584,11 +642,17 @@ def main(argv=None):
                   help="entry of a full training checkpoint to load")
   im.add_argument("--trust_pickle", action="store_true",
                   help="unpickle arbitrary objects (only for files you trust)")
+  for command in (ex, im):
+    command.add_argument("--verbose", action="store_true",
+                         help="show the traceback of a failure (by default one line)")
   args = parser.parse_args(argv)
+  from sove_jax import reporting
   try:
     (_export_main if args.command == "export" else _import_main)(args)
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"Error: {e}")
+  except reporting.expected_errors() as e:
+    if args.verbose:
+      traceback.print_exc()
+    sys.exit(f"Error: {reporting.error_line(e)}")
 
 
 if __name__ == "__main__":
