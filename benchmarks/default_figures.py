@@ -5,7 +5,8 @@ seeds, with every evaluation beside the random initialization and the raw pixels
 
 For each seed: `python -m sove_jax.main --config=configs/default.py --config.seed=S` (its wall
 time measured around the whole command: start-up, compilation and the k-NN monitor included),
-then `python -m sove_jax.evaluate.knn --lowshot` and `python -m sove_jax.evaluate.linear`, both
+then `python -m sove_jax.evaluate.knn --lowshot` and `python -m sove_jax.evaluate.linear
+--epochs=30`, both
 with the random-initialization and raw-pixel baselines on the same splits (whole train and
 test splits). Finished stages are skipped, so the script resumes; the table (mean, and the
 spread as min-max over seeds) is printed and written to OUT/figures.md.
@@ -41,7 +42,7 @@ def run_seed(seed, out, config, extra):
           f"--config.seed={seed}", *extra], os.path.join(workdir, "train.log"))
     with open(wall_path, "w") as f:
       json.dump({"train_wall_seconds": time.time() - t0}, f)
-  for name, args in (("knn", ["--lowshot"]), ("linear", [])):
+  for name, args in (("knn", ["--lowshot"]), ("linear", ["--epochs=30"])):
     if not os.path.exists(os.path.join(workdir, f"{name}.json")):
       _run([py, "-m", f"sove_jax.evaluate.{name}", f"--workdir={workdir}", *args, *BASELINES],
            os.path.join(workdir, f"{name}.log"))
