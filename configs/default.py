@@ -11,8 +11,9 @@ Expected (measured on 2 CPU cores, 10.7 min with the k-NN monitor): teacher [CLS
 k = 20 of 73.4% on the whole Fashion-MNIST test split; on the monitor's subsets 68.2%, against
 63.6% for the random initialization and 82.8% for raw pixels (README, "Does it learn?").
 
-Fields are grouped: data (host input pipeline), model (backbone + head), sove (the objective),
-optim (optimizer and schedules), mesh (devices), and run control (logging, checkpoints, eval).
+Fields are grouped: data (input pipeline and views), model (backbone + head), sove (the
+objective), optim (optimizer and schedules), mesh (devices), and run control (logging,
+checkpoints, eval).
 """
 import ml_collections
 
@@ -25,9 +26,19 @@ def get_config():
   c.total_steps = -1          # ...or, when > 0, in steps (overrides num_epochs)
   c.run_steps = -1            # steps this process takes before saving and exiting (-1: to the end)
 
-  # --- data: host-side tf.data pipeline (sove_jax/data) -------------------------------------
+  # --- data: input pipeline (sove_jax/data) and the multi-crop recipe -------------------------
   c.data = d = ml_collections.ConfigDict()
   d.source = "fashion_mnist"  # "fashion_mnist" | "tfds" | "folder"
+  # Where the views are made. "host": the tf.data pipeline crops, colors and normalizes, and
+  # float32 views cross to the device. "device": inside the jitted step (sove_jax/views.py, the
+  # same recipe); the host only decodes each image and fits it into a uint8 canvas of
+  # canvas_size, and an in-memory source (Fashion-MNIST) lives whole in device memory, the host
+  # sending indices. Either way the masks are made on the host.
+  d.augment = "host"
+  d.canvas_size = 0           # device mode, decoded sources: side of the square uint8 canvas
+                              # each image is fitted into (downscaled, aspect kept, if larger;
+                              # paper: 512, which holds ImageNet's 500 px images whole); 0 for
+                              # in-memory sources (their images are their canvases)
   d.name = ""                 # TFDS name for source="tfds", e.g. "imagenet2012"
   d.data_dir = ""             # IDX dir (fashion_mnist; "" = /usr/share/datasets/fashion-mnist),
                               # TFDS data_dir, or the image-folder root (folder/<split>/<class>/*)
