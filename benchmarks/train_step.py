@@ -8,6 +8,9 @@ r"""Train-step benchmark: compiled FLOPs against the analytic count, step time, 
 Each row times `--steps` steps after `--warmup` (compile included in warm-up), the full SOVE step
 and, for comparison, the backbone-only step defined here (same crops, networks, optimizer and
 EMA; no banks or objective). MFU uses the analytic FLOPs and the card's dense bf16 peak.
+Synthetic batches follow the config's data.augment: with "device" (the ImageNet configs) they
+are uint8 canvases and each step cuts its views on the device (sove_jax/views.py), whose FLOPs
+the compiled count includes and the analytic one does not.
 """
 import argparse
 import os
@@ -22,7 +25,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs import default, vitb, vits  # noqa: E402
-from sove_jax import sharding, state as state_lib, train  # noqa: E402
+from sove_jax import sharding, state as state_lib, train, views  # noqa: E402
 from sove_jax.models import network  # noqa: E402
 from sove_jax import step as step_lib  # noqa: E402
 from sove_jax.state import TrainState  # noqa: E402
@@ -73,8 +76,10 @@ def make_backbone_step(config, graphdef, tx, schedules, *, anchor_sharding=None)
   on every token), optimizer and EMA, and a trivial loss (cosine between student and teacher
   [CLS] of the global views) instead of judges and banks: the ceiling of any such SSL step."""
   del anchor_sharding
+  recipe = views.Recipe.from_config(config.data)
 
   def step(state: TrainState, batch):
+    batch = step_lib.device_views(batch, state.key, recipe)  # data.augment = "device"
     new_key, key = jax.random.split(state.key)
     key_drop_global, key_drop_local = jax.random.split(key)
     global_views, local_views = batch["global"], batch.get("local")
@@ -114,9 +119,10 @@ def make_backbone_step(config, graphdef, tx, schedules, *, anchor_sharding=None)
 STEPS = {"full": step_lib.make_train_step, "backbone": make_backbone_step}
 
 
-def synthetic_batch(c, mesh, key):
-  """A random global batch created on the devices (no host transfer in the timed loop)."""
-  shapes = train.batch_shapes(c, mesh)
+def synthetic_batch(shapes: dict, key):
+  """A random global batch of `shapes` (`train.batch_shapes`) created on the devices (no host
+  transfer in the timed loop): views, or uint8 canvases filled whole (sizes: the canvas), or
+  device-resident images and indices into them."""
 
   @jax.jit
   def make(key):
@@ -125,8 +131,15 @@ def synthetic_batch(c, mesh, key):
     for k, (name, sds) in zip(ks, sorted(shapes.items())):
       if sds.dtype == jnp.bool_:
         out[name] = jax.random.bernoulli(k, 0.3, sds.shape)
+      elif name == "size":
+        out[name] = jnp.broadcast_to(jnp.asarray(shapes["canvas"].shape[1:3], jnp.int32),
+                                     sds.shape)
+      elif name == "index":
+        out[name] = jax.random.randint(k, sds.shape, 0, shapes["images"].shape[0])
       elif sds.dtype == jnp.int32:
         out[name] = jnp.zeros(sds.shape, jnp.int32)
+      elif sds.dtype == jnp.uint8:
+        out[name] = jax.random.randint(k, sds.shape, 0, 256).astype(jnp.uint8)
       else:
         out[name] = jax.random.normal(k, sds.shape, jnp.float32)
     return jax.lax.with_sharding_constraint(out, jax.tree.map(lambda s: s.sharding, shapes))
@@ -138,7 +151,7 @@ def bench(c, mode: str, steps: int, warmup: int):
   mesh = sharding.make_mesh(c.mesh)
   setup = train.build(c, mesh, steps_per_epoch=1000, make_step=STEPS[mode])
   st = state_lib.create(c, setup.tx, setup.layout, setup.image_size)
-  batch = synthetic_batch(c, mesh, jax.random.PRNGKey(1))
+  batch = synthetic_batch(setup.batch, jax.random.PRNGKey(1))
   abstract = state_lib.abstract_with_shardings(setup.layout)
   compiled = setup.step.lower(abstract, batch).compile()
   cost = compiled.cost_analysis()
@@ -197,7 +210,8 @@ def main():
 
   kind, peak = peak_tflops()
   print(f"# {jax.device_count()} x {kind}; jax {jax.__version__}; batch {rows[0][1].batch_size}; "
-        f"{rows[0][1].data.num_local} local crops; attention {a.attention}")
+        f"{rows[0][1].data.num_local} local crops; attention {a.attention}; views made on the "
+        f"{rows[0][1].data.augment}")
   print("| step | ms/step | images/s | GFLOP/img compiled | GFLOP/img analytic | ratio | "
         "MFU | temp GiB |")
   print("|---|---|---|---|---|---|---|---|")
