@@ -4,13 +4,17 @@ r"""Train-step benchmark: compiled FLOPs against the analytic count, step time, 
     python benchmarks/train_step.py --gpu           # ViT-S/16 and ViT-B/16, paper multi-crop,
                                                     # batch 128, synthetic on-device batches
     python benchmarks/train_step.py --gpu --attention=cudnn --archs=s
+    python benchmarks/train_step.py --gpu --archs=s --augment=host,device   # the views' cost
 
 Each row times `--steps` steps after `--warmup` (compile included in warm-up), the full SOVE step
 and, for comparison, the backbone-only step defined here (same crops, networks, optimizer and
 EMA; no banks or objective). MFU uses the analytic FLOPs and the card's dense bf16 peak.
-Synthetic batches follow the config's data.augment: with "device" (the ImageNet configs) they
-are uint8 canvases and each step cuts its views on the device (sove_jax/views.py), whose FLOPs
-the compiled count includes and the analytic one does not.
+Synthetic batches follow data.augment (the config's, or each of `--augment`): with "device"
+(the ImageNet configs) they are uint8 canvases filled whole (512 x 512 for ViT-S/16 and
+ViT-B/16) and each step cuts its views on the device (sove_jax/views.py), whose FLOPs the
+compiled count includes and the analytic one does not; with "host" they are the float32 views.
+`--augment=host,device` times both steps side by side, so the rows' ratio is what making the
+views costs the accelerator.
 """
 import argparse
 import os
@@ -190,7 +194,21 @@ def main():
   p.add_argument("--steps", type=int, default=None)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--modes", default="full,backbone")
+  p.add_argument("--augment", default="",
+                 help="comma-separated data.augment values to time (host, device); "
+                      "default: the config's (device for ViT-S/B, host for the default config)")
   a = p.parse_args()
+
+  def variants(c):  # (label suffix, config) for each data.augment asked for
+    augments = a.augment.split(",") if a.augment else [c.data.augment]
+    out = []
+    for augment in augments:
+      v = c.copy_and_resolve_references()
+      v.data.augment = augment
+      if augment == "device" and not v.data.canvas_size and v.data.source != "fashion_mnist":
+        v.data.canvas_size = 512
+      out.append((f", views on the {augment}", v))
+    return out
 
   rows = []
   if a.gpu:
@@ -199,19 +217,20 @@ def main():
       c.batch_size = a.batch
       c.model.attention = a.attention
       for mode in a.modes.split(","):
-        rows.append((f"ViT-{arch.upper()}/16 {mode}", c, mode))
+        for suffix, v in variants(c):
+          rows.append((f"ViT-{arch.upper()}/16 {mode}{suffix}", v, mode))
     steps = a.steps or 20
   else:
     c = default.get_config()
+    width, depth, _ = network.vit_size(c.model)
     for mode in a.modes.split(","):
-      width, depth, _ = network.vit_size(c.model)
-      rows.append((f"default (width {width}, depth {depth}) {mode}", c, mode))
+      for suffix, v in variants(c):
+        rows.append((f"default (width {width}, depth {depth}) {mode}{suffix}", v, mode))
     steps = a.steps or 10
 
   kind, peak = peak_tflops()
   print(f"# {jax.device_count()} x {kind}; jax {jax.__version__}; batch {rows[0][1].batch_size}; "
-        f"{rows[0][1].data.num_local} local crops; attention {a.attention}; views made on the "
-        f"{rows[0][1].data.augment}")
+        f"{rows[0][1].data.num_local} local crops; attention {a.attention}")
   print("| step | ms/step | images/s | GFLOP/img compiled | GFLOP/img analytic | ratio | "
         "MFU | temp GiB |")
   print("|---|---|---|---|---|---|---|---|")
