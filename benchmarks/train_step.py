@@ -4,10 +4,17 @@ r"""Train-step benchmark: compiled FLOPs against the analytic count, step time, 
     python benchmarks/train_step.py --gpu           # ViT-S/16 and ViT-B/16, paper multi-crop,
                                                     # batch 128, synthetic on-device batches
     python benchmarks/train_step.py --gpu --attention=cudnn --archs=s
+    python benchmarks/train_step.py --gpu --archs=s --augment=host,device   # the views' cost
 
 Each row times `--steps` steps after `--warmup` (compile included in warm-up), the full SOVE step
 and, for comparison, the backbone-only step defined here (same crops, networks, optimizer and
 EMA; no banks or objective). MFU uses the analytic FLOPs and the card's dense bf16 peak.
+Synthetic batches follow data.augment (the config's, or each of `--augment`): with "device"
+(the ImageNet configs) they are uint8 canvases filled whole (512 x 512 for ViT-S/16 and
+ViT-B/16) and each step cuts its views on the device (sove_jax/views.py), whose FLOPs the
+compiled count includes and the analytic one does not; with "host" they are the float32 views.
+`--augment=host,device` times both steps side by side, so the rows' ratio is what making the
+views costs the accelerator.
 """
 import argparse
 import os
@@ -22,7 +29,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs import default, vitb, vits  # noqa: E402
-from sove_jax import sharding, state as state_lib, train  # noqa: E402
+from sove_jax import sharding, state as state_lib, train, views  # noqa: E402
 from sove_jax.models import network  # noqa: E402
 from sove_jax import step as step_lib  # noqa: E402
 from sove_jax.state import TrainState  # noqa: E402
@@ -73,8 +80,10 @@ def make_backbone_step(config, graphdef, tx, schedules, *, anchor_sharding=None)
   on every token), optimizer and EMA, and a trivial loss (cosine between student and teacher
   [CLS] of the global views) instead of judges and banks: the ceiling of any such SSL step."""
   del anchor_sharding
+  recipe = views.Recipe.from_config(config.data)
 
   def step(state: TrainState, batch):
+    batch = step_lib.device_views(batch, state.key, recipe)  # data.augment = "device"
     new_key, key = jax.random.split(state.key)
     key_drop_global, key_drop_local = jax.random.split(key)
     global_views, local_views = batch["global"], batch.get("local")
@@ -114,9 +123,10 @@ def make_backbone_step(config, graphdef, tx, schedules, *, anchor_sharding=None)
 STEPS = {"full": step_lib.make_train_step, "backbone": make_backbone_step}
 
 
-def synthetic_batch(c, mesh, key):
-  """A random global batch created on the devices (no host transfer in the timed loop)."""
-  shapes = train.batch_shapes(c, mesh)
+def synthetic_batch(shapes: dict, key):
+  """A random global batch of `shapes` (`train.batch_shapes`) created on the devices (no host
+  transfer in the timed loop): views, or uint8 canvases filled whole (sizes: the canvas), or
+  device-resident images and indices into them."""
 
   @jax.jit
   def make(key):
@@ -125,8 +135,15 @@ def synthetic_batch(c, mesh, key):
     for k, (name, sds) in zip(ks, sorted(shapes.items())):
       if sds.dtype == jnp.bool_:
         out[name] = jax.random.bernoulli(k, 0.3, sds.shape)
+      elif name == "size":
+        out[name] = jnp.broadcast_to(jnp.asarray(shapes["canvas"].shape[1:3], jnp.int32),
+                                     sds.shape)
+      elif name == "index":
+        out[name] = jax.random.randint(k, sds.shape, 0, shapes["images"].shape[0])
       elif sds.dtype == jnp.int32:
         out[name] = jnp.zeros(sds.shape, jnp.int32)
+      elif sds.dtype == jnp.uint8:
+        out[name] = jax.random.randint(k, sds.shape, 0, 256).astype(jnp.uint8)
       else:
         out[name] = jax.random.normal(k, sds.shape, jnp.float32)
     return jax.lax.with_sharding_constraint(out, jax.tree.map(lambda s: s.sharding, shapes))
@@ -138,7 +155,7 @@ def bench(c, mode: str, steps: int, warmup: int):
   mesh = sharding.make_mesh(c.mesh)
   setup = train.build(c, mesh, steps_per_epoch=1000, make_step=STEPS[mode])
   st = state_lib.create(c, setup.tx, setup.layout, setup.image_size)
-  batch = synthetic_batch(c, mesh, jax.random.PRNGKey(1))
+  batch = synthetic_batch(setup.batch, jax.random.PRNGKey(1))
   abstract = state_lib.abstract_with_shardings(setup.layout)
   compiled = setup.step.lower(abstract, batch).compile()
   cost = compiled.cost_analysis()
@@ -178,7 +195,21 @@ def main():
   p.add_argument("--steps", type=int, default=None)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--modes", default="full,backbone")
+  p.add_argument("--augment", default="",
+                 help="comma-separated data.augment values to time (host, device); "
+                      "default: the config's (device for ViT-S/B, host for the default config)")
   a = p.parse_args()
+
+  def variants(c):  # (label suffix, config) for each data.augment asked for
+    augments = a.augment.split(",") if a.augment else [c.data.augment]
+    out = []
+    for augment in augments:
+      v = c.copy_and_resolve_references()
+      v.data.augment = augment
+      if augment == "device" and not v.data.canvas_size and v.data.source != "fashion_mnist":
+        v.data.canvas_size = 512
+      out.append((f", views on the {augment}", v))
+    return out
 
   rows = []
   if a.gpu:
@@ -187,13 +218,15 @@ def main():
       c.batch_size = a.batch
       c.model.attention = a.attention
       for mode in a.modes.split(","):
-        rows.append((f"ViT-{arch.upper()}/16 {mode}", c, mode))
+        for suffix, v in variants(c):
+          rows.append((f"ViT-{arch.upper()}/16 {mode}{suffix}", v, mode))
     steps = a.steps or 20
   else:
     c = default.get_config()
+    width, depth, _ = network.vit_size(c.model)
     for mode in a.modes.split(","):
-      width, depth, _ = network.vit_size(c.model)
-      rows.append((f"default (width {width}, depth {depth}) {mode}", c, mode))
+      for suffix, v in variants(c):
+        rows.append((f"default (width {width}, depth {depth}) {mode}{suffix}", v, mode))
     steps = a.steps or 10
 
   kind, peak = peak_tflops()

@@ -13,7 +13,7 @@ taken:
 
 Expected: EXPECTED
 
-Fields are grouped: the method, data (host input pipeline), model (backbone + head), sove (the
+Fields are grouped: the method, data (input pipeline and views), model (backbone + head), sove (the
 objective), baseline (DINO's and iBOT's objective), optim (optimizer and schedules), mesh
 (devices), and run control (logging, checkpoints, eval).
 
@@ -39,9 +39,23 @@ def get_config():
   # "ibot" (Zhou et al., 2022: DINO's [CLS] loss + the masked-patch loss, one shared head).
   c.method = "sove"
 
-  # --- data: host-side tf.data pipeline (sove_jax/data) -------------------------------------
+  # --- data: input pipeline (sove_jax/data) and the multi-crop recipe -------------------------
   c.data = d = ml_collections.ConfigDict()
   d.source = "fashion_mnist"  # "fashion_mnist" | "tfds" | "folder"
+  # Where the views are made. "host": the tf.data pipeline crops, colors and normalizes, and
+  # float32 views cross to the device. "device": inside the jitted step (sove_jax/views.py, the
+  # same recipe); the host only decodes each image and fits it into a uint8 canvas of
+  # canvas_size, and an in-memory source (Fashion-MNIST) lives whole in device memory, the host
+  # sending indices. Either way the masks are made on the host. This config keeps "host", by
+  # measurement (benchmarks/augment_modes.py, both modes' training loops alternating on this
+  # 2-core CPU, where the same cores make the views either way): "device" cost 5% more CPU per
+  # step (1742 vs 1653 ms, median of 3 rounds); the wall clock, swamped by other load, could
+  # not separate them (best rounds 11.3 vs 12.0 s). The ImageNet configs use "device".
+  d.augment = "host"
+  d.canvas_size = 0           # device mode, decoded sources: side of the square uint8 canvas
+                              # each image is fitted into (downscaled, aspect kept, if larger;
+                              # paper: 512, which holds ImageNet's 500 px images whole); 0 for
+                              # in-memory sources (their images are their canvases)
   d.name = ""                 # TFDS name for source="tfds", e.g. "imagenet2012"
   d.data_dir = ""             # IDX dir (fashion_mnist; "" = /usr/share/datasets/fashion-mnist),
                               # TFDS data_dir, or the image-folder root (folder/<split>/<class>/*)

@@ -23,6 +23,9 @@ def imagenet(c):
   d.blur_prob, d.solarize_prob = (1.0, 0.1, 0.5), (0.0, 0.2, 0.0)
   d.eval_resize, d.eval_crop = 256, 224
   d.mask_type, d.mask_ratio = "block", 0.3
+  # Views cut on the accelerator: the host decodes and sends 512 x 512 uint8 canvases (ImageNet's
+  # images, mostly <= 500 px a side, whole; larger ones downscaled to fit).
+  d.augment, d.canvas_size = "device", 512
   m = c.model
   m.width = m.depth = m.num_heads = 0  # the size is model.variant's
   m.patch_size, m.drop_path, m.head_hidden, m.head_out = 16, 0.1, 2048, 256

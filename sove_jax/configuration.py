@@ -18,6 +18,8 @@ VARIANTS = ("ti", "s", "b", "l")  # sove_jax.models.vit.VARIANTS' names
 SWIN_VARIANTS = ("t", "s", "b")  # sove_jax.models.swin.SWIN_VARIANTS' names
 DTYPES = ("bfloat16", "float32", "float16")
 SOURCES = ("fashion_mnist", "tfds", "folder")
+IN_MEMORY_SOURCES = ("fashion_mnist",)  # decoded arrays in memory; the others are encoded files
+AUGMENTS = ("host", "device")
 # sove_jax.data.masking.MASK_TYPES and EXACT_MIN_PATCHES, spelled out: config checks run before
 # (and without) TensorFlow.
 MASK_TYPES = ("block", "block_exact", "random")
@@ -78,6 +80,20 @@ def validate_data(d, *, patch_size: int, global_batch_size: int, process_count: 
            "data.source='tfds' needs data.name, the TFDS dataset name (e.g. 'imagenet2012').")
   _require(d.source != "folder" or d.data_dir,
            "data.source='folder' needs data.data_dir, the folder holding <split>/<class>/ images.")
+  _one_of(d.augment, AUGMENTS, "data.augment")
+  _require(d.canvas_size >= 0, f"data.canvas_size={d.canvas_size} must be >= 0.")
+  if d.augment == "device":
+    if d.source in IN_MEMORY_SOURCES:
+      _require(d.canvas_size == 0,
+               f"data.canvas_size={d.canvas_size} must be 0 for data.source={d.source!r}: "
+               "in-memory images live on the device as they are, each its own canvas.")
+    else:
+      _require(d.canvas_size > 0,
+               f"data.augment='device' with data.source={d.source!r} needs data.canvas_size > 0, "
+               "the side of the square canvas each decoded image is fitted into (e.g. 512).")
+      _require(d.canvas_size >= d.global_size,
+               f"data.canvas_size={d.canvas_size} must be >= data.global_size={d.global_size}: "
+               "a smaller canvas would upsample every global view.")
   b = global_batch_size
   _require(b > 0 and process_count > 0 and b % process_count == 0,
            f"batch_size={b} must be a positive multiple of the {process_count} processes.")

@@ -1,9 +1,10 @@
 """The pure train step: views -> networks -> objective -> gradients -> update -> EMA -> memory.
 
 `make_train_step` returns `step(state, batch) -> (state, metrics)`, a pure function of arrays;
-all randomness comes from the state's key. The trainer jits it over the mesh with the state
-donated. A non-finite loss leaves the state as it was (and says so in the metrics), so the
-host can stop the run without a poisoned state ever reaching a checkpoint.
+all randomness comes from the state's key. With data.augment = "device" the batch holds uint8
+images and the step cuts the views first (`device_views`). The trainer jits it over the mesh
+with the state donated. A non-finite loss leaves the state as it was (and says so in the
+metrics), so the host can stop the run without a poisoned state ever reaching a checkpoint.
 
 `config.method` picks the objective when the step is built; the rest is shared. SOVE
 (docs/method.md): the paper's eq. 2 ([CLS]) and eq. 4 (patches) against judges drawn from the
@@ -23,13 +24,40 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from sove_jax import memory, objective, optim, prototypes
+from sove_jax import memory, objective, optim, prototypes, views
 from sove_jax.models import network
 
 # Metrics that are schedule values at the step, not measurements (the trainer logs their last
 # value, and the mean of the others, over a logging window).
 SCHEDULE_METRICS = ("learning_rate", "weight_decay", "ema_momentum", "teacher_temp",
                     "teacher_patch_temp")
+
+
+# The views' key is fold_in(state key, VIEWS_STREAM); the step's other keys come from
+# split(state key) (fold_in(k, i) equals split(k, n)[i] for i < n: this constant is out of reach).
+VIEWS_STREAM = 0x76696577
+
+
+def device_views(batch: dict, state_key, recipe: views.Recipe) -> dict:
+  """data.augment = "device": the batch with its views cut on the device from uint8 images.
+
+  `batch` holds "canvas" uint8 [B, C, C, ch] and "size" int32 [B, 2] (decoded images fitted
+  into canvases), or "index" int32 [B] into "images" uint8 [N, H, W, ch] (an in-memory source
+  living on the device); the views "global" and "local" (`views.make`) replace them. Their key
+  comes from the state's key, as every random draw of the step: a resumed run cuts the same
+  views. A batch of views made on the host passes through.
+  """
+  if "global" in batch:
+    return batch
+  batch = dict(batch)
+  if "index" in batch:
+    images = batch.pop("images")
+    canvases = jnp.take(images, batch.pop("index"), axis=0)
+    sizes = jnp.broadcast_to(jnp.asarray(images.shape[1:3], jnp.int32), (canvases.shape[0], 2))
+  else:
+    canvases, sizes = batch.pop("canvas"), batch.pop("size")
+  made = views.make(canvases, sizes, jax.random.fold_in(state_key, VIEWS_STREAM), recipe)
+  return {**batch, **made}
 
 
 def _kept_anchors(num_anchors: int, keep: float) -> int:
@@ -217,8 +245,10 @@ def make_train_step(config, graphdef, tx, schedules: optim.Schedules, *, anchor_
     method = SoveParts(config, schedules, anchor_sharding)
   else:
     method = PrototypeParts(config, schedules)
+  recipe = views.Recipe.from_config(config.data)
 
   def step(state, batch):
+    batch = device_views(batch, state.key, recipe)  # data.augment = "device"; else as it is
     new_key, key = jax.random.split(state.key)
     key_drop_global, key_drop_local, key_cls, key_patch, key_enqueue = jax.random.split(key, 5)
     step_number = state.step

@@ -33,20 +33,43 @@ def total_steps(config, steps_per_epoch: int) -> int:
   return max(1, int(round(config.num_epochs * steps_per_epoch)))
 
 
-def batch_shapes(config, mesh):
-  """Abstract global batch (ShapeDtypeStructs with the batch sharding), for AOT compilation."""
+def batch_shapes(config, mesh, resident: dict | None = None):
+  """Abstract global batch (ShapeDtypeStructs with the batch sharding), for AOT compilation.
+
+  By data.augment: "host", the views; "device", uint8 canvases and their sizes, or, from an
+  in-memory source, indices into its images on the device: `resident` (arrays or shapes, from
+  `pipeline.device_resident`; by default `resident_shapes`), passed whole to every step,
+  replicated.
+  """
   d, b = config.data, config.batch_size
-  g, l = d.global_size, d.local_size
+  g, l, c = d.global_size, d.local_size, d.canvas_size
   tokens = network.token_grid(config.model, g) ** 2  # masks: the backbone's final token grid
-  sh = sharding.batch_sharding(mesh)
-  spec = {
-      "global": ((b, 2, g, g, 3), jnp.float32),
-      "mask": ((b, 2, tokens), jnp.bool_),
-      "label": ((b,), jnp.int32),
-  }
-  if d.num_local:
-    spec["local"] = ((b, d.num_local, l, l, 3), jnp.float32)
-  return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh) for k, (shape, dt) in spec.items()}
+  spec = {"mask": ((b, 2, tokens), jnp.bool_), "label": ((b,), jnp.int32)}
+  if d.augment == "host":
+    spec["global"] = ((b, 2, g, g, 3), jnp.float32)
+    if d.num_local:
+      spec["local"] = ((b, d.num_local, l, l, 3), jnp.float32)
+  elif d.source in configuration.IN_MEMORY_SOURCES:
+    resident = resident or resident_shapes(config)
+    spec["index"] = ((b,), jnp.int32)
+  else:
+    spec["canvas"] = ((b, c, c, 3), jnp.uint8)
+    spec["size"] = ((b, 2), jnp.int32)
+  sh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  out = {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh) for k, (shape, dt) in spec.items()}
+  for k, v in (resident or {}).items():
+    out[k] = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rep)
+  return out
+
+
+def resident_shapes(config) -> dict:
+  """`pipeline.device_resident`'s shapes without placing anything: the train split is read."""
+  d = config.data
+  if d.augment != "device" or d.source not in configuration.IN_MEMORY_SOURCES:
+    return {}
+  from sove_jax.data import sources  # TensorFlow enters the process here, host side only
+  images = sources.open_source(d, d.train_split).images
+  return {"images": jax.ShapeDtypeStruct(images.shape, images.dtype)}
 
 
 class Setup(NamedTuple):
@@ -57,11 +80,14 @@ class Setup(NamedTuple):
   step: Any                 # the jitted step(state, batch) -> (state, metrics), state donated
   total_steps: int
   image_size: int
+  batch: dict               # the abstract global batch (`batch_shapes`)
 
 
-def build(config, mesh, steps_per_epoch: int, *, make_step=step_lib.make_train_step) -> Setup:
+def build(config, mesh, steps_per_epoch: int, *, make_step=step_lib.make_train_step,
+          resident: dict | None = None) -> Setup:
   """The optimizer, schedules, state layout and the jitted step. `make_step` builds the step
-  function (benchmarks pass other steps through the same shardings)."""
+  function (benchmarks pass other steps through the same shardings); `resident`: see
+  `batch_shapes`."""
   num_steps = total_steps(config, steps_per_epoch)
   schedules = optim.make_schedules(config, steps_per_epoch, num_steps)
   tx = optim.make_optimizer(config, schedules)
@@ -69,11 +95,12 @@ def build(config, mesh, steps_per_epoch: int, *, make_step=step_lib.make_train_s
   layout = state_lib.layout(config, tx, mesh, image_size)
   step_fn = make_step(config, layout.graphdef, tx, schedules,
                       anchor_sharding=sharding.batch_sharding(mesh))
-  batch_shardings = jax.tree.map(lambda x: x.sharding, batch_shapes(config, mesh))
+  batch = batch_shapes(config, mesh, resident)
+  batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
   jitted = jax.jit(step_fn, in_shardings=(layout.shardings, batch_shardings),
                    out_shardings=(layout.shardings, sharding.replicated(mesh)), donate_argnums=0)
   return Setup(tx=tx, schedules=schedules, layout=layout, step=jitted, total_steps=num_steps,
-               image_size=image_size)
+               image_size=image_size, batch=batch)
 
 
 def validated_mesh(config):
@@ -89,7 +116,7 @@ def compile_only(config, steps_per_epoch: int = 1000):
   setup = build(config, mesh, steps_per_epoch)
   abstract = state_lib.abstract_with_shardings(setup.layout)
   t0 = time.time()
-  compiled = setup.step.lower(abstract, batch_shapes(config, mesh)).compile()
+  compiled = setup.step.lower(abstract, setup.batch).compile()
   mem = compiled.memory_analysis()
   n_params = sum(x.size for x in jax.tree.leaves(setup.layout.abstract.student))
   lines = [f"compiled the train step in {time.time() - t0:.1f} s on "
@@ -266,7 +293,9 @@ def train_and_evaluate(config, workdir: str, *, restore_step: int | None = None,
   train_in = pipeline.train_input(config.data, patch_size=config.model.patch_size,
                                   global_batch_size=config.batch_size, seed=config.seed,
                                   token_stride=network.token_stride(config.model))
-  setup = build(config, mesh, train_in.steps_per_epoch)
+  # Device mode from an in-memory source: its images, placed once, join every batch.
+  resident = pipeline.device_resident(train_in, sharding.replicated(mesh))
+  setup = build(config, mesh, train_in.steps_per_epoch, resident=resident)
   num_steps = setup.total_steps
   configuration.validate_schedule(config, steps_per_epoch=train_in.steps_per_epoch,
                                   total_steps=num_steps)
@@ -334,7 +363,7 @@ def train_and_evaluate(config, workdir: str, *, restore_step: int | None = None,
   last, pending = {}, None
   try:
     for step in range(start + 1, stop_at + 1):
-      batch = pipeline.to_global(next(train_in), batch_sharding)
+      batch = pipeline.to_global(next(train_in), batch_sharding) | resident
       state, metrics = train_step(state, batch)
       # The previous step's metrics are read only now, so the host never stalls the device.
       if pending is not None:
@@ -391,7 +420,7 @@ def _compiled_everywhere(setup: Setup, config, mesh):
   gloo collectives wait only 30 s for a late one, less than compilation can differ)."""
   t0 = time.time()
   compiled = setup.step.lower(state_lib.abstract_with_shardings(setup.layout),
-                              batch_shapes(config, mesh)).compile()
+                              setup.batch).compile()
   reporting.say(f"compiled the train step in {time.time() - t0:.1f} s")
   if jax.process_count() > 1:
     from orbax.checkpoint import multihost

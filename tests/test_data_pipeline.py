@@ -6,6 +6,7 @@ import os
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from configs import default
 from sove_jax import configuration
@@ -190,6 +191,14 @@ def test_a_folder_with_a_corrupt_image_trains_on_the_rest_and_reports_it(tmp_pat
     (dict(mask_type="block_exact", mask_ratio=0.1), 4, 8, 1, "Exact block masks need >= 4"),
     (dict(mask_min_patches=17), 4, 8, 1, "mask_min_patches=17 must be in"),
     (dict(source="tfds", name=""), 4, 8, 1, "data.name"),
+    (dict(augment="gpu"), 4, 8, 1, "data.augment='gpu' is not one of 'host', 'device'"),
+    (dict(canvas_size=-1), 4, 8, 1, "data.canvas_size=-1 must be >= 0"),
+    (dict(augment="device", source="folder", data_dir="x"), 4, 8, 1,
+     "data.augment='device' with data.source='folder' needs data.canvas_size > 0"),
+    (dict(augment="device", source="folder", data_dir="x", canvas_size=12), 4, 8, 1,
+     "data.canvas_size=12 must be >= data.global_size=16"),
+    (dict(augment="device", canvas_size=28), 4, 8, 1,
+     "data.canvas_size=28 must be 0 for data.source='fashion_mnist'"),
 ])
 def test_data_checks_reject_bad_configs(overrides, patch, batch, count, message):
   """The data block's checks live in sove_jax.configuration; the pipeline runs them too."""
@@ -213,3 +222,95 @@ def test_to_global_shards_the_batch_axis_over_devices():
     assert out[k].shape == v.shape and out[k].sharding == sharding
     np.testing.assert_array_equal(np.asarray(out[k]), v)
   assert len(out["global"].addressable_shards) == jax.device_count() == 8
+
+
+# --- device mode: the host decodes and fits each image into a canvas ------------------------------
+
+def _smooth_photo(rng, h, w):
+  """Ramps and low-frequency waves: resampling by different filters agrees within a few levels."""
+  y, x = np.mgrid[0:h, 0:w] / max(h, w)
+  waves = [np.sin(2 * np.pi * (rng.uniform(0.5, 2) * y + rng.uniform(0.5, 2) * x + c))
+           for c in rng.uniform(0, 1, 3)]
+  return np.clip(128 + 100 * np.stack(waves, -1), 0, 255).astype(np.uint8)
+
+
+def test_the_dct_downscale_picks_the_largest_ratio_that_keeps_the_fitted_size():
+  """(ratio, fitted height, fitted width) of images in a 512 canvas, worked by hand, and what
+  the decoder gives at that ratio: ceil(side / ratio) pixels, never fewer than the fitted size."""
+  table = {(375, 500): (1, 375, 500),      # ImageNet's usual size: whole, no resize
+           (512, 512): (1, 512, 512),
+           (1000, 750): (1, 512, 384),     # /2 would give 500 < 512 rows: decoded whole
+           (1100, 800): (2, 512, 372),     # /2 gives 550 x 400, resized to 512 x 372
+           (1024, 1024): (2, 512, 512),    # exactly 2x: the decoder alone
+           (1536, 2048): (4, 384, 512),
+           (5000, 300): (8, 512, 31),      # /8 gives 625 x 38
+           (40000, 40): (8, 512, 1)}       # at most 8; a side never below 1
+  for (h, w), want in table.items():
+    assert tuple(int(v) for v in pipeline.fit_plan(h, w, 512)) == want, (h, w)
+  rng = np.random.default_rng(0)
+  for h, w in [(1000, 750), (1100, 800), (1536, 2048)]:
+    ratio, fit_h, fit_w = table[(h, w)]
+    jpeg = tf.io.encode_jpeg(_smooth_photo(rng, h, w), quality=90)
+    out = pipeline.decode_for_canvas({"bytes": jpeg, "label": 3}, 512)
+    assert out["image"].shape == (-(-h // ratio), -(-w // ratio), 3), (h, w)
+    assert out["image"].shape[0] >= fit_h and out["image"].shape[1] >= fit_w
+    assert out["size"].numpy().tolist() == [fit_h, fit_w] and out["label"] == 3
+  png = tf.io.encode_png(_smooth_photo(rng, 600, 200))  # not a JPEG: decoded whole
+  out = pipeline.decode_for_canvas({"bytes": png}, 512)
+  assert out["image"].shape == (600, 200, 3) and out["size"].numpy().tolist() == [512, 171]
+
+
+def test_device_mode_fits_each_image_into_its_canvas_and_keeps_its_true_size(tmp_path):
+  """Canvas 64: images that fit are sent as decoded; larger ones are downscaled (aspect kept,
+  the decoder's /2 where it can) to what a resize of the whole image gives; zeros elsewhere."""
+  rng = np.random.default_rng(2)
+  shapes = [(40, 30), (64, 64), (70, 50), (130, 90), (20, 150), (33, 47)]
+  fitted = [(40, 30), (64, 64), (64, 46), (64, 44), (9, 64), (33, 47)]
+  photos = [_smooth_photo(rng, h, w) for h, w in shapes]
+  for i, photo in enumerate(photos):  # label i is image i; one PNG among the JPEGs
+    sources.write_image_folder(str(tmp_path), "train", [photo], [i],
+                               image_format="png" if i == 5 else "jpeg", quality=95)
+  src = sources.image_folder(str(tmp_path), "train")
+  d = _config(source="folder", data_dir=str(tmp_path), augment="device", canvas_size=64)
+  train = _train(src, d, batch=6)
+  assert train.stages() == ["read", "decode", "fit", "mask"]
+  b = next(train)
+  assert set(b) == {"canvas", "size", "mask", "label"}
+  assert b["canvas"].shape == (6, 64, 64, 3) and b["canvas"].dtype == np.uint8
+  assert b["size"].dtype == np.int32 and b["mask"].shape == (6, 2, 16)
+  assert sorted(b["label"]) == list(range(6))
+  for canvas, size, label in zip(b["canvas"], b["size"], b["label"]):
+    h, w = fitted[label]
+    assert size.tolist() == [h, w], label
+    assert not canvas[h:].any() and not canvas[:, w:].any()
+    decoded = tf.io.decode_image(tf.io.read_file(src.paths[label]), channels=3).numpy()
+    if (h, w) == shapes[label]:  # fits: the decoded image itself
+      np.testing.assert_array_equal(canvas[:h, :w], decoded)
+    else:
+      want = tf.image.resize(decoded, (h, w), method="area").numpy()  # whole image, area
+      if int(pipeline.fit_plan(*shapes[label], 64)[0]) == 1:  # no DCT downscale: exactly it
+        np.testing.assert_array_equal(canvas[:h, :w], np.round(want).astype(np.uint8))
+      assert np.abs(canvas[:h, :w] - want).mean() < 2.0, label
+      aa = tf.image.resize(decoded, (h, w), method="bilinear", antialias=True).numpy()
+      assert np.abs(canvas[:h, :w] - aa).mean() < 2.0, label
+
+
+def test_device_mode_from_memory_sends_indices_the_device_gathers_from_resident_images():
+  """An in-memory source sends only indices, labels and masks (the same examples and masks as
+  the host mode); its images are placed on the devices once, whole on each."""
+  src = _arrays()
+  device, host = _train(src, _config(augment="device")), _train(src)
+  assert device.stages() == ["read", "mask"] and device.resident and not host.resident
+  for _ in range(2):
+    b, h = next(device), next(host)
+    assert set(b) == {"index", "mask", "label"} and b["index"].dtype == np.int32
+    np.testing.assert_array_equal(b["label"], h["label"])  # label = index in _arrays
+    np.testing.assert_array_equal(b["index"], h["label"])
+    np.testing.assert_array_equal(b["mask"], h["mask"])
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  replicated = jax.NamedSharding(mesh, jax.P())
+  images = pipeline.device_resident(device, replicated)["images"]
+  assert images.sharding == replicated and len(images.addressable_shards) == 8
+  for shard in images.addressable_shards:
+    np.testing.assert_array_equal(np.asarray(shard.data), src.images)
+  assert pipeline.device_resident(host, replicated) == {}

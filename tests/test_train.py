@@ -20,6 +20,7 @@ import pytest
 from configs import smoke
 from sove_jax import checkpoint, configuration, optim, sharding, state as state_lib, train
 from sove_jax import step as step_lib
+from sove_jax import views
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _STEP_LINE = re.compile(r"\bstep +\d+/\d+ \| loss")  # the console's progress line
@@ -207,6 +208,70 @@ def test_resume_in_new_process_is_bitwise_exact(tmp_path):
   assert data_a == data_b
 
 
+def test_device_augmentation_trains_and_resumes_bitwise_exact(tmp_path):
+  """data.augment = "device": Fashion-MNIST lives on the devices, the step cuts the views from
+  the state's key; a run split in two processes ends in the straight run's state."""
+  device = "--config.data.augment=device"
+  straight, split = tmp_path / "straight", tmp_path / "split"
+  code, out = _run(straight, device)
+  assert code == 0, out
+  assert "step 4/4" in out
+  code, out = _run(split, device, "--config.run_steps=2")
+  assert code == 0, out
+  code, out = _run(split, device)
+  assert code == 0, out
+  assert "resumed from step 2" in out
+  a, data_a = _restore(straight, 4)
+  b, data_b = _restore(split, 4)
+  _assert_trees_equal(a, b)
+  assert data_a == data_b == {"epoch": 0, "position": 64, "process_count": 1}
+
+
+def test_device_mode_step_cuts_the_views_views_make_cuts_from_the_state_key():
+  """The device-mode step on Fashion-MNIST indices is the host-mode step on the views that
+  `views.make` cuts from the same images with the key folded off the state's; other views, other
+  results. (The same setups as the resume tests' and the sharded step test's: their compiled
+  steps are reused from the session's compilation cache.)"""
+  from sove_jax.data import sources
+  config = smoke.get_config()
+  mesh = sharding.make_mesh(config.mesh)
+  images = sources.fashion_mnist("train").images
+  resident = {"images": jax.device_put(images, sharding.replicated(mesh))}
+  config.data.augment = "device"
+  on_device = train.build(config, mesh, steps_per_epoch=60000 // 16, resident=resident)
+  config.data.augment = "host"
+  on_host = train.build(config, mesh, steps_per_epoch=10)
+  assert set(on_device.batch) == {"images", "index", "mask", "label"}
+  assert set(on_host.batch) == {"global", "local", "mask", "label"}
+  state = lambda: state_lib.create(config, on_host.tx, on_host.layout, on_host.image_size)
+  key = jax.device_get(state().key)
+  rng = np.random.default_rng(0)
+  index = rng.choice(len(images), 16, replace=False).astype(np.int32)
+  common = {"mask": rng.random((16, 2, 16)) < 0.3, "label": np.zeros(16, np.int32)}
+  batch_sh = sharding.batch_sharding(mesh)
+  put = lambda batch: jax.device_put(batch, batch_sh)
+  recipe = views.Recipe.from_config(config.data)
+  sizes = np.full((16, 2), 28, np.int32)
+  make = jax.jit(views.make, static_argnums=3)
+  made = lambda stream: make(images[index], sizes, jax.random.fold_in(key, stream), recipe)
+  _, got = on_device.step(state(), put({**common, "index": index}) | resident)
+  _, want = on_host.step(state(), put({**common, **made(step_lib.VIEWS_STREAM)}))
+  _, other = on_host.step(state(), put({**common, **made(step_lib.VIEWS_STREAM + 1)}))
+  got, want, other = jax.device_get((got, want, other))
+  for name in ("loss", "cls_loss", "patch_loss", "grad_norm"):
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, err_msg=name)
+    assert abs(other[name] - want[name]) > 1e-3 * abs(want[name]), name
+  # Canvases and sizes (decoded sources) take the same path through views.make.
+  canvases = np.zeros((16, 32, 32, 1), np.uint8)
+  canvases[:, :28, :28] = images[index]
+  cut = jax.jit(step_lib.device_views, static_argnums=2)(
+      {"canvas": canvases, "size": sizes, **common}, key, recipe)
+  want_views = made(step_lib.VIEWS_STREAM)
+  assert set(cut) == {"global", "local", "mask", "label"}
+  for name in ("global", "local"):
+    np.testing.assert_allclose(np.asarray(cut[name]), np.asarray(want_views[name]), atol=1e-5)
+
+
 def test_sigterm_saves_at_step_boundary_and_exits_zero(tmp_path):
   proc = _main(tmp_path, "--config.total_steps=100000", "--config.checkpoint_every=100000")
   lines = []
@@ -249,7 +314,8 @@ def test_sigkill_during_async_save_restarts_from_last_complete(tmp_path):
 
 
 def test_main_end_to_end_on_image_folder(tmp_path):
-  """A tiny JPEG/PNG folder dataset: train, checkpoint, metrics and TensorBoard files."""
+  """A tiny JPEG/PNG folder dataset, its views cut on the device from 32 x 32 canvases (the
+  40 x 36 images downscaled to fit): train, checkpoint, metrics and TensorBoard files."""
   tf = pytest.importorskip("tensorflow")
   rng = np.random.default_rng(0)
   for split in ("train", "test"):
@@ -263,7 +329,8 @@ def test_main_end_to_end_on_image_folder(tmp_path):
   (tmp_path / "data" / "train" / "cat" / "broken.jpg").write_bytes(b"not an image")
   work = tmp_path / "work"
   code, out = _run(work, "--config.data.source=folder",
-                   f"--config.data.data_dir={tmp_path / 'data'}", "--config.total_steps=3",
+                   f"--config.data.data_dir={tmp_path / 'data'}", "--config.data.augment=device",
+                   "--config.data.canvas_size=32", "--config.total_steps=3",
                    "--config.checkpoint_every=2", "--config.knn_every=3",
                    "--config.knn_train_examples=-1", "--config.knn_eval_examples=-1",
                    "--config.profile=True")

@@ -8,9 +8,14 @@ stateless function of (seed, process, epoch, position in the epoch), so the stre
 nothing else, and the iterator state is just (epoch, position): a restored run rebuilds the epoch
 and skips `position` indices (or undecoded records) instead of replaying batches.
 
-Per host: read -> decode -> crop + flip (per example when images differ in size; per batch from
-memory) -> batch (drop_remainder) -> color/gray/blur/solarize + normalize (per batch) -> masks
--> prefetch.
+Per host, data.augment = "host": read -> decode -> crop + flip (per example when images differ
+in size; per batch from memory) -> batch (drop_remainder) -> color/gray/blur/solarize +
+normalize (per batch) -> masks -> prefetch.
+data.augment = "device" (the views are cut inside the jitted step, sove_jax/views.py): read ->
+decode, downscaled in the DCT domain when the image is 2x or more the canvas -> fit into the
+uint8 canvas (finish the downscale, pad; the fitted size recorded) -> batch -> masks ->
+prefetch. An in-memory source lives whole on the device (`device_resident`): its pipeline is
+read (indices and labels) -> masks.
 An example that fails to decode is dropped; the gap it leaves in the positions is how it is
 counted and named in the log.
 """
@@ -28,7 +33,7 @@ from sove_jax.data import augment, masking, sources
 log = logging.getLogger(__name__)
 
 AUTOTUNE = tf.data.AUTOTUNE
-STAGES = ("read", "decode", "crop", "color", "mask")  # a pipeline can be cut after any (benchmark)
+STAGES = ("read", "decode", "fit", "crop", "color", "mask")  # a pipeline can be cut after any
 _CROP, _COLOR, _MASK = 1, 2, 3    # which stage a random draw belongs to...
 _GLOBAL, _LOCAL, _FLIP = 1, 2, 3    # ...and which views or what within it
 
@@ -59,8 +64,9 @@ def _decode(example):
   return {**example, "image": image}
 
 
-def _tables(source) -> dict:
-  """The arrays an indexed source is read from, as TF variables made once per input.
+def _tables(source, images: bool = True) -> dict:
+  """The arrays an indexed source is read from, as TF variables made once per input (in-memory
+  images only with `images`: in device mode they live on the device).
 
   Captured arrays would be serialized into every epoch's dataset graph (47 MB of Fashion-MNIST,
   ~80 MB of ImageNet file names); a variable is captured by handle. (A numpy lookup through
@@ -68,8 +74,10 @@ def _tables(source) -> dict:
   dropped deadlocks on the GIL.)
   """
   if isinstance(source, sources.ArraySource):
-    return {"image": tf.Variable(source.images, trainable=False),
-            "label": tf.Variable(source.labels, trainable=False)}
+    tables = {"label": tf.Variable(source.labels, trainable=False)}
+    if images:
+      tables["image"] = tf.Variable(source.images, trainable=False)
+    return tables
   if isinstance(source, sources.FileSource):
     return {"path": tf.Variable(source.paths, trainable=False, dtype=tf.string),
             "label": tf.Variable(source.labels, trainable=False)}
@@ -95,15 +103,93 @@ def host_order(num_examples: int, seed: int, epoch: int, process_index: int,
   return perm[process_index::process_count][: num_examples // process_count]
 
 
+# --- device mode: decode and fit into a canvas ---------------------------------------------------
+
+JPEG_RATIOS = (1, 2, 4, 8)  # tf.io.decode_jpeg's `ratio` (a static attribute: one branch each)
+
+
+def fit_plan(height, width, canvas: int):
+  """How an image of height x width goes into a canvas x canvas square: (ratio, height, width).
+
+  The fitted size is the image's own if it fits, else the image downscaled, aspect kept, until
+  its longer side is `canvas` (sides rounded, >= 1). `ratio` is 1 for an image that fits, else
+  the largest JPEG DCT-domain downscale (1, 2, 4 or 8; libjpeg decodes ceil(side / ratio)
+  pixels) that still yields at least the fitted size on both sides: the decoder does the bulk
+  of a large image's downscaling at a fraction of the cost of decoding it whole, and a resize
+  finishes it (by less than 2x).
+  """
+  height, width = tf.cast(height, tf.int32), tf.cast(width, tf.int32)
+  longest = tf.maximum(height, width)
+
+  def fitted(side):
+    return tf.where(longest <= canvas, side,
+                    tf.maximum(1, (side * canvas + longest // 2) // longest))
+  fit_height, fit_width = fitted(height), fitted(width)
+  ratio = tf.constant(1, tf.int32)
+  for r in JPEG_RATIOS[1:]:  # ascending: the last that fits is the largest
+    fits = ((height + r - 1) // r >= fit_height) & ((width + r - 1) // r >= fit_width)
+    ratio = tf.where(fits & (longest > canvas), r, ratio)
+  return ratio, fit_height, fit_width
+
+
+def decode_for_canvas(example, canvas: int):
+  """Encoded bytes -> "image" uint8 [h, w, 3], a JPEG decoded at `fit_plan`'s DCT ratio, and
+  "size" int32 [2], the size it will have on the canvas."""
+  example = dict(example)
+  data = example.pop("bytes")
+
+  def jpeg():
+    shape = tf.io.extract_jpeg_shape(data)  # the header only
+    ratio, height, width = fit_plan(shape[0], shape[1], canvas)
+    branches = [lambda r=r: tf.io.decode_jpeg(data, channels=3, ratio=r) for r in JPEG_RATIOS]
+    index = tf.reduce_sum(tf.cast(ratio > tf.constant(JPEG_RATIOS[:-1]), tf.int32))
+    return tf.switch_case(index, branches), tf.stack([height, width])
+
+  def other():  # PNG, GIF, BMP: decoded whole
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    _, height, width = fit_plan(tf.shape(image)[0], tf.shape(image)[1], canvas)
+    return image, tf.stack([height, width])
+  image, size = tf.cond(tf.io.is_jpeg(data), jpeg, other)
+  image.set_shape([None, None, 3])
+  return {**example, "image": image, "size": size}
+
+
+def fit_to_canvas(example, canvas: int):
+  """"image" -> "canvas" uint8 [canvas, canvas, 3]: resized to "size" where it is not that
+  size already, at the top left, zeros elsewhere (the views never read them: their boxes lie
+  within "size").
+
+  The resize only ever shrinks, by less than 2x after the decoder's DCT downscale, and uses
+  area averaging (each output pixel the mean of the input it covers, an antialiasing box
+  filter): about a third of the CPU of an antialiased bilinear resize, within one gray level of
+  it on photographs, and the costliest host step for the images larger than the canvas.
+  """
+  example = dict(example)
+  image, size = example.pop("image"), example["size"]
+
+  def resize():
+    x = tf.image.resize(image, size, method="area")
+    return tf.cast(tf.round(tf.clip_by_value(x, 0.0, 255.0)), tf.uint8)
+  image = tf.cond(tf.reduce_all(tf.shape(image)[:2] == size), lambda: image, resize)
+  padded = tf.pad(image, [[0, canvas - size[0]], [0, canvas - size[1]], [0, 0]])
+  padded.set_shape([canvas, canvas, 3])
+  return {**example, "canvas": padded}
+
+
 # --- training -------------------------------------------------------------------------------------
 
 class TrainInput:
   """Iterator over host-local training batches (numpy), resumable from `get_state()`.
 
-  Each batch: "global" float32 [b, 2, G, G, 3], "local" float32 [b, N, S, S, 3] (absent when
-  N = 0), "mask" bool [b, 2, (G/t)^2] (True = masked), "label" int32 [b]; b = global batch / P;
-  t = `token_stride`, the backbone's input pixels per final token (default `patch_size`, the
-  ViT's; a Swin's is its patch doubled per merging): masks are drawn at that token grid.
+  Each batch: "mask" bool [b, 2, (G/t)^2] (True = masked), "label" int32 [b]; b = global
+  batch / P; t = `token_stride`, the backbone's input pixels per final token (default
+  `patch_size`, the ViT's; a Swin's is its patch doubled per merging): masks are drawn at that
+  token grid. And the images, by data.augment:
+    "host":   "global" float32 [b, 2, G, G, 3], "local" float32 [b, N, S, S, 3] (absent when
+              N = 0), the views;
+    "device": "canvas" uint8 [b, C, C, 3] with "size" int32 [b, 2], each image at the top left
+              of its canvas (C = data.canvas_size); from an in-memory source, "index" int32 [b]
+              into its images, which live on the device (`resident`, `device_resident`).
   """
 
   def __init__(self, source, data_config, *, patch_size: int, global_batch_size: int, seed: int,
@@ -119,10 +205,12 @@ class TrainInput:
       raise ValueError(f"{source.name}: {self.num_examples} examples do not fill one global batch "
                        f"of {global_batch_size}.")
     self.grid = d.global_size // (token_stride or patch_size)
+    self.device = d.augment == "device"
+    self.resident = self.device and isinstance(source, sources.ArraySource)
     self.skipped: set[str] = set()  # examples that did not decode (this process), named
     self._epoch, self._position = 0, 0
     self._iterator, self._order = None, None
-    self._tables = _tables(source)
+    self._tables = _tables(source, images=not self.resident)
     self._stages = self._stage_fns()
 
   # Stages: functions of one element (example or batch), traced once and reused by every epoch --
@@ -148,6 +236,13 @@ class TrainInput:
     batch = dict(batch)  # traced functions may not change their arguments
     index = batch.pop("index")
     return {**batch, "image": tf.gather(self._tables["image"], index),
+            "label": tf.gather(self._tables["label"], index)}
+
+  def _read_indices(self, batch):
+    """Device mode, in-memory source: the step gathers the images by index on the device."""
+    batch = dict(batch)  # traced functions may not change their arguments
+    index = batch["index"]
+    return {**batch, "index": tf.cast(index, tf.int32),
             "label": tf.gather(self._tables["label"], index)}
 
   def _read_file(self, example):
@@ -216,13 +311,21 @@ class TrainInput:
 
   def _stage_fns(self) -> list[tuple[str, object, bool]]:
     """(name, function, per example?) in pipeline order, for this kind of source."""
-    src = self.source
+    src, canvas = self.source, self.config.canvas_size
     if isinstance(src, sources.ArraySource):
-      fns = [("read", self._read_arrays, False), ("crop", self._crop_batch, False)]
+      fns = ([("read", self._read_indices, False)] if self.device else
+             [("read", self._read_arrays, False), ("crop", self._crop_batch, False)])
     else:
       read = self._read_file if isinstance(src, sources.FileSource) else (lambda e: e)
-      fns = [("read", read, True), ("decode", _decode, True), ("crop", self._crop_example, True)]
-    fns += [("color", self._color, False), ("mask", self._masks, False)]
+      fns = [("read", read, True)]
+      if self.device:
+        fns += [("decode", lambda e: decode_for_canvas(e, canvas), True),
+                ("fit", lambda e: fit_to_canvas(e, canvas), True)]
+      else:
+        fns += [("decode", _decode, True), ("crop", self._crop_example, True)]
+    if not self.device:
+      fns.append(("color", self._color, False))
+    fns.append(("mask", self._masks, False))
     return [(name, tf.function(fn, autograph=False), per_example) for name, fn, per_example in fns]
 
   def stages(self) -> list[str]:
@@ -442,6 +545,22 @@ def eval_input(data_config, *, split: str, global_batch_size: int, process_index
 
 
 # --- host -> device -------------------------------------------------------------------------------
+
+def device_resident(train_input: TrainInput, sharding) -> dict:
+  """What a device-mode step reads whole from device memory: {"images": uint8 [N, H, W, C]} of
+  an in-memory source, placed once with `sharding`, or {} (any other input).
+
+  Replicated (the trainer's choice), each device gathers its share of a batch by index without
+  communication, and holds the whole array: N * H * W * C bytes (Fashion-MNIST: 47 MB). The
+  array is no part of the train state: checkpoints do not hold it, a resumed run places it again,
+  and the input state (epoch, position) says which indices come next.
+  """
+  if not train_input.resident:
+    return {}
+  images = train_input.source.images
+  return {"images": jax.make_array_from_callback(images.shape, sharding,
+                                                 lambda index: images[index])}
+
 
 def to_global(host_batch: dict, sharding) -> dict:
   """Host-local numpy batch -> global jax.Arrays, batch axis 0 split over processes.
