@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from sove_jax import checkpoint, optim, state as state_lib  # noqa: E402
-from sove_jax.evaluate import knn  # noqa: E402
+from sove_jax.evaluate import features, knn  # noqa: E402
 from sove_jax.models import network  # noqa: E402
 
 
@@ -46,10 +46,15 @@ def main():
   size = config.data.global_size
   tx = optim.make_optimizer(config, optim.make_schedules(config, 1, 1))
   abstract = jax.eval_shape(state_lib.make_init(config, tx, size), jax.random.PRNGKey(0))
-  ck = checkpoint.Checkpointer(a.workdir, save_every=1, keep=1)
-  st, _ = ck.restore(abstract)
-  ck.close()
-  graphdef, _ = network.abstract_network(config.model, size)
+  replicated = jax.NamedSharding(features.batch_mesh(), jax.P())
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          abstract)
+  ck = checkpoint.Checkpointer(a.workdir, read_only=True)
+  try:
+    st = ck.restore(abstract).state
+  finally:
+    ck.close()
+  graphdef, _ = network.abstract_network(config.model, size, network.prototypes_of(config))
   nets = {"teacher": st.teacher, "student": st.student}
   if a.random:
     init = state_lib.make_init(config, tx, size)(jax.random.PRNGKey(config.seed))
