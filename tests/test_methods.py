@@ -83,7 +83,8 @@ def test_baseline_steps(method):
   traced once; the prototype layer is frozen for 2 steps (0.2 epochs of 10 steps), then trains;
   each center is (1 - 0.9^n) times the teacher's mean logits after n steps; the loss falls."""
   config = _config(method, **{
-      "optim.ema_momentum": 1.0, "optim.base_lr": 0.05, "baseline.freeze_last_layer_epochs": 0.2,
+      "optim.ema_momentum": 1.0, "optim.ema_momentum_end": 1.0,
+      "optim.base_lr": 0.05, "baseline.freeze_last_layer_epochs": 0.2,
       "baseline.teacher_temp_warmup_epochs": 0.0, "baseline.norm_last_layer": method == "dino"})
   batch = _batch(config)
   runs = {}
@@ -357,7 +358,7 @@ def test_ibot_run_end_to_end_with_the_mean_patch_representation(tmp_path):
   assert "train/teacher_patch_entropy" in last and "train/patch_loss" in last
   setup = train.build(config, sharding.make_mesh(config.mesh), steps_per_epoch=10)
   ck = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=1)
-  saved, _ = ck.restore(state_lib.abstract_with_shardings(setup.layout))
+  saved = ck.restore(state_lib.abstract_with_shardings(setup.layout)).state
   ck.close()
   assert int(saved.step) == 2 and set(saved.centers) == {"cls", "patch"}
   assert np.any(np.asarray(saved.centers["patch"]) != 0)

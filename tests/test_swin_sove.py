@@ -139,7 +139,7 @@ def test_sove_trains_a_swin_and_the_evaluators_read_it(tmp_path, monkeypatch):
   setup = train.build(c, mesh, steps_per_epoch=1)
   start = jax.device_get(state_lib.create(c, setup.tx, setup.layout, setup.image_size))
   ckpt = checkpoint.Checkpointer(workdir, save_every=1, keep=1)
-  saved, _ = ckpt.restore(state_lib.abstract_with_shardings(setup.layout))
+  saved = ckpt.restore(state_lib.abstract_with_shardings(setup.layout)).state
   ckpt.close()
   end = jax.device_get(saved)
   assert int(end.step) == 3

@@ -487,7 +487,7 @@ def finetune(workdir: str, settings: Settings, *, load_backbone, step=None,
             "dataset": f"{data.source}:{data.name}" if data.name else data.source,
             "train_examples": int(train_in.num_examples), "num_classes": num_classes,
             "batch_size": batch_size, "steps": total, "settings": s._asdict(), "curve": []}
-  ckpt = checkpoint.Checkpointer(arm_dir, save_every=1, keep=1)
+  ckpt = checkpoint.Checkpointer(arm_dir, keep=1)
   try:
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
@@ -528,8 +528,7 @@ def finetune(workdir: str, settings: Settings, *, load_backbone, step=None,
         top1, top5 = evaluate(graphdef, state.params, eval_batches, batch_sharding)
         record["curve"].append({"epoch": epoch, "step": i, "top1": top1, "top5": top5})
         reporting.say(f"{arm}: epoch {epoch}: top-1 {top1:.2f}%  top-5 {top5:.2f}%")
-        ckpt.save(i, state, {"settings": record["settings"], "curve": record["curve"]},
-                  force=True)
+        ckpt.save(i, state, {"settings": record["settings"], "curve": record["curve"]})
         t_last = time.monotonic()  # rates count training only
     record["minutes"] = (time.monotonic() - t_start) / 60.0
   finally:
