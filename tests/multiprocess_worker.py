@@ -27,7 +27,8 @@ from sove_jax import checkpoint, sharding, state as state_lib, train  # noqa: E4
 config = smoke.get_config()
 config.total_steps = steps
 config.checkpoint_every = 2
-metrics = train.train_and_evaluate(config, workdir)
+# The second launch extends the run (total_steps 3 -> 5): a change the trainer is told of.
+metrics = train.train_and_evaluate(config, workdir, allow_config_change=True)
 
 mesh = sharding.make_mesh(config.mesh)
 setup = train.build(config, mesh, steps_per_epoch=1)
