@@ -11,10 +11,13 @@ taken:
     python -m sove_jax.main --config=configs/default.py --workdir=runs/default
     python -m sove_jax.evaluate.knn --workdir=runs/default
 
-Expected: EXPECTED
+Expected (benchmarks/default_figures.py, whole Fashion-MNIST test split, teacher [CLS]): k-NN
+top-1 at k = 20 of 78.8% (seed 0; random initialization 67.5%, raw pixels 85.2%), linear probe
+81.0%; training 11.4 min wall on 2 CPU cores shared with other work (k-NN monitor and
+compilation included). README, "Does it learn?", has both seeds and every figure.
 
-Fields are grouped: the method, data (input pipeline and views), model (backbone + head), sove (the
-objective), baseline (DINO's and iBOT's objective), optim (optimizer and schedules), mesh
+Fields are grouped: the method, data (input pipeline and views), model (backbone + head), sove
+(the objective), baseline (DINO's and iBOT's objective), optim (optimizer and schedules), mesh
 (devices), and run control (logging, checkpoints, eval).
 
 The same entry point trains the baselines at this budget, with every shared setting the same:
