@@ -352,6 +352,7 @@ def test_ibot_run_end_to_end_with_the_mean_patch_representation(tmp_path):
 
   config = _config("ibot", **{"model.global_pool": "mean_patch", "total_steps": 2,
                               "checkpoint_every": 2, "knn_every": 2, "knn_train_examples": 64,
+                              "knn_k": (10, 20),
                               "knn_eval_examples": 32})
   last = train.train_and_evaluate(config, str(tmp_path))
   assert np.isfinite(last["train/loss"]) and 0.0 <= last["knn/top1_k20"] <= 100.0
