@@ -234,6 +234,8 @@ def test_device_mode_step_cuts_the_views_views_make_cuts_from_the_state_key():
   steps are reused from the session's compilation cache.)"""
   from sove_jax.data import sources
   config = smoke.get_config()
+  # Wide crops, so that other views give clearly other losses (the default's are mild).
+  config.data.global_scale, config.data.local_scale = (0.25, 1.0), (0.05, 0.4)
   mesh = sharding.make_mesh(config.mesh)
   images = sources.fashion_mnist("train").images
   resident = {"images": jax.device_put(images, sharding.replicated(mesh))}
