@@ -308,7 +308,7 @@ def test_sigkill_during_async_save_restarts_from_last_complete(tmp_path):
   last = ck.latest_step()
   ck.close()
   assert last is not None and last >= 1
-  code, out = _run(tmp_path, f"--config.total_steps={last + 2}")
+  code, out = _run(tmp_path, f"--config.total_steps={last + 2}", "--allow_config_change")
   assert code == 0, out
   assert f"resumed from step {last}" in out
   saved, _ = _restore(tmp_path)
