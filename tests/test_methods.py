@@ -19,18 +19,7 @@ from configs import default, smoke
 from sove_jax import configuration, optim, sharding, state as state_lib, train
 from sove_jax import step as step_lib
 from sove_jax.evaluate import features, knn
-
-
-def _batch(config, seed=0):
-  d, b = config.data, config.batch_size
-  rng = np.random.default_rng(seed)
-  tokens = (d.global_size // config.model.patch_size) ** 2
-  return {
-      "global": rng.normal(size=(b, 2, d.global_size, d.global_size, 3)).astype(np.float32),
-      "local": rng.normal(size=(b, d.num_local, d.local_size, d.local_size, 3)).astype(np.float32),
-      "mask": rng.random((b, 2, tokens)) < 0.3,
-      "label": np.zeros((b,), np.int32),
-  }
+from batches import synthetic_batch
 
 
 def _config(method="sove", **fields):
@@ -86,7 +75,7 @@ def test_baseline_steps(method):
       "optim.ema_momentum": 1.0, "optim.ema_momentum_end": 1.0,
       "optim.base_lr": 0.05, "baseline.freeze_last_layer_epochs": 0.2,
       "baseline.teacher_temp_warmup_epochs": 0.0, "baseline.norm_last_layer": method == "dino"})
-  batch = _batch(config)
+  batch = synthetic_batch(config)
   runs = {}
   for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
     config.mesh.fsdp, config.mesh.shard_params = (1, False) if name == "one" else (2, True)
@@ -191,7 +180,7 @@ def test_a_zero_weight_loss_is_not_computed():
                                 train.batch_shapes(config, sharding.make_mesh(
                                     config.mesh, devices=jax.devices()[:1]))).compile()
     flops[name] = compiled.cost_analysis()["flops"]
-    results[name] = (compiled, st, _batch(config))
+    results[name] = (compiled, st, synthetic_batch(config))
   assert flops["mim_only"] < flops["full"] and flops["cls_only"] < flops["full"], flops
 
   def run(name, **poison):
@@ -249,7 +238,7 @@ def test_mean_patch_representation_feeds_the_class_bank_and_the_knn_features():
   config = _config(**{"model.global_pool": "mean_patch"})
   setup, st, batch_sh = _setup(config, jax.devices()[:1])
   start = jax.device_get(st)
-  batch = _batch(config)
+  batch = synthetic_batch(config)
   new, metrics = setup.step(st, jax.device_put(batch, batch_sh))
   assert bool(metrics["finite"])
   teacher = nnx.merge(setup.layout.graphdef, start.teacher)

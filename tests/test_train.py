@@ -21,6 +21,7 @@ from configs import smoke
 from sove_jax import checkpoint, configuration, optim, sharding, state as state_lib, train
 from sove_jax import step as step_lib
 from sove_jax import views
+from batches import synthetic_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _STEP_LINE = re.compile(r"\bstep +\d+/\d+ \| loss")  # the console's progress line
@@ -58,18 +59,6 @@ def _assert_trees_equal(a, b):
   assert not differ, f"{len(differ)} leaves differ, e.g. {differ[:8]}"
 
 
-def _synthetic_batch(config, seed=0):
-  d, b = config.data, config.batch_size
-  rng = np.random.default_rng(seed)
-  tokens = (d.global_size // config.model.patch_size) ** 2
-  return {
-      "global": rng.normal(size=(b, 2, d.global_size, d.global_size, 3)).astype(np.float32),
-      "local": rng.normal(size=(b, d.num_local, d.local_size, d.local_size, 3)).astype(np.float32),
-      "mask": rng.random((b, 2, tokens)) < 0.3,
-      "label": np.zeros((b,), np.int32),
-  }
-
-
 def _traced_once(*args, **kwargs):
   """The train step, refusing to be traced a second time (a retrace is a recompilation)."""
   return chex.assert_max_traces(step_lib.make_train_step(*args, **kwargs), n=1)
@@ -83,7 +72,7 @@ def _steps(config, devices, num_steps=3):
   batch_sh = sharding.batch_sharding(mesh)
   metrics = None
   for i in range(num_steps):
-    batch = jax.device_put(_synthetic_batch(config, seed=i), batch_sh)
+    batch = jax.device_put(synthetic_batch(config, seed=i), batch_sh)
     st, metrics = setup.step(st, batch)
   return jax.device_get(st), jax.device_get(metrics)
 
@@ -113,7 +102,7 @@ def test_fsdp_shards_parameters():
   specs = [s.spec for s in jax.tree.leaves(setup.layout.shardings.student)]
   assert any("fsdp" in tuple(s) for s in specs)
   st = state_lib.create(config, setup.tx, setup.layout, setup.image_size)
-  batch = jax.device_put(_synthetic_batch(config), sharding.batch_sharding(mesh))
+  batch = jax.device_put(synthetic_batch(config), sharding.batch_sharding(mesh))
   st, metrics = setup.step(st, batch)
   assert bool(metrics["finite"])
 
