@@ -71,7 +71,8 @@ def run_arm(name, overrides, applied, out, config, python):
     return dict(arm=name, overrides=overrides, error=f"train rc {rc}", train_s=train_s)
   t0 = time.time()
   with open(os.path.join(workdir, "knn.log"), "w") as log:
-    rc = subprocess.call([python, "-m", "sove_jax.evaluate.knn", f"--workdir={workdir}"],
+    rc = subprocess.call([python, "-m", "sove_jax.evaluate.knn", f"--workdir={workdir}",
+                          "--nobaselines"],   # the random init: once, not per arm
                          cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
   eval_s = time.time() - t0
   if rc != 0:
@@ -147,7 +148,7 @@ def cmd_speed(a):
     mesh = sharding.make_mesh(c.mesh)
     setup = train.build(c, mesh, steps_per_epoch=1000)
     st = state_lib.create(c, setup.tx, setup.layout, setup.image_size)
-    batch = tsb.synthetic_batch(c, mesh, jax.random.PRNGKey(1))
+    batch = tsb.synthetic_batch(setup.batch, jax.random.PRNGKey(1))
     abstract = state_lib.abstract_with_shardings(setup.layout)
     compiled = setup.step.lower(abstract, batch).compile()
     cost = compiled.cost_analysis()
