@@ -3,13 +3,13 @@ B.3 and Figure B.1, 2 seeds each.
 
     python -m sove_jax.study --arms=studies/ablations.py --out=runs/ablations
 
-Every arm is SOVE on the base config (configs/default.py's Fashion-MNIST recipe unless
-`--config` names another) at its budget and learning rate, with one field set to the value the
-row names; values that scale with the run (anchors) are fractions of the config's bank. A row
-whose values are the config's own (with configs/default.py: J=9, soft, T=2, [CLS], K=512, block
-0.3) reports the runs of one arm, "SOVE: base recipe", which trains once per seed for all of
-them, so each table means what it says whatever the config. With configs/default.py: 12
-trained arms x 2 seeds = 24 runs. docs/study.md has the details.
+Every arm is SOVE on the base config (configs/study.py: the default Fashion-MNIST recipe at half
+its length, unless `--config` names another) at its budget and learning rate, with one field set
+to the value the row names; values that scale with the run (anchors) are fractions of the
+config's bank. A row whose values are the config's own (with configs/study.py: J=9, soft, T=4,
+[CLS], block 0.3) reports the runs of one arm, "SOVE: base recipe", which trains once per
+seed for all of them, so each table means what it says whatever the config. With
+configs/study.py: 13 trained arms x 2 seeds = 26 runs. docs/study.md has the details.
 
 The paper's k-NN top-1 (ImageNet-1k, ViT-S/16), beside each row in the report: Table 8, [CLS]
 judges 1 / 3 / 5 / 9 with 1 MIM judge: 69.2 / 69.4 / 69.3 / 70.2; Table 9, soft 70.2 vs one-hot
@@ -22,7 +22,7 @@ import pathlib
 
 from sove_jax import configuration
 
-_DEFAULT = pathlib.Path(__file__).resolve().parent.parent / "configs" / "default.py"
+_DEFAULT = pathlib.Path(__file__).resolve().parent.parent / "configs" / "study.py"
 
 NOTES = """\
 Paper k-NN: the paper's figure for the same row (ImageNet-1k, ViT-S/16): it shows the direction
@@ -40,7 +40,8 @@ def _value(config, field):
 
 
 def get_study(config=None):
-  """The study on `config` (a config file's path; None: configs/default.py)."""
+  """The study on `config` (a config file's path; None: configs/study.py, the default recipe at half
+  its length)."""
   base = configuration.load(config or str(_DEFAULT))
   bank = base.sove.class_bank_size
   arms = []
@@ -75,5 +76,5 @@ def get_study(config=None):
       ("random 0.7", {"data.mask_type": "random", "data.mask_ratio": 0.7}, None)])
   if any(a.get("same_as") for a in arms):
     arms.insert(0, dict(name=BASE, group="Base recipe", overrides={"method": "sove"}))
-  return dict(config=config or "configs/default.py", overrides={"knn_every": 0}, seeds=[0, 1],
+  return dict(config=config or "configs/study.py", overrides={"knn_every": 0}, seeds=[0, 1],
               notes=NOTES, arms=arms)

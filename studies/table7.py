@@ -2,8 +2,8 @@ r"""The paper's Table 7 in miniature: SOVE against iBOT and DINO, each loss abla
 
     python -m sove_jax.study --arms=studies/table7.py --out=runs/table7
 
-Six arms on the base config (configs/default.py's Fashion-MNIST recipe unless `--config` names
-another) at its budget: steps, batch, backbone, views, masks, optimizer, EMA teacher and
+Six arms on the base config (configs/study.py: the default Fashion-MNIST recipe at half its
+length, unless `--config` names another) at its budget: steps, batch, backbone, views, masks, optimizer, EMA teacher and
 schedules are the config's for every arm, without local crops as in the paper's Table 7 (ViT-S,
 300 epochs, no multi-crop). Fair to every method: each has its own paper's temperatures and its
 own head, and the same learning-rate sweep (half, once and twice the config's `optim.base_lr`)
@@ -18,7 +18,7 @@ import pathlib
 
 from sove_jax import configuration
 
-_DEFAULT = pathlib.Path(__file__).resolve().parent.parent / "configs" / "default.py"
+_DEFAULT = pathlib.Path(__file__).resolve().parent.parent / "configs" / "study.py"
 
 # Each baseline's own temperatures and center (DINO's and iBOT's ViT-S/16 recipes; the warm-up
 # and freezing lengths are the base config's, scaled to its run). The prototype layer keeps the
@@ -38,7 +38,8 @@ without local crops (`data.num_local=0`), as the paper's Table 7."""
 
 
 def get_study(config=None):
-  """The study on `config` (a config file's path; None: configs/default.py)."""
+  """The study on `config` (a config file's path; None: configs/study.py, the default recipe at half
+  its length)."""
   base = configuration.load(config or str(_DEFAULT))
   rates = [base.optim.base_lr / 2, base.optim.base_lr, base.optim.base_lr * 2]
   group = "Table 7: parametric vs non-parametric tokenizer"
@@ -56,7 +57,7 @@ def get_study(config=None):
       ("DINO", {**DINO, "baseline.class_weight": 1.0}, (67.9, 72.5)),
   ]
   return dict(
-      config=config or "configs/default.py",
+      config=config or "configs/study.py",
       # No multi-crop (the paper's Table 7); the k-NN monitor off: each run is evaluated at
       # its end on the whole test split.
       overrides={"data.num_local": 0, "knn_every": 0},

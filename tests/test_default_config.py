@@ -40,3 +40,23 @@ def test_default_step_flops_per_image_are_the_docstrings():
   assert abs(per_image - float(gflop)) <= 0.5 * 10 ** -digits, (
       f"the compiled default step costs {per_image:.4f} GFLOP per image; the docstring says "
       f"{gflop}")
+
+
+def test_study_config_is_the_default_at_half_its_length():
+  """configs/study.py, the paper studies' budget, is the default recipe with every length halved:
+  the steps and each schedule given in epochs, so warm-ups keep their share of the run."""
+  from configs import study
+  full, half = default.get_config(), study.get_config()
+  per_epoch = FASHION_MNIST_TRAIN // full.batch_size
+  assert abs(train.total_steps(half, per_epoch) - train.total_steps(full, per_epoch) / 2) <= 1
+  lengths = ("num_epochs", "optim.warmup_epochs", "sove.teacher_temp_warmup_epochs",
+             "baseline.teacher_temp_warmup_epochs", "baseline.freeze_last_layer_epochs")
+  get = lambda c, field: c[field] if "." not in field else c[field.split(".")[0]][
+      field.split(".")[1]]
+  for field in lengths:
+    assert get(half, field) == get(full, field) / 2, field
+  flat = lambda c: {f"{k}.{kk}" if isinstance(v, dict) else k: vv
+                    for k, v in c.to_dict().items()
+                    for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])}
+  changed = {k for k, v in flat(half).items() if flat(full)[k] != v}
+  assert changed <= set(lengths) | {"knn_every"}, changed

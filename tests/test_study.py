@@ -161,6 +161,7 @@ def test_record_holds_what_the_runner_read(fake):
   assert rec["linear_top1"] == 66.0 and rec["train_seconds"] >= 0
   knn_call = [c for c in fake["calls"]("knn") if c["run"] == "b/seed1"][0]
   assert "--ks=10,20,100,200" in knn_call["args"]
+  assert "--nobaselines" in knn_call["args"]   # the random init is not evaluated per arm
   assert "--epochs=3" in [c for c in fake["calls"]("linear") if c["run"] == "b/seed1"][0]["args"]
 
 
@@ -397,7 +398,8 @@ def test_paper_studies_hold_the_papers_tables():
 
 
 @pytest.mark.parametrize("study_file", [TABLE7, ABLATIONS])
-@pytest.mark.parametrize("config", ["configs/default.py", "configs/smoke.py"])
+@pytest.mark.parametrize("config",
+                         ["configs/default.py", "configs/study.py", "configs/smoke.py"])
 def test_every_arm_of_the_paper_studies_is_a_valid_config(study_file, config):
   """Each arm x rate parses as the trainer's command line and passes the config checks, and the
   fields it sets are the ones the trainer reads."""
