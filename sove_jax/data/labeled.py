@@ -106,12 +106,8 @@ class LabeledTrainInput:
     self.size, self.scale, self.ratio, self.flip = int(size), tuple(scale), tuple(ratio), flip
     self.seed = int(seed)
     self.process_index, self.process_count = process_index, process_count
-    self.batch_size = global_batch_size // process_count
-    self.num_examples = len(source)
-    self.steps_per_epoch = self.num_examples // global_batch_size
-    if self.steps_per_epoch == 0:
-      raise ValueError(f"{source.name}: {self.num_examples} labeled examples do not fill one "
-                       f"global batch of {global_batch_size}; use a smaller --batch_size.")
+    self.batch_size, self.num_examples, self.steps_per_epoch = pipeline.epoch_shape(
+        source, global_batch_size, process_count, hint="use a smaller --batch_size")
     self._tables = pipeline._tables(source)
     if isinstance(source, EncodedSource):
       self._tables = {"bytes": tf.Variable(source.encoded, trainable=False, dtype=tf.string),

@@ -178,6 +178,17 @@ def fit_to_canvas(example, canvas: int):
 
 # --- training -------------------------------------------------------------------------------------
 
+def epoch_shape(source, global_batch_size: int, process_count: int, *, hint: str = ""):
+  """(this process's batch, examples in the source, whole global batches per epoch) of a
+  training stream; an error when the source cannot fill one global batch (`hint`: the remedy)."""
+  num_examples = len(source)
+  steps_per_epoch = num_examples // global_batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"{source.name}: {num_examples} examples do not fill one global batch of "
+                     f"{global_batch_size}{'; ' + hint if hint else ''}.")
+  return global_batch_size // process_count, num_examples, steps_per_epoch
+
+
 class TrainInput:
   """Iterator over host-local training batches (numpy), resumable from `get_state()`.
 
@@ -198,12 +209,8 @@ class TrainInput:
     self.config = d = data_config
     self.seed = int(seed)
     self.process_index, self.process_count = process_index, process_count
-    self.batch_size = global_batch_size // process_count
-    self.num_examples = len(source)
-    self.steps_per_epoch = self.num_examples // global_batch_size
-    if self.steps_per_epoch == 0:
-      raise ValueError(f"{source.name}: {self.num_examples} examples do not fill one global batch "
-                       f"of {global_batch_size}.")
+    self.batch_size, self.num_examples, self.steps_per_epoch = epoch_shape(
+        source, global_batch_size, process_count)
     self.grid = d.global_size // (token_stride or patch_size)
     self.device = d.augment == "device"
     self.resident = self.device and isinstance(source, sources.ArraySource)
