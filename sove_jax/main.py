@@ -9,6 +9,9 @@ compared with the run's: `--allow_config_change` continues under a changed confi
 the workdir) where the checkpoints allow it, `--restore_step=N` resumes from an earlier
 checkpoint (later ones are set aside, not deleted).
 
+Where tcmalloc is installed the command re-executes itself once under it, for a fifth less CPU
+per step on CPU hosts (`sove_jax/allocator.py`; `SOVE_JAX_ALLOCATOR=system` keeps glibc's malloc).
+
 Expected failures (a config mistake, missing data, an unwritable workdir, a failed save, a
 non-finite loss) end in one line and exit code 1; `--verbose` adds their tracebacks and the
 libraries' INFO lines.
@@ -95,7 +98,8 @@ def _initialize_distributed():
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  from sove_jax import train
+  from sove_jax import allocator, train
+  logging.info("Host memory allocator: %s.", allocator.in_use())
   config = _CONFIG.value
   _initialize_distributed()
   if _COMPILE_ONLY.value:
@@ -114,4 +118,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from sove_jax import allocator
+  allocator.reexec_with_tcmalloc()
   app.run(main, flags_parser=_parse_flags)
