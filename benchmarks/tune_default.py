@@ -72,7 +72,7 @@ def run_arm(name, overrides, applied, out, config, python):
   t0 = time.time()
   with open(os.path.join(workdir, "knn.log"), "w") as log:
     rc = subprocess.call([python, "-m", "sove_jax.evaluate.knn", f"--workdir={workdir}",
-                          "--nobaselines"],   # the random init: once, not per arm
+                          "--baselines=none"],   # the random init: once, not per arm
                          cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
   eval_s = time.time() - t0
   if rc != 0:

@@ -784,7 +784,7 @@ def run_pair(study: Study, run: Run, seed: int, out: str, commands: Commands, ru
 
   # The k-NN evaluator's random-initialization baseline is the same for every arm of a seed and
   # would double each pair's evaluation time: the study asks for the trained network only.
-  evals = (("knn", commands.knn, ["--nobaselines", "--ks=" + ",".join(map(str, study.knn_ks)),
+  evals = (("knn", commands.knn, ["--baselines=none", "--ks=" + ",".join(map(str, study.knn_ks)),
                                   *study.knn_args]),
            ("linear", commands.linear, list(study.linear_args)))
   for stage, prefix, args in evals:

@@ -161,7 +161,7 @@ def test_record_holds_what_the_runner_read(fake):
   assert rec["linear_top1"] == 66.0 and rec["train_seconds"] >= 0
   knn_call = [c for c in fake["calls"]("knn") if c["run"] == "b/seed1"][0]
   assert "--ks=10,20,100,200" in knn_call["args"]
-  assert "--nobaselines" in knn_call["args"]   # the random init is not evaluated per arm
+  assert "--baselines=none" in knn_call["args"]   # the random init is not evaluated per arm
   assert "--epochs=3" in [c for c in fake["calls"]("linear") if c["run"] == "b/seed1"][0]["args"]
 
 

@@ -264,7 +264,8 @@ def main(argv):
   evaluate_checkpoint(
       **features_lib.flag_arguments(f), ks=[int(k) for k in f.ks] if f.ks else None,
       temperature=f.temperature, lowshot=f.lowshot,
-      lowshot_splits={k: v for k, v in splits.items() if v}, baselines=tuple(f.baselines))
+      lowshot_splits={k: v for k, v in splits.items() if v},
+      baselines=tuple(b for b in f.baselines if b != "none"))
 
 
 def _define_flags():
@@ -276,9 +277,9 @@ def _define_flags():
   flags.DEFINE_string("lowshot_split_1pct", "", "1% split file (one train index per line); "
                       "default: a class-balanced subset.")
   flags.DEFINE_string("lowshot_split_10pct", "", "10% split file, as above.")
-  flags.DEFINE_multi_enum("baselines", ["random_init"], features_lib.BASELINES,
+  flags.DEFINE_multi_enum("baselines", ["random_init"], features_lib.BASELINES + ("none",),
                           "Baselines evaluated on the same splits and printed beside the "
-                          "trained network (repeatable; --nobaselines for none).")
+                          "trained network (repeatable; --baselines=none for none).")
 
 
 if __name__ == "__main__":
