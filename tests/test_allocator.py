@@ -1,4 +1,4 @@
-"""The entry point runs under tcmalloc where it is installed: it re-executes itself once with
+"""With SOVE_JAX_ALLOCATOR=tcmalloc the entry point runs under tcmalloc where it is installed: it re-executes itself once with
 tcmalloc preloaded, keeps its arguments, and leaves alone a process that has it or opted out."""
 import os
 import subprocess
@@ -10,6 +10,7 @@ from sove_jax import allocator
 
 
 def _reexec(monkeypatch, env, library="libtcmalloc_minimal.so.4"):
+  env = {allocator.ENV: "tcmalloc", **env}
   calls = []
   for k in ("LD_PRELOAD", allocator.ENV):
     monkeypatch.delenv(k, raising=False)
@@ -32,7 +33,7 @@ def test_reexecutes_itself_once_with_tcmalloc_preloaded(monkeypatch):
 
 @pytest.mark.parametrize("env, library", [
     ({"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}, "libtcmalloc_minimal.so.4"),  # done
-    ({allocator.ENV: "system"}, "libtcmalloc_minimal.so.4"),                          # opted out
+    ({allocator.ENV: "system"}, "libtcmalloc_minimal.so.4"),                          # default
     ({}, None),                                                                       # absent
 ])
 def test_leaves_the_process_alone(monkeypatch, env, library):
@@ -47,7 +48,8 @@ def test_a_real_reexecution_loads_tcmalloc():
   before = subprocess.run([sys.executable, "-c", "from sove_jax import allocator; "
                            "print(allocator.in_use())"], env=env, capture_output=True, text=True)
   assert before.stdout.split() == ["system"]
-  after = subprocess.run([sys.executable, "-c", code, "a", "--b=1"], env=env,
+  after = subprocess.run([sys.executable, "-c", code, "a", "--b=1"],
+                         env={**env, allocator.ENV: "tcmalloc"},
                          capture_output=True, text=True, timeout=60)
   assert after.returncode == 0, after.stderr
   assert after.stdout.strip() == "tcmalloc ['a', '--b=1']"
