@@ -1,8 +1,10 @@
 r"""The default recipe at half its length: the budget of every arm of the paper's comparisons.
 
-    python -m sove_jax.study --arms=studies/table7.py --config=configs/study.py --out=runs/table7
-    python -m sove_jax.study --arms=studies/ablations.py --config=configs/study.py \
-      --out=runs/ablations
+    python -m sove_jax.study --arms=studies/table7.py --out=studies/results/table7
+    python -m sove_jax.study --arms=studies/ablations.py --out=studies/results/ablations
+
+(the study files' base config when `--config` names none; results committed under
+studies/results).
 
 The studies train 30 + 26 runs; at the default's full length (about 10 minutes each on 2 CPU
 cores, plus evaluation) they would take more than 11 hours of this machine, at half of it about

@@ -1,7 +1,7 @@
 r"""The paper's ablations of SOVE in miniature: Tables 8 (first row), 9, B.1 (second row), B.2,
 B.3 and Figure B.1, 2 seeds each.
 
-    python -m sove_jax.study --arms=studies/ablations.py --out=runs/ablations
+    python -m sove_jax.study --arms=studies/ablations.py --out=studies/results/ablations
 
 Every arm is SOVE on the base config (configs/study.py: the default Fashion-MNIST recipe at half
 its length, unless `--config` names another) at its budget and learning rate, with one field set

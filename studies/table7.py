@@ -1,10 +1,10 @@
 r"""The paper's Table 7 in miniature: SOVE against iBOT and DINO, each loss ablated.
 
-    python -m sove_jax.study --arms=studies/table7.py --out=runs/table7
+    python -m sove_jax.study --arms=studies/table7.py --out=studies/results/table7
 
 Six arms on the base config (configs/study.py: the default Fashion-MNIST recipe at half its
-length, unless `--config` names another) at its budget: steps, batch, backbone, views, masks, optimizer, EMA teacher and
-schedules are the config's for every arm, without local crops as in the paper's Table 7 (ViT-S,
+length, unless `--config` names another) at its budget: steps, batch, backbone, views, masks,
+optimizer, EMA teacher and schedules are the config's for every arm, without local crops as in the paper's Table 7 (ViT-S,
 300 epochs, no multi-crop). Fair to every method: each has its own paper's temperatures and its
 own head, and the same learning-rate sweep (half, once and twice the config's `optim.base_lr`)
 on seed 0; its best rate by k-NN top-1 then runs seeds 1 and 2, and the table reports the mean

@@ -1,5 +1,6 @@
-"""With SOVE_JAX_ALLOCATOR=tcmalloc the entry point runs under tcmalloc where it is installed: it re-executes itself once with
-tcmalloc preloaded, keeps its arguments, and leaves alone a process that has it or opted out."""
+"""With SOVE_JAX_ALLOCATOR=tcmalloc the entry point runs under tcmalloc where it is installed: it
+re-executes itself once with tcmalloc preloaded, keeps its arguments, and leaves alone a process
+that has it or did not ask for it."""
 import os
 import subprocess
 import sys
