@@ -21,12 +21,12 @@ if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
   fi
 fi
 
-# tcmalloc: a fifth less CPU per training step here (sove_jax/allocator.py, opt-in below).
+# tcmalloc: a fifth less CPU per training step here (sove_jax/allocator.py: the trainer uses it
+# where it is installed; SOVE_JAX_ALLOCATOR=system opts out).
 if ! ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal && command -v apt-get >/dev/null \
     && [ "$(id -u)" = 0 ]; then
   apt-get install -y -qq libtcmalloc-minimal4 || echo "tcmalloc not installed: glibc malloc."
 fi
 
-export SOVE_JAX_ALLOCATOR="${SOVE_JAX_ALLOCATOR:-tcmalloc}"
 python3 -m sove_jax.main --config=configs/default.py --workdir="$WORKDIR" "${EXTRA[@]}" "$@"
 python3 -m sove_jax.evaluate.knn --workdir="$WORKDIR"

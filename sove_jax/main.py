@@ -9,8 +9,8 @@ compared with the run's: `--allow_config_change` continues under a changed confi
 the workdir) where the checkpoints allow it, `--restore_step=N` resumes from an earlier
 checkpoint (later ones are set aside, not deleted).
 
-With `SOVE_JAX_ALLOCATOR=tcmalloc` (and tcmalloc installed) the command re-executes itself once
-under it, for a fifth less CPU per step on CPU hosts (`sove_jax/allocator.py`).
+Where tcmalloc is installed the command re-executes itself once under it, for a fifth less CPU
+per step on CPU hosts (`sove_jax/allocator.py`; `SOVE_JAX_ALLOCATOR=system` keeps glibc's malloc).
 
 Expected failures (a config mistake, missing data, an unwritable workdir, a failed save, a
 non-finite loss) end in one line and exit code 1; `--verbose` adds their tracebacks and the

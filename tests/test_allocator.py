@@ -1,6 +1,6 @@
-"""With SOVE_JAX_ALLOCATOR=tcmalloc the entry point runs under tcmalloc where it is installed: it
-re-executes itself once with tcmalloc preloaded, keeps its arguments, and leaves alone a process
-that has it or did not ask for it."""
+"""The entry point runs under tcmalloc where it is installed: it re-executes itself once with
+tcmalloc preloaded, keeps its arguments, and leaves alone a process that has it or opted out
+(SOVE_JAX_ALLOCATOR=system)."""
 import os
 import subprocess
 import sys
@@ -11,7 +11,6 @@ from sove_jax import allocator
 
 
 def _reexec(monkeypatch, env, library="libtcmalloc_minimal.so.4"):
-  env = {allocator.ENV: "tcmalloc", **env}
   calls = []
   for k in ("LD_PRELOAD", allocator.ENV):
     monkeypatch.delenv(k, raising=False)
@@ -23,8 +22,10 @@ def _reexec(monkeypatch, env, library="libtcmalloc_minimal.so.4"):
   return calls
 
 
-def test_reexecutes_itself_once_with_tcmalloc_preloaded(monkeypatch):
-  (call,) = _reexec(monkeypatch, {"LD_PRELOAD": "libother.so"})
+@pytest.mark.parametrize("asked", [None, "tcmalloc"])   # by default, and by name
+def test_reexecutes_itself_once_with_tcmalloc_preloaded(monkeypatch, asked):
+  (call,) = _reexec(monkeypatch, {"LD_PRELOAD": "libother.so",
+                                  **({allocator.ENV: asked} if asked else {})})
   path, argv, env = call
   assert path == sys.executable
   assert argv == [sys.executable, "-m", "sove_jax.main", "--config=c.py"]   # same command
@@ -34,7 +35,7 @@ def test_reexecutes_itself_once_with_tcmalloc_preloaded(monkeypatch):
 
 @pytest.mark.parametrize("env, library", [
     ({"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}, "libtcmalloc_minimal.so.4"),  # done
-    ({allocator.ENV: "system"}, "libtcmalloc_minimal.so.4"),                          # default
+    ({allocator.ENV: "system"}, "libtcmalloc_minimal.so.4"),                          # opted out
     ({}, None),                                                                       # absent
 ])
 def test_leaves_the_process_alone(monkeypatch, env, library):
@@ -49,8 +50,10 @@ def test_a_real_reexecution_loads_tcmalloc():
   before = subprocess.run([sys.executable, "-c", "from sove_jax import allocator; "
                            "print(allocator.in_use())"], env=env, capture_output=True, text=True)
   assert before.stdout.split() == ["system"]
-  after = subprocess.run([sys.executable, "-c", code, "a", "--b=1"],
-                         env={**env, allocator.ENV: "tcmalloc"},
+  after = subprocess.run([sys.executable, "-c", code, "a", "--b=1"], env=env,
                          capture_output=True, text=True, timeout=60)
   assert after.returncode == 0, after.stderr
   assert after.stdout.strip() == "tcmalloc ['a', '--b=1']"
+  kept = subprocess.run([sys.executable, "-c", code], env={**env, allocator.ENV: "system"},
+                        capture_output=True, text=True, timeout=60)
+  assert kept.stdout.strip() == "system []"

@@ -330,10 +330,27 @@ def _largest_file(folder):
   return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
-def _flip(path):
+def _flip(path, offset):
   data = bytearray(path.read_bytes())
-  data[len(data) // 2] ^= 0xFF
+  data[offset] ^= 0xFF
   path.write_bytes(bytes(data))
+
+
+def _flip_stored_array(state_dir):
+  """Flips a byte in the middle of the largest array chunk stored under `state_dir`, where the
+  OCDBT store says the chunk lies. (Not "the middle of the largest file": a data file also holds
+  bytes a restore never reads, and where the chunks fall in it varies from save to save; a flip
+  there leaves the checkpoint intact, so restoring it is right, and such a test would only pass
+  by the layout's luck.)"""
+  import tensorstore as ts
+  store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{state_dir}/"}).result()
+  chunks = [bytes(store.read(key).result().value) for key in store.list().result()]
+  chunk = max(chunks, key=len)
+  for path in (p for p in state_dir.rglob("*") if p.is_file()):
+    at = path.read_bytes().find(chunk)
+    if at >= 0:
+      return _flip(path, at + len(chunk) // 2)
+  raise AssertionError(f"no file under {state_dir} holds its largest chunk whole")
 
 
 def _truncate(path):
@@ -341,7 +358,7 @@ def _truncate(path):
 
 
 CORRUPTIONS = {
-    "flipped bytes": (lambda step: _flip(_largest_file(step / "state")), "differ from the checksums"),
+    "flipped bytes": (lambda step: _flip_stored_array(step / "state"), "differ from the checksums"),
     "truncated data file": (lambda step: _truncate(_largest_file(step / "state")), "OUT_OF_RANGE"),
     "missing manifest": (lambda step: (step / "state" / "manifest.ocdbt").unlink(),
                          "manifest.ocdbt is missing"),
@@ -377,7 +394,7 @@ def test_no_readable_checkpoint_is_one_sentence_naming_the_files(trained, tmp_pa
 
 def test_training_resumes_past_a_corrupt_checkpoint_and_sets_it_aside(trained, tmp_path):
   workdir = _copy(trained, tmp_path)
-  _flip(_largest_file(workdir / "checkpoints" / "4" / "state"))
+  _flip_stored_array(workdir / "checkpoints" / "4" / "state")
   code, out, _ = _main(workdir, *TRAINED)
   assert code == 0, out
   assert "Checkpoint step 4" in out and "is corrupt" in out and "resumed from step 3" in out
