@@ -10,27 +10,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
 
 from sove_jax.evaluate import images, video
-
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class MeanColorViT(nnx.Module):
-  """Patch tokens: each patch's mean standardised color; [CLS]: the image's mean color."""
-
-  def __init__(self, patch=4):
-    self.patch_size = patch
-    self.scale = nnx.Param(jnp.ones(()))
-
-  def __call__(self, images, mask=None, *, key=None, return_blocks=0):
-    b, h, w, c = images.shape
-    p = self.patch_size
-    x = images.reshape(b, h // p, p, w // p, p, c).mean(axis=(2, 4)).reshape(b, -1, c)
-    x = x * self.scale[...]
-    return jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1)
+from stand_ins import MEAN, STD, MeanColorViT
 
 
 # --- J and F --------------------------------------------------------------------------------------
@@ -148,7 +131,7 @@ def test_propagate_matches_float64_reference(radius):
 def test_radius_keeps_labels_local():
   """A static scene of identical patches: with radius 0 a target patch may take labels from
   anywhere; with radius 1 only from its 3x3 window, so a distant label cannot arrive."""
-  grid, dim = (1, 6), 2
+  grid = (1, 6)
   feats = np.tile([1.0, 0.0], (1, 6, 1)).astype(np.float32)
   labels = np.zeros((1, 6, 2), np.float32)
   labels[0, :, 0] = 1.0
