@@ -78,6 +78,22 @@ def _check_rank(name: str, x: Any, rank: int, layout: str) -> None:
     raise ValueError(f"{name} must have rank {rank} {layout}, got shape {jnp.shape(x)}")
 
 
+def check_masked_patch_inputs(student: tuple[str, Any], teacher: tuple[str, Any],
+                              mask: Any) -> None:
+  """The masked-patch losses' inputs (SOVE's here, iBOT's in prototypes.py): a student and a
+  teacher array [V, B, L, K] of one shape, each given as (name, array), and `mask` [V, B, L]."""
+  (student_name, s), (teacher_name, t) = student, teacher
+  _check_rank(student_name, s, 4, "[V, B, L, K]")
+  _check_rank(teacher_name, t, 4, "[V, B, L, K]")
+  _check_rank("mask", mask, 3, "[V, B, L]")
+  if jnp.shape(t) != jnp.shape(s):
+    raise ValueError(f"{teacher_name} has shape {jnp.shape(t)}, expected {jnp.shape(s)} "
+                     f"({student_name})")
+  if jnp.shape(mask) != jnp.shape(s)[:3]:
+    raise ValueError(f"mask has shape {jnp.shape(mask)}, expected {jnp.shape(s)[:3]} "
+                     f"({student_name} [V, B, L])")
+
+
 def _check_smoothing(smoothing: Any) -> None:
   if isinstance(smoothing, (int, float)) and not 0.0 <= smoothing <= 1.0:
     raise ValueError(f"smoothing={smoothing} must lie in [0, 1]")
@@ -551,15 +567,8 @@ def patch_loss_per_example(student_log_probs: jax.Array,
                            mask: jax.Array) -> jax.Array:
   """The paper's eq. 4 per image: masked-patch cross-entropy, averaged per view over masked
   patches (docs/method.md §7). [B]."""
-  _check_rank("student_log_probs", student_log_probs, 4, "[V, B, L, K]")
-  _check_rank("teacher_probs", teacher_probs, 4, "[V, B, L, K]")
-  _check_rank("mask", mask, 3, "[V, B, L]")
-  if jnp.shape(teacher_probs) != jnp.shape(student_log_probs):
-    raise ValueError(f"teacher_probs has shape {jnp.shape(teacher_probs)}, expected "
-                     f"{jnp.shape(student_log_probs)} (student_log_probs)")
-  if jnp.shape(mask) != jnp.shape(student_log_probs)[:3]:
-    raise ValueError(f"mask has shape {jnp.shape(mask)}, expected "
-                     f"{jnp.shape(student_log_probs)[:3]} (student_log_probs [V, B, L])")
+  check_masked_patch_inputs(("student_log_probs", student_log_probs),
+                            ("teacher_probs", teacher_probs), mask)
   log_ps = jnp.asarray(student_log_probs, jnp.float32)
   pt = lax.stop_gradient(jnp.asarray(teacher_probs, jnp.float32))
   m = lax.stop_gradient(jnp.asarray(mask).astype(jnp.float32))

@@ -205,15 +205,8 @@ def ibot_patch_loss_per_example(student_patch_logits: jax.Array,
     teacher_temp: iBOT's teacher patch temperature (0.07, warmed up from 0.04); may be traced.
     student_temp: 0.1 in iBOT.
   """
-  _check_rank("student_patch_logits", student_patch_logits, 4, "[V, B, L, K]")
-  _check_rank("teacher_patch_logits", teacher_patch_logits, 4, "[V, B, L, K]")
-  _check_rank("mask", mask, 3, "[V, B, L]")
-  if jnp.shape(teacher_patch_logits) != jnp.shape(student_patch_logits):
-    raise ValueError(f"teacher_patch_logits has shape {jnp.shape(teacher_patch_logits)}, "
-                     f"expected {jnp.shape(student_patch_logits)} (student_patch_logits)")
-  if jnp.shape(mask) != jnp.shape(student_patch_logits)[:3]:
-    raise ValueError(f"mask has shape {jnp.shape(mask)}, expected "
-                     f"{jnp.shape(student_patch_logits)[:3]} (student_patch_logits [V, B, L])")
+  objective.check_masked_patch_inputs(("student_patch_logits", student_patch_logits),
+                                      ("teacher_patch_logits", teacher_patch_logits), mask)
   pt = teacher_probs(teacher_patch_logits, patch_center, teacher_temp)
   return objective.patch_loss_per_example(
       student_log_probs(student_patch_logits, student_temp), pt, mask)
