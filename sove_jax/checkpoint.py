@@ -22,6 +22,7 @@ gives the config with every change applied. This layer knows arrays and files, n
 the step.
 """
 import datetime
+import fcntl
 import json
 import logging as python_logging
 import os
@@ -78,6 +79,42 @@ def cause(error: BaseException, limit: int = 300) -> str:
   first = text[0] if text else ""
   first = first if len(first) <= limit else first[:limit] + "..."
   return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+LOCK_FILE = ".sove_jax_lock"
+_held = []   # the open lock files of this process: a lock lasts as long as its file is open
+
+
+def hold_workdir(directory) -> None:
+  """Makes this process the only training run in a local `directory` until it exits; raises
+  CheckpointError naming the holder when another process holds it.
+
+  Why: two runs started on one workdir (a command run twice, two launch scripts) would both
+  train, interleave metrics.jsonl and save checkpoints of two different runs under the same step
+  numbers, and each would take the other's for its own on a restart. An advisory `flock` on
+  LOCK_FILE: the kernel drops it when the process ends, however it ends, so a crashed or killed
+  run never leaves a stale lock. A bucket (gs://) has no such lock: there, one run per workdir
+  is the launcher's to ensure. Process 0 of a multi-process run holds it for all.
+  """
+  directory = epath.Path(directory)
+  if "://" in str(directory):
+    return
+  path = os.path.join(str(directory), LOCK_FILE)
+  f = open(path, "a+", encoding="utf-8")  # noqa: SIM115  held open for the process's life
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    f.seek(0)
+    holder = f.read().strip() or "an unknown process"
+    f.close()
+    raise CheckpointError(f"{directory} is in use by another training run ({holder}): wait for "
+                          "it to end, or give this run another --workdir.") from None
+  f.seek(0)
+  f.truncate()
+  f.write(f"pid {os.getpid()} on host {os.uname().nodename}, since "
+          f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
+  f.flush()
+  _held.append(f)
 
 
 def check_writable(directory):

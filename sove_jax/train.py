@@ -302,6 +302,7 @@ def train_and_evaluate(config, workdir: str, *, restore_step: int | None = None,
   # Nothing was written before this line.
   if jax.process_index() == 0:
     checkpoint.check_writable(wd)
+    checkpoint.hold_workdir(wd)   # one training run per workdir
   ckpt = checkpoint.Checkpointer(wd, keep=config.keep_checkpoints)
   try:
     restored = ckpt.restore(state_lib.abstract_with_shardings(setup.layout), step=restore_step)

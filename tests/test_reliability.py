@@ -195,6 +195,29 @@ def test_read_only_checkpoint_disk_keeps_the_last_complete_checkpoint(tmp_path):
 
 # --- 3. a restart with another config -------------------------------------------------------------
 
+def test_a_second_run_on_a_workdir_in_use_is_refused_in_one_line(tmp_path):
+  """Two runs started on one workdir would interleave their metrics and checkpoints: the second
+  is refused, naming the first; the lock goes with the process that held it."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  hold = ("import sys, time; from sove_jax import checkpoint; checkpoint.hold_workdir(sys.argv[1]);"
+          " print('held', flush=True); time.sleep(600)")
+  holder = subprocess.Popen([sys.executable, "-c", hold, str(workdir)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    code, out, _ = _main(workdir)
+    _one_line_failure(code, out, f"{workdir} is in use by another training run (pid "
+                      f"{holder.pid} on host", "another --workdir")
+    assert "compiled the train step" not in out
+    assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()
+  finally:
+    holder.kill()
+    holder.wait()
+  code, out, _ = _run(None, str(workdir), prefix=("-c", hold.replace("time.sleep(600)", "pass")))
+  assert code == 0 and out.strip() == "held", out   # a killed holder leaves no stale lock
+
+
 def test_restart_with_another_config_is_compared_before_anything_is_written(trained, tmp_path):
   workdir = _copy(trained, tmp_path)
   original = (workdir / "config.json").read_bytes()
