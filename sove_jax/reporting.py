@@ -154,10 +154,12 @@ def duration(seconds: float) -> str:
 
 def progress_line(step: int, total: int, scalars: dict) -> str:
   """`step 400/749 | loss 10.0089 (cls 6.0468 patch 3.9621) | lr 3.09e-04 | 166 img/s | ETA
-  4m47s`; throughput and ETA when `scalars` holds a `perf/` measurement."""
+  4m47s`; throughput and ETA when `scalars` holds a `perf/` measurement. A loss a run does not
+  compute (a weight of 0: [CLS] only, MIM only, DINO) is left out of the parentheses."""
+  parts = " ".join(f"{name} {scalars[key]:.4f}" for name, key in
+                   (("cls", "train/cls_loss"), ("patch", "train/patch_loss")) if key in scalars)
   line = (f"step {step:>{len(str(total))}}/{total} | loss {scalars['train/loss']:.4f} "
-          f"(cls {scalars['train/cls_loss']:.4f} patch {scalars['train/patch_loss']:.4f}) | "
-          f"lr {scalars['train/learning_rate']:.2e}")
+          + (f"({parts}) " if parts else "") + f"| lr {scalars['train/learning_rate']:.2e}")
   if "perf/steps_per_sec" in scalars:
     eta = (total - step) / max(scalars["perf/steps_per_sec"], 1e-9)
     line += f" | {scalars['perf/images_per_sec']:,.0f} img/s | ETA {duration(eta)}"

@@ -60,6 +60,12 @@ def test_progress_line_has_throughput_and_eta_once_measured():
   scalars.update({"perf/steps_per_sec": 2.0, "perf/images_per_sec": 1234.0})
   line = reporting.progress_line(50, 200, scalars)
   assert line.endswith("| 1,234 img/s | ETA 1m15s"), line
+  del scalars["perf/steps_per_sec"], scalars["perf/images_per_sec"]
+  del scalars["train/patch_loss"]   # a [CLS]-only run (patch weight 0) computes no patch loss
+  assert reporting.progress_line(1, 200, scalars) == (
+      "step   1/200 | loss 2.0000 (cls 1.5000) | lr 1.00e-04")
+  del scalars["train/cls_loss"]
+  assert reporting.progress_line(1, 200, scalars) == "step   1/200 | loss 2.0000 | lr 1.00e-04"
   assert reporting.knn_line(250, {"knn/top1_k20": 67.25, "knn/top1_k10": 68.0}) == (
       "k-NN top-1 at step 250: k=10 68.00 | k=20 67.25")
 
