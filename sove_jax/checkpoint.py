@@ -82,7 +82,7 @@ def cause(error: BaseException, limit: int = 300) -> str:
 
 
 LOCK_FILE = ".sove_jax_lock"
-_held = []   # the open lock files of this process: a lock lasts as long as its file is open
+_held = {}   # {lock path: its open file}: a lock lasts as long as its file is open
 
 
 def hold_workdir(directory) -> None:
@@ -94,12 +94,15 @@ def hold_workdir(directory) -> None:
   numbers, and each would take the other's for its own on a restart. An advisory `flock` on
   LOCK_FILE: the kernel drops it when the process ends, however it ends, so a crashed or killed
   run never leaves a stale lock. A bucket (gs://) has no such lock: there, one run per workdir
-  is the launcher's to ensure. Process 0 of a multi-process run holds it for all.
+  is the launcher's to ensure. Process 0 of a multi-process run holds it for all. The same
+  process may train in the workdir again (a resume in-process, as the tests do): it holds it.
   """
   directory = epath.Path(directory)
   if "://" in str(directory):
     return
   path = os.path.join(str(directory), LOCK_FILE)
+  if path in _held:
+    return
   f = open(path, "a+", encoding="utf-8")  # noqa: SIM115  held open for the process's life
   try:
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -114,7 +117,7 @@ def hold_workdir(directory) -> None:
   f.write(f"pid {os.getpid()} on host {os.uname().nodename}, since "
           f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
   f.flush()
-  _held.append(f)
+  _held[path] = f
 
 
 def check_writable(directory):

@@ -216,6 +216,8 @@ def test_a_second_run_on_a_workdir_in_use_is_refused_in_one_line(tmp_path):
     holder.wait()
   code, out, _ = _run(None, str(workdir), prefix=("-c", hold.replace("time.sleep(600)", "pass")))
   assert code == 0 and out.strip() == "held", out   # a killed holder leaves no stale lock
+  checkpoint.hold_workdir(workdir)
+  checkpoint.hold_workdir(workdir)   # the same process again (an in-process resume): it holds it
 
 
 def test_restart_with_another_config_is_compared_before_anything_is_written(trained, tmp_path):
