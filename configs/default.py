@@ -15,7 +15,8 @@ Expected (benchmarks/default_figures.py, whole Fashion-MNIST test split, teacher
 and 1): k-NN top-1 at k = 20 of 78.6% (78.4-78.8; random initialization 67.2%, raw pixels
 85.2%), linear probe 81.0% (80.9-81.0). Training takes 9 min 4 s of wall time on 2 quiet CPU
 cores, start-up, compilation and the k-NN monitor included, under tcmalloc (the trainer's
-allocator where it is installed, sove_jax/allocator.py); 10 min 36 s with glibc's malloc. README, "Does it learn?", has every figure.
+allocator where it is installed, sove_jax/allocator.py); 10 min 36 s with glibc's malloc.
+README, "Does it learn?", has every figure.
 
 Fields are grouped: the method, data (input pipeline and views), model (backbone + head), sove
 (the objective), baseline (DINO's and iBOT's objective), optim (optimizer and schedules), mesh

@@ -4,11 +4,12 @@ r"""The paper's Table 7 in miniature: SOVE against iBOT and DINO, each loss abla
 
 Six arms on the base config (configs/study.py: the default Fashion-MNIST recipe at half its
 length, unless `--config` names another) at its budget: steps, batch, backbone, views, masks,
-optimizer, EMA teacher and schedules are the config's for every arm, without local crops as in the paper's Table 7 (ViT-S,
-300 epochs, no multi-crop). Fair to every method: each has its own paper's temperatures and its
-own head, and the same learning-rate sweep (half, once and twice the config's `optim.base_lr`)
-on seed 0; its best rate by k-NN top-1 then runs seeds 1 and 2, and the table reports the mean
-and spread of the 3 seeds at that rate. 6 x 3 + 6 x 2 = 30 runs. docs/study.md has the details.
+optimizer, EMA teacher and schedules are the config's for every arm, without local crops as in
+the paper's Table 7 (ViT-S, 300 epochs, no multi-crop). Fair to every method: each has its own
+paper's temperatures and its own head, and the same learning-rate sweep (half, once and twice
+the config's `optim.base_lr`) on seed 0; its best rate by k-NN top-1 then runs seeds 1 and 2,
+and the table reports the mean and spread of the 3 seeds at that rate. 6 x 3 + 6 x 2 = 30 runs.
+docs/study.md has the details.
 
 The paper's figures (ImageNet-1k, ViT-S/16, k-NN / linear): iBOT 69.1 / 74.2, iBOT MIM only
 9.5 / 29.8, DINO 67.9 / 72.5, SOVE 70.0 / 74.3, SOVE MIM only 16.8 / 30.2, SOVE [CLS] only
