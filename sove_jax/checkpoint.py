@@ -37,6 +37,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from sove_jax import paths
+
 CONFIG_FILE = "config.json"
 CHANGES_FILE = "config_changes.jsonl"
 CHECKPOINTS = "checkpoints"
@@ -98,7 +100,7 @@ def hold_workdir(directory) -> None:
   process may train in the workdir again (a resume in-process, as the tests do): it holds it.
   """
   directory = epath.Path(directory)
-  if "://" in str(directory):
+  if not paths.is_local(directory):
     return
   path = os.path.join(str(directory), LOCK_FILE)
   if path in _held:

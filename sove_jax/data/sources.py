@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import functools
 import gzip
-import os
 
 import numpy as np
 import tensorflow as tf
+
+from sove_jax import paths
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -188,7 +189,7 @@ def _fashion_mnist_arrays(directory: str, split: str) -> tuple[np.ndarray, np.nd
   if not tf.io.gfile.isdir(directory):
     raise FileNotFoundError(f"Fashion-MNIST directory not found: {directory} (install the Debian "
                             "package dataset-fashion-mnist, or set data.data_dir)")
-  stem = _join(directory, _IDX_PREFIX[split])
+  stem = paths.join(directory, _IDX_PREFIX[split])
   images = _read_idx(stem + "-images-idx3-ubyte", 0x803)
   labels = _read_idx(stem + "-labels-idx1-ubyte", 0x801)
   if len(images) != len(labels):
@@ -203,7 +204,7 @@ def fashion_mnist(split: str, data_dir: str = "") -> ArraySource:
   if split not in _IDX_PREFIX:
     raise ValueError(f"Fashion-MNIST has splits {sorted(_IDX_PREFIX)}, not {split!r}")
   directory = data_dir or FASHION_MNIST_DIR
-  images, labels = _fashion_mnist_arrays(_absolute(directory), split)
+  images, labels = _fashion_mnist_arrays(paths.absolute(directory), split)
   if len(images) == 0:
     raise ValueError(f"Fashion-MNIST {split} in {directory} is empty")
   return ArraySource(images, labels, name=f"fashion_mnist/{split}")
@@ -213,19 +214,9 @@ def fashion_mnist(split: str, data_dir: str = "") -> ArraySource:
 
 # Folders are listed through tf.io.gfile, so a data_dir may be local or in a bucket (gs://...).
 
-def _absolute(path: str) -> str:
-  """A local path made absolute; a bucket URL kept as it is."""
-  return path if "://" in path else os.path.abspath(path)
-
-
-def _join(*parts: str) -> str:
-  return "/".join(p.rstrip("/") for p in parts[:-1]) + "/" + parts[-1] if len(parts) > 1 \
-      else parts[0]
-
-
 def _subdirs(path: str) -> list[str]:
   names = [n.rstrip("/") for n in tf.io.gfile.listdir(path)]
-  return sorted(n for n in names if not n.startswith(".") and tf.io.gfile.isdir(_join(path, n)))
+  return sorted(n for n in names if not n.startswith(".") and tf.io.gfile.isdir(paths.join(path, n)))
 
 
 def image_folder(root: str, split: str) -> FileSource:
@@ -235,23 +226,23 @@ def image_folder(root: str, split: str) -> FileSource:
   split does not shift the labels of the others. Files are only listed here; one that does not
   decode is skipped (and counted) by the pipeline.
   """
-  split_dir = _join(root, split)
+  split_dir = paths.join(root, split)
   if not tf.io.gfile.isdir(split_dir):
     raise FileNotFoundError(f"Image folder not found: {split_dir} "
                             f"(expected {root}/{split}/<class>/*.jpg)")
-  classes = sorted({c for s in _subdirs(root) for c in _subdirs(_join(root, s))})
+  classes = sorted({c for s in _subdirs(root) for c in _subdirs(paths.join(root, s))})
   label_of = {c: i for i, c in enumerate(classes)}
-  paths, labels = [], []
+  files, labels = [], []
   for c in sorted(_subdirs(split_dir)):
-    class_dir = _join(split_dir, c)
+    class_dir = paths.join(split_dir, c)
     names = sorted(n for n in tf.io.gfile.listdir(class_dir)
                    if not n.endswith("/") and n.lower().endswith(IMAGE_EXTENSIONS))
-    paths += [_join(class_dir, n) for n in names]
+    files += [paths.join(class_dir, n) for n in names]
     labels += [label_of[c]] * len(names)
-  if not paths:
+  if not files:
     raise ValueError(f"Image folder {split_dir} holds no {'/'.join(IMAGE_EXTENSIONS)} files in "
                      "class subfolders")
-  return FileSource(paths, labels, classes, name=split_dir)
+  return FileSource(files, labels, classes, name=split_dir)
 
 
 def write_image_folder(root: str, split: str, images, labels, class_names=None,
@@ -264,13 +255,13 @@ def write_image_folder(root: str, split: str, images, labels, class_names=None,
   if image_format not in ("png", "jpeg"):
     raise ValueError(f"image_format must be 'png' or 'jpeg', not {image_format!r}")
   ext = "png" if image_format == "png" else "jpg"
-  paths = []
+  files = []
   for image, label in zip(images, labels):
     name = class_names[label] if class_names is not None else f"{int(label):04d}"
-    folder = _join(root, split, name)
+    folder = paths.join(root, split, name)
     tf.io.gfile.makedirs(folder)
     n = len(tf.io.gfile.listdir(folder))
-    while tf.io.gfile.exists(_join(folder, f"{n:06d}.{ext}")):
+    while tf.io.gfile.exists(paths.join(folder, f"{n:06d}.{ext}")):
       n += 1
     image = np.asarray(image, np.uint8)
     if image.ndim == 2:
@@ -279,10 +270,10 @@ def write_image_folder(root: str, split: str, images, labels, class_names=None,
       data = tf.io.encode_png(image)
     else:
       data = tf.io.encode_jpeg(image, quality=quality)
-    path = _join(folder, f"{n:06d}.{ext}")
+    path = paths.join(folder, f"{n:06d}.{ext}")
     tf.io.write_file(path, data)
-    paths.append(path)
-  return paths
+    files.append(path)
+  return files
 
 
 # --- by config ------------------------------------------------------------------------------------

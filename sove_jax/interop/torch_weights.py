@@ -50,6 +50,8 @@ from absl import logging
 from etils import epath
 from flax import traverse_util
 
+from sove_jax import paths
+
 # Prefixes that wrappers put in front of backbone keys: DistributedDataParallel ("module."),
 # DINO's MultiCropWrapper ("backbone."), and checkpoints that flatten {"teacher": ...}.
 STRIP_PREFIXES = ("module.", "backbone.", "teacher.")
@@ -362,10 +364,6 @@ def save_safetensors(state_dict: Mapping, path: str, metadata: Mapping | None = 
   _write_atomically(path, safetensors.numpy.save(tensors, metadata=meta))
 
 
-def _is_local(path) -> bool:
-  return "://" not in os.fspath(path)
-
-
 def _open_safetensors(path: str):
   """A local file is memory-mapped; one in a bucket (gs://...) is read whole through epath."""
   import safetensors
@@ -374,7 +372,7 @@ def _open_safetensors(path: str):
   if not epath.Path(path).exists():
     raise FileNotFoundError(f"No file {path}.")
   try:
-    if _is_local(path):
+    if paths.is_local(path):
       return safetensors.safe_open(os.fspath(path), framework="np")
     return _SafetensorsBytes(epath.Path(path).read_bytes())
   except (safetensors.SafetensorError, ValueError) as e:
@@ -450,7 +448,7 @@ def load_pth(path: str, *, trusted: bool = False):
   torch = _import_torch(path)
   if not epath.Path(path).exists():
     raise FileNotFoundError(f"No file {path}.")
-  source = path if _is_local(path) else io.BytesIO(epath.Path(path).read_bytes())
+  source = path if paths.is_local(path) else io.BytesIO(epath.Path(path).read_bytes())
   try:
     with torch.serialization.safe_globals([argparse.Namespace]):
       obj = torch.load(source, map_location="cpu", weights_only=not trusted)
