@@ -32,7 +32,7 @@ setup(
         "tensorflow-datasets>=4.9.7,<5",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "pytest-xdist"],  # xdist: the suite on every core
         # PyTorch weight export/import (.pth) and the parity test.
         "torch": ["torch>=2.4"],
         # The learning-curve figure in the README.

@@ -158,3 +158,21 @@ ARMS += [
     ("m6_tasks8", {**DEFAULT, "sove.class_tasks": 8}),
     ("m6_nbr4", {**DEFAULT, "sove.num_neighbors": 4}),
 ]
+
+# m7: m5_w192d2 (wider and shallower at equal cost) lost 1.7, so at this size depth pays: the
+# other way at equal cost, width 96 at depth 7 (7 x 96^2 ~ 4 x 128^2 per token; head dim 32).
+# And the two best single arms together: batches of 32 (m3_b32, 79.03) with Adam's b2 0.99
+# (m5_b2, 79.10): twice the updates, with a second moment that follows them.
+ARMS += [
+    ("m7_w96d7", {**DEFAULT, "model.width": 96, "model.depth": 7, "model.num_heads": 3}),
+    ("m7_b32b2", {**DEFAULT, "batch_size": 32, "total_steps": 2998, "optim.b2": 0.99}),
+]
+
+# m8: local crops at 14 px are 4 patches each and a third of the student's tokens; the study's
+# Table 7 arms (no local crops, half the default's length) reached 77.3. The same 10 minutes
+# spent on more steps instead: no local crops (student 34 tokens an image instead of 54, about
+# 0.69 of the step's backbone cost: 2160 steps), and 2 local crops (about 0.85: 1770 steps).
+ARMS += [
+    ("m8_local0", {**DEFAULT, "data.num_local": 0, "total_steps": 2160}),
+    ("m8_local2", {**DEFAULT, "data.num_local": 2, "total_steps": 1770}),
+]
