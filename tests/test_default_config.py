@@ -43,17 +43,20 @@ def test_default_step_flops_per_image_are_the_docstrings():
       f"{gflop}")
 
 
-def test_study_config_is_the_default_at_half_its_length():
-  """configs/study.py, the paper studies' budget, is the default recipe with every length halved:
-  the steps and each schedule given in epochs, so warm-ups keep their share of the run."""
+def test_study_config_is_the_default_at_the_studys_budget():
+  """configs/study.py, the paper studies' budget, is the default recipe with each schedule given
+  in epochs halved, at the length and local crops the study began with (750 steps, 4 local
+  crops; the default has since dropped its local crops for more steps), so that every arm of a
+  study that outlives a session trains at one budget."""
   from configs import study
   full, half = default.get_config(), study.get_config()
   per_epoch = FASHION_MNIST_TRAIN // full.batch_size
-  assert abs(train.total_steps(half, per_epoch) - train.total_steps(full, per_epoch) / 2) <= 1
-  lengths = ("num_epochs", "optim.warmup_epochs", "sove.teacher_temp_warmup_epochs",
-             "baseline.teacher_temp_warmup_epochs", "baseline.freeze_last_layer_epochs")
+  assert train.total_steps(half, per_epoch) == 750
+  assert half.data.num_local == 4
+  schedules = ("optim.warmup_epochs", "sove.teacher_temp_warmup_epochs",
+               "baseline.teacher_temp_warmup_epochs", "baseline.freeze_last_layer_epochs")
   value = lambda c, field: functools.reduce(getattr, field.split("."), c)
-  for field in lengths:
+  for field in schedules:
     assert value(half, field) == value(full, field) / 2, field
   changed = configuration.changed_fields(full, half, ignore=())
-  assert set(changed) <= set(lengths) | {"knn_every"}, changed
+  assert set(changed) <= set(schedules) | {"knn_every", "num_epochs", "data.num_local"}, changed
