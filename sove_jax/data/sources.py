@@ -216,7 +216,8 @@ def fashion_mnist(split: str, data_dir: str = "") -> ArraySource:
 
 def _subdirs(path: str) -> list[str]:
   names = [n.rstrip("/") for n in tf.io.gfile.listdir(path)]
-  return sorted(n for n in names if not n.startswith(".") and tf.io.gfile.isdir(paths.join(path, n)))
+  return sorted(n for n in names
+                if not n.startswith(".") and tf.io.gfile.isdir(paths.join(path, n)))
 
 
 def image_folder(root: str, split: str) -> FileSource:
