@@ -11,15 +11,15 @@ The length and local crops are pinned (the default has since dropped its local c
 more steps, docs/tuning.md m8) so that a study that outlives a session trains every arm at one
 budget. The studies train 30 + 26 runs; at the default's full length (about 10 minutes each
 on 2 CPU cores, plus evaluation) they would take more than 11 hours of this machine, at half of
-it about 6. Every schedule given in epochs is halved with the run, so warm-ups, the frozen prototype
-layer and the teacher-temperature ramps keep their share of it; the EMA, learning-rate and
+it about 6. Every schedule given in epochs is halved with the run, so warm-ups, the frozen
+prototype layer and the teacher-temperature ramps keep their share of it; the EMA, learning-rate and
 weight-decay schedules follow the steps by themselves. docs/study.md has the results.
 """
 from sove_jax import configuration
 
 default = configuration.sibling("default", of=__file__)
 
-SCALE = 0.5   # of the default's length
+SCALE = 0.5   # of the default's schedules (and of its length when the study began)
 
 
 def get_config():
