@@ -124,11 +124,15 @@ def main():
   parser.add_argument("--images", type=int, default=160, help="JPEGs made for the paper recipe")
   parser.add_argument("--threads", type=int, default=1, help="tf.data threads (1 = per core)")
   parser.add_argument("--repeats", type=int, default=3, help="runs per stage; the best counts")
+  parser.add_argument("--modes", default="host,device", help="comma-separated: host, device")
   args = parser.parse_args()
   recipes = args.recipe.split(",")
   unknown = set(recipes) - {"paper", "large", "fashion_mnist"}
   if unknown:
     parser.error(f"unknown recipe(s) {sorted(unknown)}")
+  modes = args.modes.split(",")
+  if set(modes) - {"host", "device"}:
+    parser.error(f"unknown mode(s) {sorted(set(modes) - {'host', 'device'})}")
 
   rows = []  # (label, mode, stages, bytes, device figures or None)
   for name in recipes:
@@ -145,7 +149,7 @@ def main():
         c, patch = fashion_mnist_recipe()
         label, batch, count = "fashion_mnist 2x28+4x14", 128, 128 * 20
         canvas, channels = (28, 28), 1
-      for mode in ("host", "device"):
+      for mode in modes:
         d = c.data.copy_and_resolve_references()
         d.augment = mode
         if mode == "device" and d.source == "fashion_mnist":

@@ -125,10 +125,10 @@ def fit_plan(height, width, canvas: int):
     return tf.where(longest <= canvas, side,
                     tf.maximum(1, (side * canvas + longest // 2) // longest))
   fit_height, fit_width = fitted(height), fitted(width)
-  ratio = tf.constant(1, tf.int32)
-  for r in JPEG_RATIOS[1:]:  # ascending: the last that fits is the largest
-    fits = ((height + r - 1) // r >= fit_height) & ((width + r - 1) // r >= fit_width)
-    ratio = tf.where(fits & (longest > canvas), r, ratio)
+  ratios = tf.constant(JPEG_RATIOS, tf.int32)  # one vector op each, not one per ratio: every
+  fits = (((height + ratios - 1) // ratios >= fit_height)  # op costs microseconds per image
+          & ((width + ratios - 1) // ratios >= fit_width))
+  ratio = tf.reduce_max(tf.where(fits & (longest > canvas), ratios, 1))
   return ratio, fit_height, fit_width
 
 
@@ -155,9 +155,10 @@ def decode_for_canvas(example, canvas: int):
 
 
 def fit_to_canvas(example, canvas: int):
-  """"image" -> "canvas" uint8 [canvas, canvas, 3]: resized to "size" where it is not that
-  size already, at the top left, zeros elsewhere (the views never read them: their boxes lie
-  within "size").
+  """"image" -> "canvas" uint8 [h, w, 3] with (h, w) = "size" <= canvas: resized where it is
+  not that size already. Batching (`_batch`) pads it with zeros at the bottom and right to
+  canvas x canvas, the views never read them (their boxes lie within "size"); padding there
+  writes each image into the batch once instead of copying a padded image (0.15 ms an image).
 
   The resize only ever shrinks, by less than 2x after the decoder's DCT downscale, and uses
   area averaging (each output pixel the mean of the input it covers, an antialiasing box
@@ -168,12 +169,19 @@ def fit_to_canvas(example, canvas: int):
   image, size = example.pop("image"), example["size"]
 
   def resize():
-    x = tf.image.resize(image, size, method="area")
-    return tf.cast(tf.round(tf.clip_by_value(x, 0.0, 255.0)), tf.uint8)
+    x = tf.image.resize(image, size, method="area")  # means of uint8: within [0, 255]
+    return tf.cast(tf.round(x), tf.uint8)
   image = tf.cond(tf.reduce_all(tf.shape(image)[:2] == size), lambda: image, resize)
-  padded = tf.pad(image, [[0, canvas - size[0]], [0, canvas - size[1]], [0, 0]])
-  padded.set_shape([canvas, canvas, 3])
-  return {**example, "canvas": padded}
+  return {**example, "canvas": image}
+
+
+def _batch(ds, batch_size: int, canvas: int):
+  """Whole batches; a "canvas" image is padded into its canvas x canvas slot as it is copied."""
+  if "canvas" not in ds.element_spec:
+    return ds.batch(batch_size, drop_remainder=True)
+  shapes = {k: ([canvas, canvas, 3] if k == "canvas" else spec.shape)
+            for k, spec in ds.element_spec.items()}
+  return ds.padded_batch(batch_size, padded_shapes=shapes, drop_remainder=True)
 
 
 # --- training -------------------------------------------------------------------------------------
@@ -354,30 +362,33 @@ class TrainInput:
       ds = src.host_records(self.process_index, self.process_count, drop_remainder=True,
                             shuffle_seed=shuffle_seed, shuffle_buffer=d.shuffle_buffer)
       ds = ds.enumerate().skip(position)  # skips undecoded records
-      ds = _map(ds, lambda i, r: {"epoch": tf.constant(epoch, tf.int64), "position": i,
-                                  "bytes": r[0], "label": r[1]})
+      head = lambda i, r: {"epoch": tf.constant(epoch, tf.int64), "position": i,
+                           "bytes": r[0], "label": r[1]}
     else:
       order = lambda _: tf.data.Dataset.from_tensor_slices(
           host_order(len(src), self.seed, epoch, self.process_index, self.process_count))
       ds = tf.data.Dataset.from_tensors(0).flat_map(order).enumerate().skip(position)
-      ds = _map(ds, lambda i, index: {"epoch": tf.constant(epoch, tf.int64), "position": i,
-                                      "index": index})
+      head = lambda i, index: {"epoch": tf.constant(epoch, tf.int64), "position": i,
+                               "index": index}
     batched = isinstance(src, sources.ArraySource)  # in memory: read and cropped per batch
     if batched:
-      ds = ds.batch(b, drop_remainder=True)
-    fns = []
+      ds, fns = _map(ds, head).batch(b, drop_remainder=True), []
+    else:  # one map runs the per-example stages (each map costs ~0.03 ms an example)
+      fns = [head]
+    decodes = False
+
+    def run(ds):  # one map of the stages in `fns`; a decode among them drops what fails
+      ds = _map(ds, *fns) if fns else ds
+      return ds.ignore_errors(log_warning=False) if decodes else ds
     for name, fn, per_example in self._stages:
       if per_example == batched:  # the first per-batch stage: finish the per-example run, batch
-        ds = (_map(ds, *fns) if fns else ds).batch(b, drop_remainder=True)
-        fns, batched = [], True
+        ds = _batch(run(ds), b, d.canvas_size)
+        fns, decodes, batched = [], False, True
       fns.append(fn)
-      if name == "decode":  # drops examples that fail to read or decode
-        ds, fns = _map(ds, *fns).ignore_errors(log_warning=False), []
+      decodes |= name == "decode"
       if name == stop_after:
         break
-    if fns:
-      ds = _map(ds, *fns)
-    return ds.prefetch(d.prefetch).with_options(_options(d.threads))
+    return run(ds).prefetch(d.prefetch).with_options(_options(d.threads))
 
   # Iteration and state --------------------------------------------------------------------------
 
