@@ -85,45 +85,50 @@ def _blocks(seed, mask, count, min_patches, aspect, attempts):
 def _official_blocks(seed, high, grid, min_area, aspect, attempts):
   """The authors' block masks [n, h, w] for float targets `high` [n] (see the module doc).
 
-  One loop iteration is one attempt for every mask still running; a mask stops when it
-  reaches `high` or when `attempts` attempts in a row fail.
+  One loop iteration is one round for every mask still running: its `attempts` attempts are
+  drawn at once (failed attempts leave the mask as it is, so they all see the same mask), and
+  the first that succeeds is placed. A mask stops when it reaches `high` or a whole round
+  fails. (A loop of single attempts gives the same masks in distribution and runs about 10x
+  more iterations, each a few microseconds of TensorFlow per op.)
   """
   n = high.shape[0]
   h, w = grid
-  rows = tf.range(h, dtype=tf.float32)[None, :, None]
-  cols = tf.range(w, dtype=tf.float32)[None, None, :]
+  rows = tf.range(h, dtype=tf.float32)[None, None, :, None]
+  cols = tf.range(w, dtype=tf.float32)[None, None, None, :]
   log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
   lo = float(min_area)
 
-  def running(masked, fails):
-    return (tf.cast(masked, tf.float32) < high) & (fails < attempts)
+  def running(masked, failed):
+    return (tf.cast(masked, tf.float32) < high) & ~failed
 
-  def body(step, mask, masked, fails):
-    active = running(masked, fails)
-    room = high - tf.cast(masked, tf.float32)
-    u = tf.random.stateless_uniform([n, 4], fold(seed, step))
-    area = lo + u[:, 0] * (room - lo)  # Python's random.uniform(lo, room), also when room < lo
-    ratio = tf.exp(log_lo + u[:, 1] * (log_hi - log_lo))
+  def body(step, mask, masked, failed):
+    active = running(masked, failed)
+    room = (high - tf.cast(masked, tf.float32))[:, None]
+    u = tf.random.stateless_uniform([n, attempts, 4], fold(seed, step))
+    area = lo + u[..., 0] * (room - lo)  # Python's random.uniform(lo, room), also when room < lo
+    ratio = tf.exp(log_lo + u[..., 1] * (log_hi - log_lo))
     bh = tf.round(tf.sqrt(area * ratio))  # round half to even, as Python's round
     bw = tf.round(tf.sqrt(area / ratio))
     fits = (bh < h) & (bw < w)
-    top = tf.floor(u[:, 2] * (h - bh + 1))[:, None, None]  # randint(0, h - bh)
-    left = tf.floor(u[:, 3] * (w - bw + 1))[:, None, None]
-    block = ((rows >= top) & (rows < top + bh[:, None, None]) &
-             (cols >= left) & (cols < left + bw[:, None, None]))
-    new = tf.reduce_sum(tf.cast(block & ~mask, tf.int32), axis=[1, 2])
-    accept = active & fits & (new > 0) & (tf.cast(new, tf.float32) <= room)
-    mask = mask | (block & accept[:, None, None])
-    masked = masked + tf.where(accept, new, 0)
-    fails = tf.where(accept, 0, tf.where(active, fails + 1, fails))
-    return step + 1, mask, masked, fails
+    top = tf.floor(u[..., 2] * (h - bh + 1))[..., None, None]  # randint(0, h - bh)
+    left = tf.floor(u[..., 3] * (w - bw + 1))[..., None, None]
+    block = ((rows >= top) & (rows < top + bh[..., None, None]) &
+             (cols >= left) & (cols < left + bw[..., None, None]))  # [n, attempts, h, w]
+    new = tf.reduce_sum(tf.cast(block & ~mask[:, None], tf.int32), axis=[2, 3])
+    ok = fits & (new > 0) & (tf.cast(new, tf.float32) <= room)
+    first = tf.argmax(tf.cast(ok, tf.int32), axis=1, output_type=tf.int32)  # first success
+    accept = active & tf.reduce_any(ok, axis=1)
+    chosen = tf.gather(block, first, axis=1, batch_dims=1)
+    mask = mask | (chosen & accept[:, None, None])
+    masked = masked + tf.where(accept, tf.gather(new, first, axis=1, batch_dims=1), 0)
+    return step + 1, mask, masked, failed | (active & ~accept)
 
-  def cond(step, mask, masked, fails):
-    return tf.reduce_any(running(masked, fails))
+  def cond(step, mask, masked, failed):
+    return tf.reduce_any(running(masked, failed))
 
-  zeros = tf.zeros([n], tf.int32)
   mask = tf.zeros([n, h, w], tf.bool)
-  _, mask, _, _ = tf.while_loop(cond, body, (tf.constant(0, tf.int64), mask, zeros, zeros))
+  _, mask, _, _ = tf.while_loop(
+      cond, body, (tf.constant(0, tf.int64), mask, tf.zeros([n], tf.int32), tf.zeros([n], bool)))
   return mask
 
 
