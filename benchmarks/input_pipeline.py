@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import default, vits  # noqa: E402
-from sove_jax import views  # noqa: E402
+from sove_jax import allocator, views  # noqa: E402
 from sove_jax.data import pipeline, sources  # noqa: E402
 
 IMAGENET_SIZES = [(375, 500), (500, 375), (333, 500), (500, 500), (480, 640), (400, 500),
@@ -118,6 +118,7 @@ def device_side(c, channels: int, canvas: tuple[int, int], repeats: int) -> dict
 
 
 def main():
+  allocator.reexec_with_tcmalloc()  # the trainer's allocator: batches are big allocations
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--recipe", default="paper,fashion_mnist",
                       help="comma-separated: paper, large, fashion_mnist")
@@ -125,6 +126,8 @@ def main():
   parser.add_argument("--threads", type=int, default=1, help="tf.data threads (1 = per core)")
   parser.add_argument("--repeats", type=int, default=3, help="runs per stage; the best counts")
   parser.add_argument("--modes", default="host,device", help="comma-separated: host, device")
+  parser.add_argument("--batch", type=int, default=16,
+                      help="per-host batch of the JPEG recipes (uses 2 batches of images to warm up)")
   args = parser.parse_args()
   recipes = args.recipe.split(",")
   unknown = set(recipes) - {"paper", "large", "fashion_mnist"}
@@ -143,7 +146,9 @@ def main():
         sizes = [os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(tmp) for f in fs]
         label = (f"{name} 2x224+10x96, JPEG {np.mean(sizes) / 1024:.0f} KB "
                  f"({'ImageNet sizes' if name == 'paper' else '1536 x 2048'})")
-        batch, count = 16, n - 32
+        batch, count = args.batch, n - 2 * args.batch
+        if count < 1:
+          parser.error(f"--images {n} leave no image to measure after 2 batches of {batch}")
         canvas, channels = (PAPER_CANVAS, PAPER_CANVAS), 3
       else:
         c, patch = fashion_mnist_recipe()
@@ -160,7 +165,8 @@ def main():
         print(f"measured {label}, {mode}", file=sys.stderr, flush=True)
 
   cores = f"{args.threads} thread(s)" if args.threads else "all cores"
-  print(f"\ninput pipeline, tf.data on {cores} ({os.cpu_count()} CPUs on this machine)\n")
+  print(f"\ninput pipeline, tf.data on {cores} ({os.cpu_count()} CPUs on this machine), "
+        f"host allocator {allocator.in_use()}\n")
   print("| recipe | data.augment | host CPU ms/image | images/s per core | bytes/image to "
         "device | device views GFLOP/image | share of the step | device views ms/image here |")
   print("|---|---|---|---|---|---|---|---|")
