@@ -19,10 +19,10 @@ figure; the verdict names the faster mode by both.
     python benchmarks/augment_modes.py                        # the default config
     python benchmarks/augment_modes.py --config configs/smoke.py --rounds 2 --steps 4
 
-Measured (`--rounds 3 --steps 8`, the default config, batch 128, on this 2-core CPU under heavy
-load from other work): CPU per step 1653 ms "host", 1742 ms "device" (1.05x, median rounds);
-best rounds' wall time 12.0 vs 11.3 s, both mostly waiting for the cores. The default config
-keeps "host".
+Measured (`--rounds 3 --steps 20`, the default config, batch 64, no local crops, on the quiet
+2-core CPU): 253 ms per step "host", 252 "device" (best rounds; medians equal); CPU per step
+484 vs 474 ms (medians, "device" 2% less). A tie by wall time: the default config keeps "host",
+with which its figures were measured.
 """
 from __future__ import annotations
 

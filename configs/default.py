@@ -53,10 +53,11 @@ def get_config():
   # same recipe); the host only decodes each image and fits it into a uint8 canvas of
   # canvas_size, and an in-memory source (Fashion-MNIST) lives whole in device memory, the host
   # sending indices. Either way the masks are made on the host. This config keeps "host", by
-  # measurement (benchmarks/augment_modes.py, both modes' training loops alternating on this
-  # 2-core CPU, where the same cores make the views either way): "device" cost 5% more CPU per
-  # step (1742 vs 1653 ms, median of 3 rounds); the wall clock, swamped by other load, could
-  # not separate them (best rounds 11.3 vs 12.0 s). The ImageNet configs use "device".
+  # measurement (`python benchmarks/augment_modes.py --rounds 3 --steps 20`, both modes'
+  # training loops alternating on the quiet 2-core CPU, where the same cores make the views
+  # either way): a tie, 253 vs 252 ms per step (best rounds), 484 vs 474 CPU ms per step
+  # (medians, "device" 2% less); the figures in this docstring were measured with "host". The
+  # ImageNet configs use "device".
   d.augment = "host"
   d.canvas_size = 0           # device mode, decoded sources: side of the square uint8 canvas
                               # each image is fitted into (downscaled, aspect kept, if larger;
