@@ -12,9 +12,9 @@ Per host, data.augment = "host": read -> decode -> crop + flip (per example when
 in size; per batch from memory) -> batch (drop_remainder) -> color/gray/blur/solarize +
 normalize (per batch) -> masks -> prefetch.
 data.augment = "device" (the views are cut inside the jitted step, sove_jax/views.py): read ->
-decode, downscaled in the DCT domain when the image is 2x or more the canvas -> fit into the
-uint8 canvas (finish the downscale, pad; the fitted size recorded) -> batch -> masks ->
-prefetch. An in-memory source lives whole on the device (`device_resident`): its pipeline is
+decode, downscaled in the DCT domain when the image is 2x or more the canvas -> fit (finish the
+downscale; the fitted size recorded) -> batch, each image padded into its uint8 canvas slot ->
+masks -> prefetch. An in-memory source lives whole on the device (`device_resident`): its pipeline is
 read (indices and labels) -> masks.
 An example that fails to decode is dropped; the gap it leaves in the positions is how it is
 counted and named in the log.
