@@ -8,7 +8,7 @@ Recipes:
   read from an image folder; device mode fits them into 512 x 512 uint8 canvases;
 - large (only when asked): the paper recipe from 1536 x 2048 JPEGs, where device mode decodes
   at 1/4 scale in the DCT domain;
-- fashion_mnist: the default config (2 x 28 + 4 x 14 views, 4 x 4 patches) on the real
+- fashion_mnist: the default config (2 x 28 px views, no local ones; 4 x 4 patches) on the real
   Fashion-MNIST train split in memory; device mode keeps the images on the device and sends
   indices.
 
@@ -152,7 +152,9 @@ def main():
         canvas, channels = (PAPER_CANVAS, PAPER_CANVAS), 3
       else:
         c, patch = fashion_mnist_recipe()
-        label, batch, count = "fashion_mnist 2x28+4x14", 128, 128 * 20
+        fm = c.data
+        views = f"2x{fm.global_size}" + (f"+{fm.num_local}x{fm.local_size}" if fm.num_local else "")
+        label, batch, count = f"fashion_mnist {views}", 128, 128 * 20
         canvas, channels = (28, 28), 1
       for mode in modes:
         d = c.data.copy_and_resolve_references()
