@@ -127,7 +127,7 @@ def main():
   parser.add_argument("--repeats", type=int, default=3, help="runs per stage; the best counts")
   parser.add_argument("--modes", default="host,device", help="comma-separated: host, device")
   parser.add_argument("--batch", type=int, default=16,
-                      help="per-host batch of the JPEG recipes (uses 2 batches of images to warm up)")
+                      help="per-host batch of the JPEG recipes (2 batches of images warm up)")
   args = parser.parse_args()
   recipes = args.recipe.split(",")
   unknown = set(recipes) - {"paper", "large", "fashion_mnist"}

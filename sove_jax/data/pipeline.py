@@ -14,8 +14,8 @@ normalize (per batch) -> masks -> prefetch.
 data.augment = "device" (the views are cut inside the jitted step, sove_jax/views.py): read ->
 decode, downscaled in the DCT domain when the image is 2x or more the canvas -> fit (finish the
 downscale; the fitted size recorded) -> batch, each image padded into its uint8 canvas slot ->
-masks -> prefetch. An in-memory source lives whole on the device (`device_resident`): its pipeline is
-read (indices and labels) -> masks.
+masks -> prefetch. An in-memory source lives whole on the device (`device_resident`): its
+pipeline is read (indices and labels) -> masks.
 An example that fails to decode is dropped; the gap it leaves in the positions is how it is
 counted and named in the log.
 """
