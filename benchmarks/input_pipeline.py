@@ -153,8 +153,8 @@ def main():
       else:
         c, patch = fashion_mnist_recipe()
         fm = c.data
-        views = f"2x{fm.global_size}" + (f"+{fm.num_local}x{fm.local_size}" if fm.num_local else "")
-        label, batch, count = f"fashion_mnist {views}", 128, 128 * 20
+        crops = f"2x{fm.global_size}" + (f"+{fm.num_local}x{fm.local_size}" if fm.num_local else "")
+        label, batch, count = f"fashion_mnist {crops}", 128, 128 * 20
         canvas, channels = (28, 28), 1
       for mode in modes:
         d = c.data.copy_and_resolve_references()

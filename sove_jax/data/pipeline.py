@@ -125,10 +125,10 @@ def fit_plan(height, width, canvas: int):
     return tf.where(longest <= canvas, side,
                     tf.maximum(1, (side * canvas + longest // 2) // longest))
   fit_height, fit_width = fitted(height), fitted(width)
-  ratios = tf.constant(JPEG_RATIOS, tf.int32)  # one vector op each, not one per ratio: every
-  fits = (((height + ratios - 1) // ratios >= fit_height)  # op costs microseconds per image
-          & ((width + ratios - 1) // ratios >= fit_width))
-  ratio = tf.reduce_max(tf.where(fits & (longest > canvas), ratios, 1))
+  ratio = tf.constant(1, tf.int32)
+  for r in JPEG_RATIOS[1:]:  # ascending: the last that fits is the largest
+    fits = ((height + r - 1) // r >= fit_height) & ((width + r - 1) // r >= fit_width)
+    ratio = tf.where(fits & (longest > canvas), r, ratio)
   return ratio, fit_height, fit_width
 
 
@@ -373,22 +373,20 @@ class TrainInput:
     batched = isinstance(src, sources.ArraySource)  # in memory: read and cropped per batch
     if batched:
       ds, fns = _map(ds, head).batch(b, drop_remainder=True), []
-    else:  # one map runs the per-example stages (each map costs ~0.03 ms an example)
+    else:  # the read and decode share the head's map (each map costs ~0.03 ms an example)
       fns = [head]
-    decodes = False
-
-    def run(ds):  # one map of the stages in `fns`; a decode among them drops what fails
-      ds = _map(ds, *fns) if fns else ds
-      return ds.ignore_errors(log_warning=False) if decodes else ds
     for name, fn, per_example in self._stages:
       if per_example == batched:  # the first per-batch stage: finish the per-example run, batch
-        ds = _batch(run(ds), b, d.canvas_size)
-        fns, decodes, batched = [], False, True
+        ds = _batch(_map(ds, *fns) if fns else ds, b, d.canvas_size)
+        fns, batched = [], True
       fns.append(fn)
-      decodes |= name == "decode"
+      if name == "decode":  # drops examples that fail to read or decode, and only those
+        ds, fns = _map(ds, *fns).ignore_errors(log_warning=False), []
       if name == stop_after:
         break
-    return run(ds).prefetch(d.prefetch).with_options(_options(d.threads))
+    if fns:
+      ds = _map(ds, *fns)
+    return ds.prefetch(d.prefetch).with_options(_options(d.threads))
 
   # Iteration and state --------------------------------------------------------------------------
 
