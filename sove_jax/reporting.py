@@ -36,10 +36,14 @@ def say(text: str):
 
 class _OursAndWarnings(python_logging.Filter):
   """Passes warnings and errors from anywhere, INFO lines only from sove_jax. Orbax's errors
-  (a failed save, with tracebacks) are left to the one line `checkpoint.CheckpointError` says."""
+  (a failed save, with tracebacks) are left to the one line `checkpoint.CheckpointError` says,
+  and so are asyncio's reports of Orbax's write tasks whose failure nobody collected (a save
+  whose folder vanished leaves one per array being written)."""
 
   def filter(self, record):
-    if record.levelno >= python_logging.ERROR and "/orbax/" in record.pathname:
+    if record.levelno >= python_logging.ERROR and (
+        "/orbax/" in record.pathname
+        or (record.name == "asyncio" and "/orbax/" in record.getMessage())):
       return False
     return record.levelno >= python_logging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
 

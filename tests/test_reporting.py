@@ -88,3 +88,27 @@ def test_console_shows_our_lines_and_warnings_and_library_detail_only_when_verbo
     assert handler.filter(_record(python_logging.INFO, library))
   finally:
     reporting.configure_console(verbose=True)  # as absl left it for the other tests
+
+
+def test_console_leaves_a_failed_save_to_its_one_line():
+  """A save whose folder vanishes fails in Orbax's write tasks: Orbax's own errors and asyncio's
+  "never retrieved" report of each task stay off the console (the run says it in one line); any
+  other asyncio error still shows."""
+  handler = logging.get_absl_handler().python_handler
+  asyncio_file = "/usr/lib/python3.11/asyncio/base_events.py"
+
+  def from_asyncio(message):
+    return python_logging.LogRecord("asyncio", python_logging.ERROR, asyncio_file, 1771, message,
+                                    None, None)
+  orbax_task = ("Task exception was never retrieved\nfuture: <Task finished coro=<write_fragment()"
+                " defined at /site-packages/orbax/checkpoint/_src/serialization/serialization.py"
+                ":188> exception=ValueError('NOT_FOUND')>")
+  try:
+    reporting.configure_console(verbose=False)
+    assert not handler.filter(from_asyncio(orbax_task))
+    assert not handler.filter(_record(python_logging.ERROR, "/site-packages/orbax/x.py"))
+    assert handler.filter(from_asyncio("Task exception was never retrieved\nfuture: <Task "
+                                       "coro=<main() defined at /work/run.py:3>>"))
+    assert handler.filter(_record(python_logging.ERROR, reporting.__file__))
+  finally:
+    reporting.configure_console(verbose=True)  # as absl left it for the other tests
