@@ -17,9 +17,10 @@ and the cost is the process's CPU time per image (so other load on a shared mach
 count). A stage's share is the growth in CPU time per image when the pipeline is cut after it
 instead of before it; each cut is timed `--repeats` times and the best run counts. Bytes per
 image: the arrays of one host batch (what `pipeline.to_global` sends), over its images.
-Device side (device mode): XLA's compiled FLOPs per image of the views (benchmarks/device_views.py),
-their share of the config's analytic train-step FLOPs (benchmarks/train_step.py; ViT-S/16 for
-the paper recipe), and their time per image on this backend (on a CPU, CPU time).
+Device side (device mode): XLA's compiled FLOPs per image of the views and masks
+(benchmarks/device_views.py), their share of the config's analytic train-step FLOPs
+(benchmarks/train_step.py; ViT-S/16 for the paper recipe), and their time per image on this
+backend (on a CPU, CPU time). In device mode the host draws no masks: the step does.
 
     python benchmarks/input_pipeline.py                   # paper and fashion_mnist
     python benchmarks/input_pipeline.py --recipe paper,large --images 128
@@ -37,6 +38,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import default, vits  # noqa: E402
 from sove_jax import allocator, views  # noqa: E402
+from sove_jax import step as step_lib  # noqa: E402
 from sove_jax.data import pipeline, sources  # noqa: E402
 
 IMAGENET_SIZES = [(375, 500), (500, 375), (333, 500), (500, 500), (480, 640), (400, 500),
@@ -109,11 +111,12 @@ def measure(d, patch: int, batch: int, images: int, threads: int,
 
 
 def device_side(c, channels: int, canvas: tuple[int, int], repeats: int) -> dict:
-  """The device views' compiled FLOPs and time per image, and the step's analytic FLOPs."""
+  """The device views' and masks' compiled FLOPs and time per image, and the step's analytic
+  FLOPs."""
   import device_views  # noqa: E402  (beside this file; imports JAX only now)
   from train_step import step_flops_per_image  # noqa: E402
   r = device_views.measure(views.Recipe.from_config(c.data), canvas, channels, batch=8,
-                           repeats=repeats)
+                           repeats=repeats, mask_recipe=step_lib.masks_for(c))
   return dict(flops=r["flops"], seconds=r["seconds"], step_flops=step_flops_per_image(c))
 
 
@@ -170,7 +173,8 @@ def main():
   print(f"\ninput pipeline, tf.data on {cores} ({os.cpu_count()} CPUs on this machine), "
         f"host allocator {allocator.in_use()}\n")
   print("| recipe | data.augment | host CPU ms/image | images/s per core | bytes/image to "
-        "device | device views GFLOP/image | share of the step | device views ms/image here |")
+        "device | device views + masks GFLOP/image | share of the step | device views + masks "
+        "ms/image here |")
   print("|---|---|---|---|---|---|---|---|")
   for label, mode, stages, nbytes, device in rows:
     total = stages[-1][1]

@@ -79,11 +79,11 @@ def make_backbone_step(config, graphdef, tx, schedules, *, anchor_sharding=None)
   """The SOVE step without its objective: the same crops, student and teacher forwards (heads
   on every token), optimizer and EMA, and a trivial loss (cosine between student and teacher
   [CLS] of the global views) instead of judges and banks: the ceiling of any such SSL step."""
-  del anchor_sharding
-  recipe = views.Recipe.from_config(config.data)
+  recipe, mask_recipe = views.Recipe.from_config(config.data), step_lib.masks_for(config)
 
   def step(state: TrainState, batch):
-    batch = step_lib.device_views(batch, state.key, recipe)  # data.augment = "device"
+    # data.augment = "device": the views and masks, as the SOVE step makes them
+    batch = step_lib.device_views(batch, state.key, recipe, mask_recipe, anchor_sharding)
     new_key, key = jax.random.split(state.key)
     key_drop_global, key_drop_local = jax.random.split(key)
     global_views, local_views = batch["global"], batch.get("local")

@@ -52,7 +52,7 @@ def get_config():
   # float32 views cross to the device. "device": inside the jitted step (sove_jax/views.py, the
   # same recipe); the host only decodes each image and fits it into a uint8 canvas of
   # canvas_size, and an in-memory source (Fashion-MNIST) lives whole in device memory, the host
-  # sending indices. Either way the masks are made on the host. This config keeps "host", by
+  # sending indices; the step draws the masks too. This config keeps "host", by
   # measurement (`python benchmarks/augment_modes.py --rounds 3 --steps 20`, both modes'
   # training loops alternating on the quiet 2-core CPU, where the same cores make the views
   # either way): a tie, 253 vs 252 ms per step (best rounds), 484 vs 474 CPU ms per step

@@ -2,9 +2,10 @@
 
 `make_train_step` returns `step(state, batch) -> (state, metrics)`, a pure function of arrays;
 all randomness comes from the state's key. With data.augment = "device" the batch holds uint8
-images and the step cuts the views first (`device_views`). The trainer jits it over the mesh
-with the state donated. A non-finite loss leaves the state as it was (and says so in the
-metrics), so the host can stop the run without a poisoned state ever reaching a checkpoint.
+images and the step cuts the views and draws the masks first (`device_views`). The trainer jits
+it over the mesh with the state donated. A non-finite loss leaves the state as it was (and says
+so in the metrics), so the host can stop the run without a poisoned state ever reaching a
+checkpoint.
 
 `config.method` picks the objective when the step is built; the rest is shared. SOVE
 (docs/method.md): the paper's eq. 2 ([CLS]) and eq. 4 (patches) against judges drawn from the
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from sove_jax import memory, objective, optim, prototypes, views
+from sove_jax import masks, memory, objective, optim, prototypes, views
 from sove_jax.models import network
 
 # Metrics that are schedule values at the step, not measurements (the trainer logs their last
@@ -33,23 +34,32 @@ SCHEDULE_METRICS = ("learning_rate", "weight_decay", "ema_momentum", "teacher_te
                     "teacher_patch_temp")
 
 
-# The views' key is fold_in(state key, VIEWS_STREAM); the step's other keys come from
-# split(state key) (fold_in(k, i) equals split(k, n)[i] for i < n: this constant is out of reach).
+# The views' key is fold_in(state key, VIEWS_STREAM), the masks' fold_in(state key,
+# MASKS_STREAM); the step's other keys come from split(state key) (fold_in(k, i) equals
+# split(k, n)[i] for i < n: these constants are out of reach).
 VIEWS_STREAM = 0x76696577
+MASKS_STREAM = 0x6d61736b
 
 
-def device_views(batch: dict, state_key, recipe: views.Recipe) -> dict:
-  """data.augment = "device": the batch with its views cut on the device from uint8 images.
+def device_views(batch: dict, state_key, recipe: views.Recipe,
+                 mask_recipe: masks.MaskRecipe | None = None, mask_sharding=None) -> dict:
+  """data.augment = "device": the batch with its views cut, and its masks drawn, on the device.
 
   `batch` holds "canvas" uint8 [B, C, C, ch] and "size" int32 [B, 2] (decoded images fitted
   into canvases), or "index" int32 [B] into "images" uint8 [N, H, W, ch] (an in-memory source
-  living on the device); the views "global" and "local" (`views.make`) replace them. Their key
-  comes from the state's key, as every random draw of the step: a resumed run cuts the same
-  views. A batch of views made on the host passes through.
+  living on the device); the views "global" and "local" (`views.make`) replace them, and, with
+  `mask_recipe` and no "mask" in the batch, "mask" bool [B, 2, L] is drawn (`masks.draw`; its
+  work split over the devices by `mask_sharding`, the batch's). Their keys come from the
+  state's key, as every random draw of the step: a resumed run cuts the same views and masks.
+  A batch of views made on the host passes through.
   """
   if "global" in batch:
     return batch
   batch = dict(batch)
+  if mask_recipe is not None and "mask" not in batch:
+    b = batch["index" if "index" in batch else "size"].shape[0]
+    batch["mask"] = masks.draw(jax.random.fold_in(state_key, MASKS_STREAM), (b, 2), mask_recipe,
+                               sharding=mask_sharding)
   if "index" in batch:
     images = batch.pop("images")
     canvases = jnp.take(images, batch.pop("index"), axis=0)
@@ -58,6 +68,12 @@ def device_views(batch: dict, state_key, recipe: views.Recipe) -> dict:
     canvases, sizes = batch.pop("canvas"), batch.pop("size")
   made = views.make(canvases, sizes, jax.random.fold_in(state_key, VIEWS_STREAM), recipe)
   return {**batch, **made}
+
+
+def masks_for(config) -> masks.MaskRecipe:
+  """The masks a device-mode step draws for `config`: at the backbone's final token grid."""
+  grid = network.token_grid(config.model, config.data.global_size)
+  return masks.MaskRecipe.from_config(config.data, grid)
 
 
 def _kept_anchors(num_anchors: int, keep: float) -> int:
@@ -246,9 +262,11 @@ def make_train_step(config, graphdef, tx, schedules: optim.Schedules, *, anchor_
   else:
     method = PrototypeParts(config, schedules)
   recipe = views.Recipe.from_config(config.data)
+  mask_recipe = masks_for(config)
 
   def step(state, batch):
-    batch = device_views(batch, state.key, recipe)  # data.augment = "device"; else as it is
+    # data.augment = "device"; else as it is
+    batch = device_views(batch, state.key, recipe, mask_recipe, anchor_sharding)
     new_key, key = jax.random.split(state.key)
     key_drop_global, key_drop_local, key_cls, key_patch, key_enqueue = jax.random.split(key, 5)
     step_number = state.step

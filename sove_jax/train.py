@@ -36,16 +36,17 @@ def total_steps(config, steps_per_epoch: int) -> int:
 def batch_shapes(config, mesh, resident: dict | None = None):
   """Abstract global batch (ShapeDtypeStructs with the batch sharding), for AOT compilation.
 
-  By data.augment: "host", the views; "device", uint8 canvases and their sizes, or, from an
-  in-memory source, indices into its images on the device: `resident` (arrays or shapes, from
-  `pipeline.device_resident`; by default `resident_shapes`), passed whole to every step,
-  replicated.
+  By data.augment: "host", the views and masks; "device", uint8 canvases and their sizes, or,
+  from an in-memory source, indices into its images on the device: `resident` (arrays or shapes,
+  from `pipeline.device_resident`; by default `resident_shapes`), passed whole to every step,
+  replicated (the step cuts the views and draws the masks).
   """
   d, b = config.data, config.batch_size
   g, l, c = d.global_size, d.local_size, d.canvas_size
-  tokens = network.token_grid(config.model, g) ** 2  # masks: the backbone's final token grid
-  spec = {"mask": ((b, 2, tokens), jnp.bool_), "label": ((b,), jnp.int32)}
+  spec = {"label": ((b,), jnp.int32)}
   if d.augment == "host":
+    tokens = network.token_grid(config.model, g) ** 2  # masks: the backbone's final token grid
+    spec["mask"] = ((b, 2, tokens), jnp.bool_)
     spec["global"] = ((b, 2, g, g, 3), jnp.float32)
     if d.num_local:
       spec["local"] = ((b, d.num_local, l, l, 3), jnp.float32)

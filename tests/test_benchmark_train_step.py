@@ -1,5 +1,6 @@
 """The train-step benchmark's GPU mode, here on the smoke model: with data.augment = "device" it
-times the whole step, views included, on synthetic uint8 canvases made on the devices."""
+times the whole step, views and masks included, on synthetic uint8 canvases made on the
+devices; so does its backbone-only step."""
 import os
 import sys
 
@@ -21,7 +22,7 @@ def test_gpu_mode_runs_the_step_with_device_views_on_synthetic_canvases():
   mesh = sharding.make_mesh(c.mesh)
   shapes = train.batch_shapes(c, mesh)
   batch = train_step.synthetic_batch(shapes, jax.random.PRNGKey(1))
-  assert set(batch) == {"canvas", "size", "mask", "label"}
+  assert set(batch) == {"canvas", "size", "label"}  # the step draws the masks
   assert batch["canvas"].shape == (16, 32, 32, 3) and batch["canvas"].dtype == np.uint8
   assert batch["canvas"].sharding.is_equivalent_to(shapes["canvas"].sharding, 4)
   canvas = np.asarray(batch["canvas"])
@@ -31,3 +32,5 @@ def test_gpu_mode_runs_the_step_with_device_views_on_synthetic_canvases():
   assert np.isfinite(r["loss"]) and r["ips"] > 0
   # The compiled step holds the views: more FLOPs than the networks and objective alone.
   assert r["flops_img_compiled"] > r["flops_img_analytic"]
+  backbone = train_step.bench(c, "backbone", steps=1, warmup=1)
+  assert np.isfinite(backbone["loss"])

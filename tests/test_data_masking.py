@@ -1,12 +1,34 @@
-"""Patch masks: the authors' block rule against a NumPy re-implementation of it; exact-ratio
-blocks (counts, ranges, blocks of >= min_patches); random masks; seeding."""
+"""Patch masks, drawn on the host (TensorFlow, sove_jax.data.masking) and on the device (JAX,
+sove_jax.masks), each checked alike: the authors' block rule against a NumPy re-implementation
+of it; exact-ratio blocks (counts, ranges, blocks of >= min_patches); random masks; seeding."""
+import functools
 import math
 
+import jax
 import numpy as np
 import pytest
 from scipy import ndimage, stats
 
+from sove_jax import masks as device_masks
 from sove_jax.data import masking
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _device_draw(key, n, recipe):
+  return device_masks.draw(key, (n,), recipe)
+
+
+def draw(where, seed, n, grid, mask_type, ratio, var=0.0) -> np.ndarray:
+  """`n` masks bool [n, h * w] from the generator of `where` ("host" or "device") and a seed of
+  two integers."""
+  if where == "host":
+    return masking.masks(seed, n, grid, mask_type, ratio, var).numpy()
+  key = jax.random.fold_in(jax.random.key(seed[0]), seed[1])
+  return np.asarray(_device_draw(key, n, device_masks.MaskRecipe(tuple(grid), mask_type, ratio,
+                                                                 var)))
+
+
+WHERE = pytest.mark.parametrize("where", ["host", "device"])
 
 
 def _components(mask: np.ndarray) -> list[int]:
@@ -29,12 +51,13 @@ def _components(mask: np.ndarray) -> list[int]:
   return sizes
 
 
+@WHERE
 @pytest.mark.parametrize("grid,ratio,var",
                          [((14, 14), 0.3, 0.0), ((14, 14), 0.3, 0.2), ((4, 4), 0.3, 0.0)])
-def test_exact_block_masks_have_exact_counts_in_range_and_blocks_of_at_least_four(grid, ratio,
-                                                                                  var):
+def test_exact_block_masks_have_exact_counts_in_range_and_blocks_of_at_least_four(where, grid,
+                                                                                  ratio, var):
   n, L = 400, grid[0] * grid[1]
-  m = masking.masks([7, 1], n, grid, "block_exact", ratio, var).numpy()
+  m = draw(where, [7, 1], n, grid, "block_exact", ratio, var)
   assert m.shape == (n, L) and m.dtype == bool
   counts = m.sum(1)
   lo, hi = masking.masked_count(ratio - var, L), masking.masked_count(ratio + var, L)
@@ -46,13 +69,14 @@ def test_exact_block_masks_have_exact_counts_in_range_and_blocks_of_at_least_fou
     assert min(_components(mask)) >= 4
   # Blocks, not scattered patches: far fewer pieces than a random mask of the same size.
   pieces = np.mean([len(_components(x)) for x in m.reshape(n, *grid)])
-  scattered = masking.masks([7, 1], n, grid, "random", ratio, var).numpy()
+  scattered = draw(where, [7, 1], n, grid, "random", ratio, var)
   assert pieces < 0.5 * np.mean([len(_components(x)) for x in scattered.reshape(n, *grid)])
 
 
-def test_random_masks_have_ratio_in_range_and_cover_every_patch():
+@WHERE
+def test_random_masks_have_ratio_in_range_and_cover_every_patch(where):
   n, grid, L = 2000, (14, 14), 196
-  m = masking.masks([3, 4], n, grid, "random", 0.7, 0.1).numpy()
+  m = draw(where, [3, 4], n, grid, "random", 0.7, 0.1)
   counts = m.sum(1)
   assert counts.min() >= masking.masked_count(0.6, L)
   assert counts.max() <= masking.masked_count(0.8, L)
@@ -61,21 +85,22 @@ def test_random_masks_have_ratio_in_range_and_cover_every_patch():
   assert abs(freq.mean() - 0.7) < 0.01 and freq.min() > 0.6 and freq.max() < 0.8
 
 
+@WHERE
 @pytest.mark.parametrize("mask_type", masking.MASK_TYPES)
-def test_masks_follow_the_seed(mask_type):
-  a = masking.masks([1, 2], 64, (14, 14), mask_type, 0.3).numpy()
-  b = masking.masks([1, 2], 64, (14, 14), mask_type, 0.3).numpy()
-  c = masking.masks([1, 3], 64, (14, 14), mask_type, 0.3).numpy()
+def test_masks_follow_the_seed(where, mask_type):
+  a = draw(where, [1, 2], 64, (14, 14), mask_type, 0.3)
+  b = draw(where, [1, 2], 64, (14, 14), mask_type, 0.3)
+  c = draw(where, [1, 3], 64, (14, 14), mask_type, 0.3)
   np.testing.assert_array_equal(a, b)
   assert (a != c).any()
   assert (a[0] != a[1:]).any(axis=1).all()  # masks within a call differ too
   # A mask depends on its seed and its place only, not on how many are drawn with it.
-  np.testing.assert_array_equal(masking.masks([1, 2], 8, (14, 14), mask_type, 0.3).numpy(), a[:8])
+  np.testing.assert_array_equal(draw(where, [1, 2], 8, (14, 14), mask_type, 0.3), a[:8])
 
 
 def test_config_module_lists_the_same_mask_types():
   from sove_jax import configuration
-  assert configuration.MASK_TYPES == masking.MASK_TYPES
+  assert configuration.MASK_TYPES == masking.MASK_TYPES == device_masks.MASK_TYPES
 
 
 # ------------------------------------------------------------------ the authors' block rule
@@ -163,20 +188,25 @@ WRONG = {"min_area_4": dict(min_area=4), "attempts_5": dict(attempts=5),
 SAMPLES = 4000
 
 
-def _reference(rng, grid, ratio, var, **wrong):
+@functools.cache
+def _reference(grid, ratio, var, wrong=None):
+  """SAMPLES masks of the NumPy rule (or of its `wrong` variant), the same for both generators."""
+  rng = np.random.default_rng([sum(grid), int(100 * ratio), int(100 * var),
+                               list(WRONG).index(wrong) + 1 if wrong else 0])
   return np.stack([authors_block_mask(rng, grid, rng.uniform(ratio - var, ratio + var)
-                                      if var else ratio, **wrong) for _ in range(SAMPLES)])
+                                      if var else ratio, **WRONG.get(wrong, {}))
+                   for _ in range(SAMPLES)])
 
 
+@WHERE
 @pytest.mark.parametrize("grid,ratio,var,wrong_rules", CASES)
-def test_block_masks_follow_the_authors_rule(grid, ratio, var, wrong_rules):
-  """The TensorFlow generator against the NumPy re-implementation: the same distributions of
-  masked count (so of mean ratio and of ending short), pieces, largest piece and extent; and
-  the same statistics reject each plausible wrong rule, so passing is not for lack of power."""
+def test_block_masks_follow_the_authors_rule(where, grid, ratio, var, wrong_rules):
+  """Each generator against the NumPy re-implementation: the same distributions of masked
+  count (so of mean ratio and of ending short), pieces, largest piece and extent; and the same
+  statistics reject each plausible wrong rule, so passing is not for lack of power."""
   L = grid[0] * grid[1]
-  ours = masking.masks([11, 5], SAMPLES, grid, "block", ratio, var).numpy()
-  rng = np.random.default_rng(sum(grid) + int(100 * ratio) + int(100 * var))
-  reference = _reference(rng, grid, ratio, var)
+  ours = draw(where, [11, 5], SAMPLES, grid, "block", ratio, var)
+  reference = _reference(grid, ratio, var)
 
   ours_stats = _mask_statistics(ours, grid)
   p = _p_values(ours_stats, _mask_statistics(reference, grid))
@@ -193,19 +223,20 @@ def test_block_masks_follow_the_authors_rule(grid, ratio, var, wrong_rules):
 
   for name in wrong_rules:
     if name == "exact":  # our exact-ratio generator is not the authors' rule either
-      other = masking.masks([11, 5], SAMPLES, grid, "block_exact", ratio, var).numpy()
+      other = draw(where, [11, 5], SAMPLES, grid, "block_exact", ratio, var)
     else:
-      other = _reference(rng, grid, ratio, var, **WRONG[name])
+      other = _reference(grid, ratio, var, name)
     p = _p_values(ours_stats, _mask_statistics(other, grid))
     assert min(p.values()) < 1e-6, (name, p)
 
 
-def test_block_masks_on_the_default_4x4_grid():
+@WHERE
+def test_block_masks_on_the_default_4x4_grid(where):
   """What the authors' rule gives on the default config's 28 px crops (patch 7): the target is
   0.3 * 16 = 4.8 patches, which whole patches never reach, so masks stop at 4 (25%) and rarely
   at 3; the smallest block is (4 // 3) ** 2 = 1 patch, so pieces of 1 to 3 patches are common."""
   n, grid = 4000, (4, 4)
-  m = masking.masks([2, 9], n, grid, "block", 0.3).numpy()
+  m = draw(where, [2, 9], n, grid, "block", 0.3)
   counts = np.bincount(m.sum(1), minlength=17)
   assert counts[5:].sum() == 0 and counts[4] > 0.98 * n and counts[:3].sum() < 0.005 * n
   pieces = [_components(x) for x in m.reshape(n, *grid)]

@@ -273,11 +273,11 @@ def test_device_mode_fits_each_image_into_its_canvas_and_keeps_its_true_size(tmp
   src = sources.image_folder(str(tmp_path), "train")
   d = _config(source="folder", data_dir=str(tmp_path), augment="device", canvas_size=64)
   train = _train(src, d, batch=6)
-  assert train.stages() == ["read", "decode", "fit", "mask"]
+  assert train.stages() == ["read", "decode", "fit"]  # the step draws the masks
   b = next(train)
-  assert set(b) == {"canvas", "size", "mask", "label"}
+  assert set(b) == {"canvas", "size", "label"}
   assert b["canvas"].shape == (6, 64, 64, 3) and b["canvas"].dtype == np.uint8
-  assert b["size"].dtype == np.int32 and b["mask"].shape == (6, 2, 16)
+  assert b["size"].dtype == np.int32
   assert sorted(b["label"]) == list(range(6))
   for canvas, size, label in zip(b["canvas"], b["size"], b["label"]):
     h, w = fitted[label]
@@ -296,17 +296,16 @@ def test_device_mode_fits_each_image_into_its_canvas_and_keeps_its_true_size(tmp
 
 
 def test_device_mode_from_memory_sends_indices_the_device_gathers_from_resident_images():
-  """An in-memory source sends only indices, labels and masks (the same examples and masks as
-  the host mode); its images are placed on the devices once, whole on each."""
+  """An in-memory source sends only indices and labels (the same examples as the host mode; the
+  step draws the masks); its images are placed on the devices once, whole on each."""
   src = _arrays()
   device, host = _train(src, _config(augment="device")), _train(src)
-  assert device.stages() == ["read", "mask"] and device.resident and not host.resident
+  assert device.stages() == ["read"] and device.resident and not host.resident
   for _ in range(2):
     b, h = next(device), next(host)
-    assert set(b) == {"index", "mask", "label"} and b["index"].dtype == np.int32
+    assert set(b) == {"index", "label"} and b["index"].dtype == np.int32
     np.testing.assert_array_equal(b["label"], h["label"])  # label = index in _arrays
     np.testing.assert_array_equal(b["index"], h["label"])
-    np.testing.assert_array_equal(b["mask"], h["mask"])
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
   replicated = jax.NamedSharding(mesh, jax.P())
   images = pipeline.device_resident(device, replicated)["images"]

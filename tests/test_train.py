@@ -20,7 +20,7 @@ import pytest
 from configs import smoke
 from sove_jax import checkpoint, configuration, optim, sharding, state as state_lib, train
 from sove_jax import step as step_lib
-from sove_jax import views
+from sove_jax import masks, views
 from batches import synthetic_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -216,11 +216,12 @@ def test_device_augmentation_trains_and_resumes_bitwise_exact(tmp_path):
   assert data_a == data_b == {"epoch": 0, "position": 64, "process_count": 1}
 
 
-def test_device_mode_step_cuts_the_views_views_make_cuts_from_the_state_key():
+def test_device_mode_step_cuts_the_views_and_draws_the_masks_from_the_state_key():
   """The device-mode step on Fashion-MNIST indices is the host-mode step on the views that
-  `views.make` cuts from the same images with the key folded off the state's; other views, other
-  results. (The same setups as the resume tests' and the sharded step test's: their compiled
-  steps are reused from the session's compilation cache.)"""
+  `views.make` cuts from the same images, and the masks `masks.draw` draws, with keys folded off
+  the state's; other views or other masks, other results. (The same setups as the resume tests'
+  and the sharded step test's: their compiled steps are reused from the session's compilation
+  cache.)"""
   from sove_jax.data import sources
   config = smoke.get_config()
   # Wide crops, so that other views give clearly other losses (the default's are mild).
@@ -232,35 +233,48 @@ def test_device_mode_step_cuts_the_views_views_make_cuts_from_the_state_key():
   on_device = train.build(config, mesh, steps_per_epoch=60000 // 16, resident=resident)
   config.data.augment = "host"
   on_host = train.build(config, mesh, steps_per_epoch=10)
-  assert set(on_device.batch) == {"images", "index", "mask", "label"}
+  assert set(on_device.batch) == {"images", "index", "label"}  # the step draws the masks
   assert set(on_host.batch) == {"global", "local", "mask", "label"}
   state = lambda: state_lib.create(config, on_host.tx, on_host.layout, on_host.image_size)
   key = jax.device_get(state().key)
   rng = np.random.default_rng(0)
   index = rng.choice(len(images), 16, replace=False).astype(np.int32)
-  common = {"mask": rng.random((16, 2, 16)) < 0.3, "label": np.zeros(16, np.int32)}
+  label = {"label": np.zeros(16, np.int32)}
   batch_sh = sharding.batch_sharding(mesh)
   put = lambda batch: jax.device_put(batch, batch_sh)
   recipe = views.Recipe.from_config(config.data)
+  mask_recipe = step_lib.masks_for(config)
+  assert mask_recipe.grid == (4, 4)  # 28 px crops, patch 7
   sizes = np.full((16, 2), 28, np.int32)
   make = jax.jit(views.make, static_argnums=3)
   made = lambda stream: make(images[index], sizes, jax.random.fold_in(key, stream), recipe)
-  _, got = on_device.step(state(), put({**common, "index": index}) | resident)
-  _, want = on_host.step(state(), put({**common, **made(step_lib.VIEWS_STREAM)}))
-  _, other = on_host.step(state(), put({**common, **made(step_lib.VIEWS_STREAM + 1)}))
-  got, want, other = jax.device_get((got, want, other))
+  draw = jax.jit(masks.draw, static_argnums=(1, 2))
+  drawn = lambda stream: {"mask": draw(jax.random.fold_in(key, stream), (16, 2), mask_recipe)}
+  _, got = on_device.step(state(), put({**label, "index": index}) | resident)
+  our_views, our_masks = made(step_lib.VIEWS_STREAM), drawn(step_lib.MASKS_STREAM)
+  _, want = on_host.step(state(), put({**label, **our_views, **our_masks}))
+  _, other_views = on_host.step(state(), put({**label, **made(step_lib.VIEWS_STREAM + 1),
+                                              **our_masks}))
+  _, other_masks = on_host.step(state(), put({**label, **our_views,
+                                              **drawn(step_lib.MASKS_STREAM + 1)}))
+  got, want, other_views, other_masks = jax.device_get((got, want, other_views, other_masks))
   for name in ("loss", "cls_loss", "patch_loss", "grad_norm"):
     np.testing.assert_allclose(got[name], want[name], rtol=1e-5, err_msg=name)
-    assert abs(other[name] - want[name]) > 1e-3 * abs(want[name]), name
-  # Canvases and sizes (decoded sources) take the same path through views.make.
+    assert abs(other_views[name] - want[name]) > 1e-3 * abs(want[name]), name
+  assert abs(other_masks["patch_loss"] - want["patch_loss"]) > 1e-3 * abs(want["patch_loss"])
+  # Canvases and sizes (decoded sources) take the same path through views.make and masks.draw;
+  # masks given in the batch are kept.
   canvases = np.zeros((16, 32, 32, 1), np.uint8)
   canvases[:, :28, :28] = images[index]
-  cut = jax.jit(step_lib.device_views, static_argnums=2)(
-      {"canvas": canvases, "size": sizes, **common}, key, recipe)
-  want_views = made(step_lib.VIEWS_STREAM)
+  cut = jax.jit(step_lib.device_views, static_argnums=(2, 3))(
+      {"canvas": canvases, "size": sizes, **label}, key, recipe, mask_recipe)
   assert set(cut) == {"global", "local", "mask", "label"}
   for name in ("global", "local"):
-    np.testing.assert_allclose(np.asarray(cut[name]), np.asarray(want_views[name]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(cut[name]), np.asarray(our_views[name]), atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(cut["mask"]), np.asarray(our_masks["mask"]))
+  given = {"canvas": canvases, "size": sizes, **label, "mask": np.zeros((16, 2, 16), bool)}
+  kept = jax.jit(step_lib.device_views, static_argnums=(2, 3))(given, key, recipe, mask_recipe)
+  assert not np.asarray(kept["mask"]).any()
 
 
 def test_sigterm_saves_at_step_boundary_and_exits_zero(tmp_path):

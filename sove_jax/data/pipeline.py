@@ -11,11 +11,11 @@ and skips `position` indices (or undecoded records) instead of replaying batches
 Per host, data.augment = "host": read -> decode -> crop + flip (per example when images differ
 in size; per batch from memory) -> batch (drop_remainder) -> color/gray/blur/solarize +
 normalize (per batch) -> masks -> prefetch.
-data.augment = "device" (the views are cut inside the jitted step, sove_jax/views.py): read ->
-decode, downscaled in the DCT domain when the image is 2x or more the canvas -> fit (finish the
-downscale; the fitted size recorded) -> batch, each image padded into its uint8 canvas slot ->
-masks -> prefetch. An in-memory source lives whole on the device (`device_resident`): its
-pipeline is read (indices and labels) -> masks.
+data.augment = "device" (the views are cut and the masks drawn inside the jitted step,
+sove_jax/views.py and sove_jax/masks.py): read -> decode, downscaled in the DCT domain when the
+image is 2x or more the canvas -> fit (finish the downscale; the fitted size recorded) -> batch,
+each image padded into its uint8 canvas slot -> prefetch. An in-memory source lives whole on
+the device (`device_resident`): its pipeline reads indices and labels, nothing else.
 An example that fails to decode is dropped; the gap it leaves in the positions is how it is
 counted and named in the log.
 """
@@ -200,15 +200,15 @@ def epoch_shape(source, global_batch_size: int, process_count: int, *, hint: str
 class TrainInput:
   """Iterator over host-local training batches (numpy), resumable from `get_state()`.
 
-  Each batch: "mask" bool [b, 2, (G/t)^2] (True = masked), "label" int32 [b]; b = global
-  batch / P; t = `token_stride`, the backbone's input pixels per final token (default
-  `patch_size`, the ViT's; a Swin's is its patch doubled per merging): masks are drawn at that
-  token grid. And the images, by data.augment:
+  Each batch: "label" int32 [b]; b = global batch / P. And by data.augment:
     "host":   "global" float32 [b, 2, G, G, 3], "local" float32 [b, N, S, S, 3] (absent when
-              N = 0), the views;
+              N = 0), the views; "mask" bool [b, 2, (G/t)^2] (True = masked), t = `token_stride`,
+              the backbone's input pixels per final token (default `patch_size`, the ViT's; a
+              Swin's is its patch doubled per merging): masks are drawn at that token grid;
     "device": "canvas" uint8 [b, C, C, 3] with "size" int32 [b, 2], each image at the top left
               of its canvas (C = data.canvas_size); from an in-memory source, "index" int32 [b]
-              into its images, which live on the device (`resident`, `device_resident`).
+              into its images, which live on the device (`resident`, `device_resident`). The
+              step draws the masks (sove_jax/masks.py).
   """
 
   def __init__(self, source, data_config, *, patch_size: int, global_batch_size: int, seed: int,
@@ -339,8 +339,7 @@ class TrainInput:
       else:
         fns += [("decode", _decode, True), ("crop", self._crop_example, True)]
     if not self.device:
-      fns.append(("color", self._color, False))
-    fns.append(("mask", self._masks, False))
+      fns += [("color", self._color, False), ("mask", self._masks, False)]
     return [(name, tf.function(fn, autograph=False), per_example) for name, fn, per_example in fns]
 
   def stages(self) -> list[str]:
@@ -386,6 +385,8 @@ class TrainInput:
         break
     if fns:
       ds = _map(ds, *fns)
+    if not batched and stop_after in (None, self.stages()[-1]):  # per example to the end
+      ds = _batch(ds, b, d.canvas_size)
     return ds.prefetch(d.prefetch).with_options(_options(d.threads))
 
   # Iteration and state --------------------------------------------------------------------------
@@ -453,8 +454,8 @@ class TrainInput:
 def train_input(data_config, *, patch_size: int, global_batch_size: int, seed: int,
                 process_index: int | None = None, process_count: int | None = None,
                 token_stride: int = 0) -> TrainInput:
-  """The training stream of this process, from the `data` config block; masks at the global
-  crop's grid of `token_stride` px tokens (default `patch_size`; see `TrainInput`)."""
+  """The training stream of this process, from the `data` config block; host-drawn masks at the
+  global crop's grid of `token_stride` px tokens (default `patch_size`; see `TrainInput`)."""
   process_index, process_count = _processes(process_index, process_count)
   configuration.validate_data(data_config, patch_size=patch_size,
                               global_batch_size=global_batch_size, process_count=process_count,
