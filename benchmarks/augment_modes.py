@@ -5,8 +5,8 @@ The loop is the trainer's: the next host batch -> global arrays (in device mode 
 device-resident images of an in-memory source) -> the compiled step, the previous step's
 metrics read after each step. "host": the tf.data pipeline crops, colors and normalizes on the
 CPU cores while the step runs; "device": Fashion-MNIST lives in device memory, the host sends
-indices and masks, and the step cuts the views (sove_jax/views.py). On a CPU backend the same
-cores do both, so this says which is faster for a CPU run, e.g. the default config's.
+indices, and the step cuts the views and draws the masks (sove_jax/views.py, sove_jax/masks.py).
+On a CPU backend the same cores do both, so this says which is faster for a CPU run, e.g. the default config's.
 
 Rounds alternate host, device, host, device, ... so that load from other work on a shared
 machine falls on both alike. Each round restarts the input at the same position (no batches

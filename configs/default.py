@@ -56,8 +56,9 @@ def get_config():
   # measurement (`python benchmarks/augment_modes.py --rounds 3 --steps 20`, both modes'
   # training loops alternating on the quiet 2-core CPU, where the same cores make the views
   # either way): a tie, 253 vs 252 ms per step (best rounds), 484 vs 474 CPU ms per step
-  # (medians, "device" 2% less); the figures in this docstring were measured with "host". The
-  # ImageNet configs use "device".
+  # (medians, "device" 2% less); again a tie with the masks drawn in the step (a busier
+  # machine: 294 vs 288 ms best, 578 vs 595 CPU ms median); the figures in this docstring were
+  # measured with "host". The ImageNet configs use "device".
   d.augment = "host"
   d.canvas_size = 0           # device mode, decoded sources: side of the square uint8 canvas
                               # each image is fitted into (downscaled, aspect kept, if larger;
