@@ -14,8 +14,8 @@ from sove_jax.data import masking
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
-def _device_draw(key, n, recipe):
-  return device_masks.draw(key, (n,), recipe)
+def _device_draw(key, shape, recipe):
+  return device_masks.draw(key, shape, recipe)
 
 
 def draw(where, seed, n, grid, mask_type, ratio, var=0.0) -> np.ndarray:
@@ -24,8 +24,8 @@ def draw(where, seed, n, grid, mask_type, ratio, var=0.0) -> np.ndarray:
   if where == "host":
     return masking.masks(seed, n, grid, mask_type, ratio, var).numpy()
   key = jax.random.fold_in(jax.random.key(seed[0]), seed[1])
-  return np.asarray(_device_draw(key, n, device_masks.MaskRecipe(tuple(grid), mask_type, ratio,
-                                                                 var)))
+  return np.asarray(_device_draw(key, (n,), device_masks.MaskRecipe(tuple(grid), mask_type,
+                                                                    ratio, var)))
 
 
 WHERE = pytest.mark.parametrize("where", ["host", "device"])
@@ -96,6 +96,23 @@ def test_masks_follow_the_seed(where, mask_type):
   assert (a[0] != a[1:]).any(axis=1).all()  # masks within a call differ too
   # A mask depends on its seed and its place only, not on how many are drawn with it.
   np.testing.assert_array_equal(draw(where, [1, 2], 8, (14, 14), mask_type, 0.3), a[:8])
+
+
+def test_device_masks_are_the_same_on_one_device_or_sharded_over_eight():
+  """Each device draws its share of the batch's masks (no trip to the host), the same masks."""
+  recipe = device_masks.MaskRecipe((14, 14), "block", 0.3)
+  key = jax.random.key(5)
+  one = np.asarray(_device_draw(key, (16, 2), recipe))
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  batch = jax.sharding.NamedSharding(mesh, jax.P("data"))
+  sharded = jax.jit(lambda k: device_masks.draw(k, (16, 2), recipe, sharding=batch),
+                    out_shardings=batch)
+  lowered = sharded.lower(key)
+  assert "callback" not in lowered.as_text()
+  out = lowered.compile()(key)
+  assert out.sharding.is_equivalent_to(batch, 3) and out.shape == (16, 2, 196)
+  np.testing.assert_array_equal(np.asarray(out), one)
+  assert 0 < one.sum(-1).min() and one.sum(-1).max() <= 0.3 * 196
 
 
 def test_config_module_lists_the_same_mask_types():

@@ -199,7 +199,8 @@ def test_resume_in_new_process_is_bitwise_exact(tmp_path):
 
 def test_device_augmentation_trains_and_resumes_bitwise_exact(tmp_path):
   """data.augment = "device": Fashion-MNIST lives on the devices, the step cuts the views from
-  the state's key; a run split in two processes ends in the straight run's state."""
+  the state's key and draws the masks; a run split in two processes ends in the straight run's
+  state."""
   device = "--config.data.augment=device"
   straight, split = tmp_path / "straight", tmp_path / "split"
   code, out = _run(straight, device)

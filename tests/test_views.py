@@ -89,8 +89,8 @@ def _host_crops(images, p: views.ViewParams, size, flip=True):
 
 # --- parity with the host, same parameters --------------------------------------------------------
 
-def test_views_import_without_tensorflow():
-  code = ("import sys; sys.modules['tensorflow'] = None; import sove_jax.views; "
+def test_views_and_masks_import_without_tensorflow():
+  code = ("import sys; sys.modules['tensorflow'] = None; import sove_jax.views, sove_jax.masks; "
           "assert not any(m.startswith('tensorflow') and sys.modules[m] for m in sys.modules)")
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
