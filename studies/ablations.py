@@ -77,4 +77,6 @@ def get_study(config=None):
   if any(a.get("same_as") for a in arms):
     arms.insert(0, dict(name=BASE, group="Base recipe", overrides={"method": "sove"}))
   return dict(config=config or "configs/study.py", overrides={"knn_every": 0}, seeds=[0, 1],
-              notes=NOTES, arms=arms)
+              notes=NOTES, arms=arms,
+              # the probe's grid when its runs were probed (evaluate.linear's default then)
+              linear_args=["--lrs=0.001,0.003,0.01,0.03,0.1"])

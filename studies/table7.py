@@ -65,6 +65,8 @@ def get_study(config=None):
       seeds=[0, 1, 2],
       sweep_seeds=1,
       notes=NOTES,
+      # the probe's grid when its runs were probed (evaluate.linear's default then)
+      linear_args=["--lrs=0.001,0.003,0.01,0.03,0.1"],
       arms=[dict(name=name, group=group, overrides=overrides, base_lrs=rates,
                  paper=dict(knn=knn, linear=linear))
             for name, overrides, (knn, linear) in arms],
