@@ -6,7 +6,8 @@ device-resident images of an in-memory source) -> the compiled step, the previou
 metrics read after each step. "host": the tf.data pipeline crops, colors and normalizes on the
 CPU cores while the step runs; "device": Fashion-MNIST lives in device memory, the host sends
 indices, and the step cuts the views and draws the masks (sove_jax/views.py, sove_jax/masks.py).
-On a CPU backend the same cores do both, so this says which is faster for a CPU run, e.g. the default config's.
+On a CPU backend the same cores do both, so this says which is faster for a CPU run, e.g. the
+default config's.
 
 Rounds alternate host, device, host, device, ... so that load from other work on a shared
 machine falls on both alike. Each round restarts the input at the same position (no batches
@@ -21,8 +22,9 @@ figure; the verdict names the faster mode by both.
 
 Measured (`--rounds 3 --steps 20`, the default config, batch 64, no local crops, on the quiet
 2-core CPU): 253 ms per step "host", 252 "device" (best rounds; medians equal); CPU per step
-484 vs 474 ms (medians, "device" 2% less). A tie by wall time: the default config keeps "host",
-with which its figures were measured.
+484 vs 474 ms (medians, "device" 2% less). Again with the masks drawn in the step, on a busier
+machine: 294 vs 288 ms (best), CPU 578 vs 595 ms (medians). A tie: the default config keeps
+"host", with which its figures were measured.
 """
 from __future__ import annotations
 
