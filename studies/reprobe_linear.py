@@ -6,7 +6,8 @@ run's last checkpoint, as the study's probe did (`python -m sove_jax.evaluate.li
 defaults otherwise): the probe's heads are independent (one loss term each, the same shuffling),
 so the old rates' results stand and the union is what a probe with the whole grid gives. Each
 run's merged rates and best top-1 are appended to OUT/linear_wide.jsonl; finished runs are
-skipped, so the script resumes. The study's own linear.json in each workdir is kept as it was.
+skipped, so the script resumes, and so are runs whose workdir is gone (named). The study's own
+linear.json in each workdir is kept as it was.
 
     python studies/reprobe_linear.py --study=studies/results/ablations
     python studies/reprobe_linear.py --study=studies/results/table7 --lrs=0.3,1
@@ -68,7 +69,10 @@ def main():
   with open(os.path.join(a.study, "results.jsonl")) as f:
     records = [json.loads(line) for line in f if line.strip()]
   todo = [r for r in records if _key(r) not in done]
-  print(f"{len(records)} runs, {len(todo)} to probe at {a.lrs}", flush=True)
+  gone = [r for r in todo if not os.path.exists(os.path.join(r["workdir"], "linear.json"))]
+  todo = [r for r in todo if r not in gone]
+  print(f"{len(records)} runs, {len(todo)} to probe at {a.lrs}; {len(gone)} whose workdir is "
+        f"gone: {', '.join(r['workdir'] for r in gone) or '-'}", flush=True)
   for i, r in enumerate(todo, 1):
     workdir = r["workdir"]
     kept = os.path.join(workdir, "linear.json")

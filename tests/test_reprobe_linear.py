@@ -1,5 +1,6 @@
 """studies/reprobe_linear.py: the extra rates' heads merged with the study's, the study's own
-linear.json left as it was, finished runs skipped, the table's means and best rates."""
+linear.json left as it was, finished runs and runs whose workdir is gone skipped, the table's
+means and best rates."""
 import importlib.util
 import json
 import os
@@ -23,6 +24,7 @@ def _study(tmp_path):
     (workdir / "extra.json").write_text(json.dumps(extra))  # what the fake probe finds
     rows.append({"arm": "A", "group": "G", "base_lr": None, "seed": seed,
                  "workdir": str(workdir), "linear_top1": top, "linear_per_lr": {"0.1": top}})
+  rows.append({**rows[0], "seed": 2, "workdir": str(tmp_path / "arm/seed2")})  # deleted
   (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -42,6 +44,7 @@ def test_reprobe_merges_the_extra_rates_keeps_the_study_record_and_resumes(tmp_p
   monkeypatch.setattr(subprocess, "call", fake_probe)
   monkeypatch.setattr(sys, "argv", ["reprobe", f"--study={tmp_path}"])
   reprobe.main()
+  assert f"1 whose workdir is gone: {tmp_path / 'arm/seed2'}" in capsys.readouterr().out
   rows = [json.loads(line) for line in open(tmp_path / "linear_wide.jsonl")]
   assert [(r["linear_top1"], r["best_lr"], r["grid_top1"]) for r in rows] == [
       (82.0, "0.3", 81.0), (80.0, "0.1", 80.0)]
