@@ -20,10 +20,16 @@ DTYPES = ("bfloat16", "float32", "float16")
 SOURCES = ("fashion_mnist", "tfds", "folder")
 IN_MEMORY_SOURCES = ("fashion_mnist",)  # decoded arrays in memory; the others are encoded files
 AUGMENTS = ("host", "device")
-# sove_jax.data.masking.MASK_TYPES and EXACT_MIN_PATCHES, spelled out: config checks run before
-# (and without) TensorFlow.
+# The mask rules (sove_jax.masks on the device, sove_jax.data.masking on the host, both take
+# these from here): config checks run before (and without) TensorFlow and JAX.
 MASK_TYPES = ("block", "block_exact", "random")
-EXACT_MIN_PATCHES = 4
+EXACT_MIN_PATCHES = 4  # smallest block of "block_exact" when data.mask_min_patches is 0 (BEiT's)
+
+
+def masked_count(ratio: float, num_patches: int) -> int:
+  """round(ratio * L), halves rounded up, as both mask generators compute it."""
+  return int(math.floor(ratio * num_patches + 0.5))
+
 ATTENTIONS = ("xla", "cudnn")
 METHODS = ("sove", "dino", "ibot")       # sove_jax.models.network.METHODS
 GLOBAL_POOLS = ("cls", "mean_patch")     # sove_jax.models.network.GLOBAL_POOLS
@@ -137,7 +143,7 @@ def validate_data(d, *, patch_size: int, global_batch_size: int, process_count: 
            f"({side}x{side} mask cells; 0 = the mask type's own minimum).")
   if d.mask_type == "block_exact":
     smallest = d.mask_min_patches or EXACT_MIN_PATCHES
-    fewest = math.floor(low * num_patches + 0.5)  # data.masking.masked_count
+    fewest = masked_count(low, num_patches)
     _require(not 0 < fewest < smallest,
              f"Exact block masks need >= {smallest} patches (data.mask_min_patches) but ratio "
              f"{low:.3g} of {num_patches} patches masks only {fewest}.")

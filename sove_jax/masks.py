@@ -26,6 +26,11 @@ ASPECT = (0.3, 1 / 0.3)  # BEiT's block aspect range, both block rules
 ATTEMPTS = 10            # tries per block (a round of the authors' rule)
 
 
+def official_min_patches(grid: tuple[int, int]) -> int:
+  """Smallest block area of the authors' rule: (min(h, w) // 3) ** 2 patches."""
+  return (min(grid) // 3) ** 2
+
+
 @dataclasses.dataclass(frozen=True)
 class MaskRecipe:
   """How the step's masks are drawn: the `data.mask_*` fields and the token grid (hashable)."""
@@ -149,7 +154,7 @@ def draw(key, shape: tuple[int, ...], recipe: MaskRecipe, sharding=None) -> jax.
   grid = recipe.grid
   num_patches = grid[0] * grid[1]
   if recipe.mask_type == "block":
-    min_area = recipe.min_patches or (min(grid) // 3) ** 2
+    min_area = recipe.min_patches or official_min_patches(grid)
     rule = lambda k, high, count: official_block(k, high, grid, min_area)
   elif recipe.mask_type == "block_exact":
     min_patches = recipe.min_patches or EXACT_MIN_PATCHES
@@ -161,7 +166,7 @@ def draw(key, shape: tuple[int, ...], recipe: MaskRecipe, sharding=None) -> jax.
     key_ratio, key_mask = jax.random.split(jax.random.fold_in(key, i))
     u = jax.random.uniform(key_ratio)
     high = (recipe.ratio + recipe.ratio_var * (2.0 * u - 1.0)) * num_patches
-    count = jnp.floor(high + 0.5).astype(jnp.int32)  # data.masking.masked_count
+    count = jnp.floor(high + 0.5).astype(jnp.int32)  # configuration.masked_count, traced
     return rule(key_mask, high, count).reshape(num_patches)
 
   index = jnp.arange(math.prod(shape), dtype=jnp.int32).reshape(shape)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage, stats
 
+from sove_jax import configuration
 from sove_jax import masks as device_masks
 from sove_jax.data import masking
 
@@ -60,7 +61,8 @@ def test_exact_block_masks_have_exact_counts_in_range_and_blocks_of_at_least_fou
   m = draw(where, [7, 1], n, grid, "block_exact", ratio, var)
   assert m.shape == (n, L) and m.dtype == bool
   counts = m.sum(1)
-  lo, hi = masking.masked_count(ratio - var, L), masking.masked_count(ratio + var, L)
+  count = configuration.masked_count
+  lo, hi = count(ratio - var, L), count(ratio + var, L)
   assert counts.min() >= lo and counts.max() <= hi
   assert abs(counts.mean() / L - ratio) < 0.02
   if var:  # the ratio really varies over its whole range
@@ -78,8 +80,8 @@ def test_random_masks_have_ratio_in_range_and_cover_every_patch(where):
   n, grid, L = 2000, (14, 14), 196
   m = draw(where, [3, 4], n, grid, "random", 0.7, 0.1)
   counts = m.sum(1)
-  assert counts.min() >= masking.masked_count(0.6, L)
-  assert counts.max() <= masking.masked_count(0.8, L)
+  assert counts.min() >= configuration.masked_count(0.6, L)
+  assert counts.max() <= configuration.masked_count(0.8, L)
   assert abs(counts.mean() / L - 0.7) < 0.01
   freq = m.mean(0)  # every position equally likely
   assert abs(freq.mean() - 0.7) < 0.01 and freq.min() > 0.6 and freq.max() < 0.8
@@ -116,7 +118,6 @@ def test_device_masks_are_the_same_on_one_device_or_sharded_over_eight():
 
 
 def test_config_module_lists_the_same_mask_types():
-  from sove_jax import configuration
   assert configuration.MASK_TYPES == masking.MASK_TYPES == device_masks.MASK_TYPES
 
 

@@ -29,20 +29,9 @@ import math
 import tensorflow as tf
 
 from sove_jax.data.augment import fold
-
-MASK_TYPES = ("block", "block_exact", "random")
-# Smallest block of "block_exact" when `min_patches` is 0 (BEiT's generator default).
-EXACT_MIN_PATCHES = 4
-
-
-def official_min_patches(grid: tuple[int, int]) -> int:
-  """Smallest block area of the authors' rule: (min(h, w) // 3) ** 2 patches."""
-  return (min(grid) // 3) ** 2
-
-
-def masked_count(ratio: float, num_patches: int) -> int:
-  """round(ratio * L), halves rounded up, as the pipeline computes it."""
-  return int(math.floor(ratio * num_patches + 0.5))
+# The rules' names and constants, shared with the device's generator (no TensorFlow there).
+from sove_jax.configuration import EXACT_MIN_PATCHES, MASK_TYPES
+from sove_jax.masks import ASPECT, ATTEMPTS, official_min_patches
 
 
 def _blocks(seed, mask, count, min_patches, aspect, attempts):
@@ -162,8 +151,8 @@ def _grow(seed, mask, missing):
 
 
 def masks(seed, n: int, grid: tuple[int, int], mask_type: str, ratio: float, ratio_var: float = 0.0,
-          min_patches: int = 0, aspect: tuple[float, float] = (0.3, 1 / 0.3),
-          attempts: int = 10) -> tf.Tensor:
+          min_patches: int = 0, aspect: tuple[float, float] = ASPECT,
+          attempts: int = ATTEMPTS) -> tf.Tensor:
   """`n` independent masks, bool [n, h * w], from a stateless seed (int [2]).
 
   `min_patches`: the smallest block; 0 takes the type's own ((min(h, w) // 3) ** 2 for "block",
