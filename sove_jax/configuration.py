@@ -287,7 +287,9 @@ def validate_baseline(baseline_config, *, method: str):
 # --- run control ---------------------------------------------------------------------------------
 
 # Fields that belong to one launch, not to the run: a restart may change them freely.
-PER_LAUNCH = ("run_steps", "profile")
+# Fields of one launch, not of the run: a restart may change them without --allow_config_change
+# (a field ending in "." names a whole block).
+PER_LAUNCH = ("run_steps", "profile", "prefetch_to_device", "keep_period", "hosts.")
 
 
 def validate_run_control(config):
@@ -301,6 +303,22 @@ def validate_run_control(config):
            ">= 0 (0: only at the end and on preemption).")
   _require(config.keep_checkpoints >= 1, f"keep_checkpoints={config.keep_checkpoints} must be "
            ">= 1: with 0 every checkpoint, the final one included, would be deleted.")
+  _require(config.keep_period >= 0, f"keep_period={config.keep_period} must be >= 0 (0: keep "
+           "only the last keep_checkpoints).")
+  _require(config.keep_period == 0 or config.checkpoint_every == 0
+           or config.keep_period % config.checkpoint_every == 0,
+           f"keep_period={config.keep_period} must be a multiple of checkpoint_every="
+           f"{config.checkpoint_every}, or no checkpoint would ever be kept for good.")
+  _require(config.prefetch_to_device >= 0, f"prefetch_to_device={config.prefetch_to_device} "
+           "must be >= 0 (0: batches are put on the devices between steps).")
+  h = config.hosts
+  for field in ("stall_timeout_s", "slow_timeout_s", "answer_s", "heartbeat_timeout_s",
+                "shutdown_timeout_s"):
+    _require(h[field] > 0, f"hosts.{field}={h[field]} must be > 0 seconds.")
+  _require(h.stall_timeout_s < h.heartbeat_timeout_s,
+           f"hosts.stall_timeout_s={h.stall_timeout_s} must be shorter than "
+           f"hosts.heartbeat_timeout_s={h.heartbeat_timeout_s}, so that the watchdog names a "
+           "lost process before JAX's heartbeat ends every process without naming it.")
   _require(config.knn_every >= 0, f"knn_every={config.knn_every} must be >= 0 (0: never).")
   ks = tuple(config.knn_k)
   _require(len(ks) > 0 and all(int(k) == k and k >= 1 for k in ks),
@@ -343,8 +361,10 @@ def _plain(value):
 def changed_fields(old, new, *, ignore=PER_LAUNCH) -> dict:
   """{dotted field: (old value, new value)} where two configs differ (None: absent)."""
   a, b = _flat(old), _flat(new)
+  def ignored(k):
+    return k in ignore or any(i.endswith(".") and k.startswith(i) for i in ignore)
   return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-          if k not in ignore and a.get(k) != b.get(k)}
+          if not ignored(k) and a.get(k) != b.get(k)}
 
 
 def describe_changes(changes: dict) -> str:
