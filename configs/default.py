@@ -68,8 +68,10 @@ def get_config():
   d.name = ""                 # TFDS name for source="tfds", e.g. "imagenet2012"
   d.data_dir = ""             # IDX dir (fashion_mnist; "" = /usr/share/datasets/fashion-mnist),
                               # TFDS data_dir, or the image-folder root (folder/<split>/<class>/*)
-  d.train_split = "train"
-  d.eval_split = "test"
+  d.train_split = "train"     # any split of the source, or one carved from its "train" split:
+  d.eval_split = "test"       # "minival" / "train-minival" (docs/input.md)
+  d.minival_examples = 10_000  # examples in "minival" (Fashion-MNIST: 1,000 of each class)...
+  d.minival_seed = 0          # ...chosen by this seed; "train-minival" is the rest (50,000)
   d.num_local = 0             # local crops per image (paper: 10; here none: at 14 px they are 4
                               # patches, and the steps they cost buy more, docs/tuning.md m8)
   d.global_size = 28          # global crop side, px (paper: 224)

@@ -30,6 +30,27 @@ def masked_count(ratio: float, num_patches: int) -> int:
   """round(ratio * L), halves rounded up, as both mask generators compute it."""
   return int(math.floor(ratio * num_patches + 0.5))
 
+# Splits carved from a dataset's "train" split (sove_jax.data.sources, docs/input.md): a held-out
+# "minival" of data.minival_examples examples and the rest, "train-minival".
+CARVED_SPLITS = ("minival", "train-minival")
+FASHION_MNIST_TRAIN_CLASSES = (6000,) * 10  # examples per class of Fashion-MNIST's train split
+
+
+def validate_minival(examples: int, *, split_size: int, class_counts=None, where: str):
+  """Whether `examples` minival examples can be carved from a train split of `split_size`
+  (class-balanced when `class_counts`, the examples of each class, is given)."""
+  _require(examples < split_size,
+           f"data.minival_examples={examples} must be fewer than the {split_size} examples of "
+           f"{where}, so that train-minival keeps some.")
+  if class_counts is not None:
+    k, fewest = len(class_counts), min(class_counts)
+    _require(examples % k == 0,
+             f"data.minival_examples={examples} must be a multiple of the {k} classes of {where}: "
+             "minival takes as many examples of each class.")
+    _require(examples // k < fewest,
+             f"data.minival_examples={examples} takes {examples // k} examples of each class, but "
+             f"a class of {where} has only {fewest}: lower it, so every class stays in training.")
+
 ATTENTIONS = ("xla", "cudnn")
 METHODS = ("sove", "dino", "ibot")       # sove_jax.models.network.METHODS
 GLOBAL_POOLS = ("cls", "mean_patch")     # sove_jax.models.network.GLOBAL_POOLS
@@ -149,6 +170,12 @@ def validate_data(d, *, patch_size: int, global_batch_size: int, process_count: 
              f"{low:.3g} of {num_patches} patches masks only {fewest}.")
   _require(d.shuffle_buffer >= 1 and d.prefetch >= 0 and d.threads >= 0,
            "data.shuffle_buffer must be >= 1, data.prefetch and data.threads >= 0.")
+  _require(d.minival_examples >= 1 and d.minival_seed >= 0,
+           f"data.minival_examples={d.minival_examples} must be >= 1 and "
+           f"data.minival_seed={d.minival_seed} >= 0.")
+  if d.source == "fashion_mnist" and not d.data_dir:  # the packaged dataset: sizes known here
+    validate_minival(d.minival_examples, split_size=sum(FASHION_MNIST_TRAIN_CLASSES),
+                     class_counts=FASHION_MNIST_TRAIN_CLASSES, where="Fashion-MNIST's train split")
 
 
 def _validate_swin(m, network):
