@@ -78,9 +78,7 @@ class Feed:
     if self._flags:
       rows = len(next(iter(batch.values())))
       batch = {**batch, "host_flags": hosts.flag_rows(bits, self._process, rows)}
-    on_devices = {k: jax.make_array_from_process_local_data(self._sharding, np.asarray(v))
-                  for k, v in batch.items()}
-    return Item(on_devices, state, bits)
+    return Item(to_global(batch, self._sharding), state, bits)
 
   # -- the thread --------------------------------------------------------------------------------
 
@@ -120,6 +118,12 @@ class Feed:
         except queue.Empty:
           break
       self._thread.join(timeout=60)
+
+
+def to_global(host_batch: dict, sharding) -> dict:
+  """This host's numpy batch -> global jax.Arrays, the batch axis split over the processes."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in host_batch.items()}
 
 
 def local_shapes(batch: dict, process_count: int) -> dict:

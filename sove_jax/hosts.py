@@ -137,6 +137,15 @@ class Agreed:
     return cls(metrics.pop("hosts/bits", 0), metrics.pop("hosts/flagged_rows", 0),
                metrics.pop("hosts/first", _NO_PROCESS), rows_per_host)
 
+  def joined(self, later: "Agreed") -> "Agreed":
+    """This agreement with a later step's: the bits of both, every flagged host counted once
+    (the most at one step), the lowest process; the same on every host, as both are."""
+    out = Agreed(self.bits | later.bits, 0, _NO_PROCESS, 1)
+    out.hosts = max(self.hosts, later.hosts)
+    firsts = [f for f in (self.first, later.first) if f is not None]
+    out.first = min(firsts) if firsts else None
+    return out
+
   @property
   def stop(self) -> bool:
     return bool(self.bits & STOP)
@@ -194,8 +203,12 @@ def roll_call(where: str, answer_s: float, process_index: int | None = None,
   p = jax.process_index() if process_index is None else process_index
   n = jax.process_count() if process_count is None else process_count
   client = client or _client()
-  ok, _ = _with_deadline(lambda: client.key_value_set(_KEY + str(p), where), min(answer_s, 10))
+  # Overwrite: this process's watchdog may have answered another's roll call already.
+  ok, error = _with_deadline(
+      lambda: client.key_value_set(_KEY + str(p), where, allow_overwrite=True), min(answer_s, 10))
   if not ok:
+    if ok is False:
+      logging.warning("The coordination service refused a key (%s).", error)
     return None, {}
   deadline = time.monotonic() + answer_s
   said = {}
@@ -290,8 +303,9 @@ class Watchdog:
       if not self._answered:  # another process's roll call: say where this one is
         ok, entries = _with_deadline(lambda: client.key_value_dir_get(_KEY), 5)
         if ok and entries and not any(k.endswith(f"/{self.process_index}") for k, _ in entries):
-          _with_deadline(lambda: client.key_value_set(_KEY + str(self.process_index),
-                                                      f"alive at {self.where()}"), 5)
+          _with_deadline(lambda: client.key_value_set(
+              _KEY + str(self.process_index), f"alive at {self.where()}", allow_overwrite=True),
+                         5)
           self._answered = True
 
 

@@ -350,7 +350,11 @@ def _train(config, workdir, signals: hosts.StopSignals, watchdog: hosts.Watchdog
         reporting.say(f"continuing step {restored.step} with a changed config: "
                       f"{configuration.describe_changes(changes)} (recorded in "
                       f"{wd / checkpoint.CHANGES_FILE})")
-      reporting.say(f"resumed from step {restored.step} of {num_steps}")
+      if multi:  # every process, with its own input position (each has its own stream)
+        logging.info("resumed from step %d of %d; process %d's input at %s", restored.step,
+                     num_steps, jax.process_index(), train_in.get_state())
+      else:
+        reporting.say(f"resumed from step {restored.step} of {num_steps}")
   except BaseException:
     ckpt.close()
     raise
@@ -388,9 +392,7 @@ def _train(config, workdir, signals: hosts.StopSignals, watchdog: hosts.Watchdog
     nonlocal agreed
     step, metrics = pending
     host = _verified(step, metrics)
-    now = hosts.Agreed.from_metrics(host, rows_per_host)
-    if now.bits and not agreed.bits:
-      agreed = now
+    agreed = agreed.joined(hosts.Agreed.from_metrics(host, rows_per_host))
     return host
 
   try:
@@ -453,6 +455,9 @@ def _train(config, workdir, signals: hosts.StopSignals, watchdog: hosts.Watchdog
         break
       if watchdog is not None:
         watchdog.beat(step)
+    else:
+      if multi:
+        logging.info("process %d trained to step %d", jax.process_index(), stop_at)
     ckpt.wait()
     return last
   except NonFiniteLoss as e:

@@ -100,9 +100,9 @@ class FakeCoordinator:
   def __init__(self):
     self.store, self.lock = {}, threading.Lock()
 
-  def key_value_set(self, key, value):
+  def key_value_set(self, key, value, allow_overwrite=False):
     with self.lock:
-      if key in self.store:
+      if key in self.store and not allow_overwrite:
         raise RuntimeError(f"ALREADY_EXISTS: {key}")
       self.store[key] = value
 
@@ -112,15 +112,17 @@ class FakeCoordinator:
 
 
 class DeadCoordinator:
-  def key_value_set(self, key, value):
+  def key_value_set(self, key, value, allow_overwrite=False):
     time.sleep(60)
 
-  key_value_dir_get = key_value_set
+  def key_value_dir_get(self, key):
+    time.sleep(60)
 
 
 def test_a_roll_call_names_the_processes_that_do_not_answer():
   kv = FakeCoordinator()
   kv.key_value_set("sove_jax/stuck/2", "alive at step 7")
+  kv.key_value_set("sove_jax/stuck/0", "alive at step 7")  # answered another's roll call first
   lost, said = hosts.roll_call("stuck at step 7", 0.5, process_index=0, process_count=4,
                                client=kv)
   assert lost == [1, 3] and set(said) == {0, 2}
@@ -249,3 +251,14 @@ def test_a_stop_signal_travels_in_the_next_batch_built():
   finally:
     feed.close()
     signals.restore()
+
+
+def test_agreements_of_successive_steps_join_every_hosts_flags():
+  first = hosts.Agreed(hosts.SIGTERM, 4, 1, rows_per_host=4)     # process 1, SIGTERM
+  later = hosts.Agreed(hosts.SIGINT | hosts.SIGTERM, 8, 1, 4)    # and process 3, Ctrl-C
+  none = hosts.Agreed(0, 0, 1 << 20, 4)
+  joined = none.joined(first).joined(later).joined(none)
+  assert joined.bits == hosts.SIGTERM | hosts.SIGINT and joined.stop
+  assert (joined.hosts, joined.first) == (2, 1)
+  assert joined.signals() == "SIGTERM and SIGINT" and joined.who() == "process 1 and 1 other"
+  assert none.joined(none).bits == 0 and none.joined(none).first is None

@@ -251,11 +251,11 @@ def test_restart_with_another_config_is_compared_before_anything_is_written(trai
 # --- 4. after a non-finite loss -------------------------------------------------------------------
 
 def _poisoned_run(monkeypatch, workdir, at_step, **fields):
-  from sove_jax.data import pipeline
+  from sove_jax import feed
   config = smoke.get_config()
   config.total_steps = 6
   config.update(fields)
-  real, calls = pipeline.to_global, {"n": 0}
+  real, calls = feed.to_global, {"n": 0}
 
   def poisoned(batch, sh):
     calls["n"] += 1
@@ -263,7 +263,7 @@ def _poisoned_run(monkeypatch, workdir, at_step, **fields):
       batch = dict(batch, **{"global": np.full_like(batch["global"], np.nan)})
     return real(batch, sh)
 
-  monkeypatch.setattr(pipeline, "to_global", poisoned)
+  monkeypatch.setattr(feed, "to_global", poisoned)
   with pytest.raises(train.NonFiniteLoss) as failure:
     train.train_and_evaluate(config, str(workdir))
   return str(failure.value)

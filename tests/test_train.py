@@ -155,10 +155,10 @@ def test_main_rejects_bad_config_before_compiling(tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-  from sove_jax.data import pipeline
+  from sove_jax import feed
   config = smoke.get_config()
   config.total_steps, config.checkpoint_every = 6, 1
-  real = pipeline.to_global
+  real = feed.to_global
   calls = {"n": 0}
 
   def poisoned(batch, sh):
@@ -167,7 +167,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monke
       batch = dict(batch, **{"global": np.full_like(batch["global"], np.nan)})
     return real(batch, sh)
 
-  monkeypatch.setattr(pipeline, "to_global", poisoned)
+  monkeypatch.setattr(feed, "to_global", poisoned)
   with pytest.raises(train.NonFiniteLoss, match="at step 3"):
     train.train_and_evaluate(config, str(tmp_path))
   ck = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=10)
@@ -439,3 +439,17 @@ def test_distributed_initialization_uses_the_flags_or_jax_cluster_detection(monk
   monkeypatch.setattr(jax.distributed, "initialize", unreachable)
   with pytest.raises(ValueError, match="Number of processes"):
     main._initialize_distributed()
+
+
+def test_keep_period_keeps_every_nth_checkpoint_for_good(tmp_path):
+  config = smoke.get_config()
+  config.total_steps, config.checkpoint_every = 7, 1
+  config.keep_checkpoints, config.keep_period = 2, 3
+  train.train_and_evaluate(config, str(tmp_path))
+  # The last two, and every multiple of 3 before them.
+  assert checkpoint.checkpoint_steps(str(tmp_path)) == [3, 6, 7]
+  config.keep_period = 2  # any period is a multiple of a checkpoint every step
+  configuration.validate_run_control(config)
+  config.checkpoint_every, config.keep_period = 4, 6
+  with pytest.raises(configuration.ConfigError, match="keep_period=6 must be a multiple"):
+    configuration.validate_run_control(config)
