@@ -214,7 +214,8 @@ def test_device_augmentation_trains_and_resumes_bitwise_exact(tmp_path):
   a, data_a = _restore(straight, 4)
   b, data_b = _restore(split, 4)
   _assert_trees_equal(a, b)
-  assert data_a == data_b == {"epoch": 0, "position": 64, "process_count": 1}
+  assert data_a == data_b == {"process_count": 1, "processes": [
+      {"epoch": 0, "position": 64, "process_count": 1}]}
 
 
 def test_device_mode_step_cuts_the_views_and_draws_the_masks_from_the_state_key():
@@ -418,27 +419,31 @@ def test_distributed_initialization_uses_the_flags_or_jax_cluster_detection(monk
   from sove_jax import main
   calls = []
 
+  timeouts = dict(heartbeat_timeout_seconds=150, shutdown_timeout_seconds=60)
+
   def initialize(**kwargs):
     calls.append(kwargs)
-    if not kwargs:  # what jax.distributed.initialize() says where it detects no cluster
+    if kwargs == timeouts:  # what jax.distributed.initialize() says where it detects no cluster
       raise ValueError("coordinator_address should be defined.")
 
   monkeypatch.setattr(jax.distributed, "initialize", initialize)
   monkeypatch.setenv("JAX_PLATFORMS", "")  # not the CPU-only gloo set-up in this process
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-  main._initialize_distributed()
-  assert calls == [{}]
+  hosts_config = smoke.get_config().hosts  # the config's hosts block sets JAX's timeouts
+  main._initialize_distributed(hosts_config)
+  assert calls == [timeouts]
   with flagsaver.flagsaver(coordinator_address="host:1234", num_processes=2, process_id=1):
-    main._initialize_distributed()
-  assert calls[-1] == dict(coordinator_address="host:1234", num_processes=2, process_id=1)
+    main._initialize_distributed(hosts_config)
+  assert calls[-1] == dict(coordinator_address="host:1234", num_processes=2, process_id=1,
+                           **timeouts)
 
   def unreachable(**kwargs):
     raise ValueError("Number of processes must be defined.")
 
   monkeypatch.setattr(jax.distributed, "initialize", unreachable)
   with pytest.raises(ValueError, match="Number of processes"):
-    main._initialize_distributed()
+    main._initialize_distributed(hosts_config)
 
 
 def test_keep_period_keeps_every_nth_checkpoint_for_good(tmp_path):
