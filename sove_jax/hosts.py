@@ -168,7 +168,9 @@ class Agreed:
 
 # --- lost hosts ----------------------------------------------------------------------------------
 
-_KEY = "sove_jax/stuck/"  # process -> where it is, written when some process is stuck
+_STUCK = "sove_jax/stuck/"  # process -> where it is, written when some process is stuck
+_LOST = "sove_jax/lost"     # the first roll call's verdict: the lost processes, comma-separated
+_DONE = "sove_jax/done/"    # process -> its line is out
 
 
 def _client():
@@ -194,32 +196,68 @@ def _with_deadline(fn, seconds: float):
   return out[0] if out else (None, None)
 
 
+def _entries(client, prefix: str, seconds: float = 5) -> dict | None:
+  """{key: value} under `prefix` in the key-value store; None when the store does not answer."""
+  ok, entries = _with_deadline(lambda: client.key_value_dir_get(prefix), seconds)
+  return dict(entries) if ok else None
+
+
+def _put(client, key: str, value: str, seconds: float = 5) -> bool:
+  # Overwrite: a process's watchdog may have answered another's roll call already.
+  ok, error = _with_deadline(lambda: client.key_value_set(key, value, allow_overwrite=True),
+                             seconds)
+  if ok is False:
+    logging.warning("The coordination service refused key %s (%s).", key, error)
+  return bool(ok)
+
+
 def roll_call(where: str, answer_s: float, process_index: int | None = None,
               process_count: int | None = None, client=None) -> tuple[list[int] | None, dict]:
   """Writes `where` under this process's key and waits up to `answer_s` for every process to
   write its own (each process's watchdog answers, stuck or not). Returns (the processes that did
   not answer, {process: what it said}); (None, {}) when the coordination service itself does not
-  answer (process 0, which hosts it, is gone)."""
+  answer (process 0, which hosts it, is gone). A verdict another process already reached is
+  taken as it is (every process names the same lost ones)."""
   p = jax.process_index() if process_index is None else process_index
   n = jax.process_count() if process_count is None else process_count
   client = client or _client()
-  # Overwrite: this process's watchdog may have answered another's roll call already.
-  ok, error = _with_deadline(
-      lambda: client.key_value_set(_KEY + str(p), where, allow_overwrite=True), min(answer_s, 10))
-  if not ok:
-    if ok is False:
-      logging.warning("The coordination service refused a key (%s).", error)
+  if not _put(client, _STUCK + str(p), where, min(answer_s, 10)):
     return None, {}
   deadline = time.monotonic() + answer_s
-  said = {}
   while True:
-    ok, entries = _with_deadline(lambda: client.key_value_dir_get(_KEY), min(answer_s, 10))
-    if not ok:
-      return None, said
-    said = {int(k.rsplit("/", 1)[1]): v for k, v in entries}
+    entries = _entries(client, "sove_jax/", min(answer_s, 10))
+    if entries is None:
+      return None, {}
+    said = {int(k.rsplit("/", 1)[1]): v for k, v in entries.items() if k.startswith(_STUCK)}
+    if _LOST in entries:
+      return _parse(entries[_LOST]), said
     if len(said) >= n or time.monotonic() > deadline:
-      return sorted(set(range(n)) - set(said)), said
+      lost = sorted(set(range(n)) - set(said))
+      _put(client, _LOST, ",".join(map(str, lost)))
+      return lost, said
     time.sleep(0.25)
+
+
+def _parse(verdict: str) -> list[int]:
+  return [int(x) for x in verdict.split(",") if x]
+
+
+def leave(line: str, process_index: int, said: dict, answer_s: float, client=None,
+          give_up_fn=None):
+  """Says `line`, marks this process done, and ends it: process 0 last (it hosts the
+  coordination service the others still need to reach the same verdict and say their lines),
+  after every process that answered the roll call is done or `2 * answer_s` passed."""
+  client = client or _client()
+  logging.error("%s", line)
+  _put(client, _DONE + str(process_index), "1")
+  if process_index == 0:
+    deadline = time.monotonic() + 2 * answer_s
+    while time.monotonic() < deadline:
+      done = _entries(client, _DONE)
+      if done is None or len(done) >= len(said):
+        break
+      time.sleep(0.25)
+  (give_up_fn or give_up)(line)
 
 
 def lost_line(lost: list[int] | None, said: dict, process_index: int, cause: str,
@@ -239,9 +277,9 @@ def lost_line(lost: list[int] | None, said: dict, process_index: int, cause: str
 
 
 def give_up(line: str, code: int = EXIT_LOST):
-  """Prints `line` and ends this process now: the normal exit would wait at JAX's shutdown
-  barrier for processes that will never reach it."""
-  logging.error("%s", line)
+  """Ends this process now, its line said: the normal exit would wait at JAX's shutdown barrier
+  for processes that will never reach it."""
+  del line
   logging.flush()
   for stream in (sys.stdout, sys.stderr):
     stream.flush()
@@ -253,8 +291,9 @@ class Watchdog:
 
   The loop calls `beat(step, slow=...)` whenever it makes progress: a step done (`slow=False`:
   the next must come within `stall_timeout_s`) or a slow phase begun (start-up, a save, the k-NN
-  monitor: `slow_timeout_s`). A daemon thread checks once a second; it also answers another
-  process's roll call with where this one is, so that only the lost are named.
+  monitor: `slow_timeout_s`). A daemon thread checks once a second: it answers another process's
+  roll call with where this one is (so that only the lost are named), gives up with the others
+  once one of them has named a lost process, and calls the roll itself when stalled.
   """
 
   def __init__(self, hosts_config, *, process_index: int | None = None,
@@ -268,7 +307,6 @@ class Watchdog:
     self._step, self._phase = 0, "start-up"
     self._since = time.monotonic()
     self._budget = float(hosts_config.slow_timeout_s)
-    self._answered = False
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._watch, daemon=True, name="sove_jax-watchdog")
     self._thread.start()
@@ -287,8 +325,14 @@ class Watchdog:
     self._stop.set()
     self._thread.join(5)
 
+  def _leave(self, lost, said, cause):
+    answer_s = float(self.config.answer_s)
+    leave(lost_line(lost, said, self.process_index, cause, answer_s), self.process_index, said,
+          answer_s, self._client or _client(), self._give_up)
+
   def _watch(self):
     client = self._client or _client()
+    mine = _STUCK + str(self.process_index)
     while not self._stop.wait(1.0):
       with self._lock:
         waited, budget = time.monotonic() - self._since, self._budget
@@ -296,23 +340,26 @@ class Watchdog:
       if waited > budget:
         lost, said = roll_call(f"stuck at {self.where()}", float(self.config.answer_s),
                                self.process_index, self.process_count, client)
-        cause = f"no progress for {waited:.0f} s (limit {budget:.0f} s) at step {step}, {phase}"
-        self._give_up(lost_line(lost, said, self.process_index, cause,
-                                float(self.config.answer_s)))
+        self._leave(lost, said, f"no progress for {waited:.0f} s (limit {budget:.0f} s) at "
+                                f"step {step}, {phase}")
         return
-      if not self._answered:  # another process's roll call: say where this one is
-        ok, entries = _with_deadline(lambda: client.key_value_dir_get(_KEY), 5)
-        if ok and entries and not any(k.endswith(f"/{self.process_index}") for k, _ in entries):
-          _with_deadline(lambda: client.key_value_set(
-              _KEY + str(self.process_index), f"alive at {self.where()}", allow_overwrite=True),
-                         5)
-          self._answered = True
+      entries = _entries(client, "sove_jax/")
+      if not entries:
+        continue
+      if _LOST in entries:  # another process named the lost ones: say it too, and leave
+        said = {int(k.rsplit("/", 1)[1]): v for k, v in entries.items() if k.startswith(_STUCK)}
+        self._leave(_parse(entries[_LOST]), said, f"waiting at {self.where()}")
+        return
+      if any(k.startswith(_STUCK) for k in entries) and mine not in entries:
+        _put(client, mine, f"alive at {self.where()}")
 
 
 def abandon(error: BaseException, process_index: int, process_count: int, answer_s: float):
   """An unexpected failure inside the loop of a multi-process run (a collective that failed
   because a peer died, say): names the processes that do not answer, then ends this one."""
   from sove_jax import checkpoint
+  client = _client()
   lost, said = roll_call(f"failed: {checkpoint.cause(error, 120)}", answer_s, process_index,
-                         process_count)
-  give_up(lost_line(lost, said, process_index, checkpoint.cause(error, 200), answer_s))
+                         process_count, client)
+  leave(lost_line(lost, said, process_index, checkpoint.cause(error, 200), answer_s),
+        process_index, said, answer_s, client)

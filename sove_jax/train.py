@@ -388,12 +388,16 @@ def _train(config, workdir, signals: hosts.StopSignals, watchdog: hosts.Watchdog
   agreed = hosts.Agreed(0, 0, hosts._NO_PROCESS, rows_per_host)
 
   def read(pending):
-    """A step's metrics on the host (verified finite); its reduced host flags join `agreed`."""
+    """A step's metrics on the host; its reduced host flags join `agreed` first (a host's failed
+    input, whose zeros may well make the loss non-finite, is what every host reports), then the
+    loss and gradient are verified finite."""
     nonlocal agreed
     step, metrics = pending
-    host = _verified(step, metrics)
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
     agreed = agreed.joined(hosts.Agreed.from_metrics(host, rows_per_host))
-    return host
+    if agreed.input_failed:
+      raise _input_failure(feed, agreed, step, ckpt)
+    return _verified(step, host)
 
   try:
     if watchdog is not None:
@@ -419,12 +423,10 @@ def _train(config, workdir, signals: hosts.StopSignals, watchdog: hosts.Watchdog
       save_due = itstime(step, config.checkpoint_every, stop_at)
       # One process stops on its own signal; several stop on what they all read.
       stop = agreed.stop if multi else signals.reason is not None
-      if not (log_due or monitor_due or save_due or stop or agreed.input_failed):
+      if not (log_due or monitor_due or save_due or stop):
         continue
       window.add(read(pending))  # only verified states are reported or saved
       pending = None
-      if agreed.input_failed:
-        raise _input_failure(feed, agreed, step, ckpt)
       stop = agreed.stop if multi else signals.reason is not None
       scalars = {}
       if log_due:

@@ -141,32 +141,43 @@ def _hosts_config(stall):
                          heartbeat_timeout_s=100.0, shutdown_timeout_s=10.0))
 
 
-def test_the_watchdog_names_the_lost_process_and_not_the_ones_still_working():
+def test_the_watchdog_names_the_lost_process_and_every_other_says_it_too():
+  """Process 0 stalls and calls the roll; process 1, still working, answers, then takes the
+  verdict and leaves too; process 2 never answers (the lost one). Process 0 leaves last."""
   kv = FakeCoordinator()
-  lines = []
-  gave_up = threading.Event()
+  lines, order = {}, []
+  everyone_out = threading.Event()
 
-  def give_up(line):
-    lines.append(line)
-    gave_up.set()
+  def give_up_as(p):
+    def give_up(line):
+      lines[p] = line
+      order.append(p)
+      if len(lines) == 2:
+        everyone_out.set()
+    return give_up
 
   stuck = hosts.Watchdog(_hosts_config(1.0), process_index=0, process_count=3, client=kv,
-                         give_up_fn=give_up)
+                         give_up_fn=give_up_as(0))
   working = hosts.Watchdog(_hosts_config(1.0), process_index=1, process_count=3, client=kv,
-                           give_up_fn=give_up)
-  stuck.beat(5)  # process 2 never starts a watchdog: it is the lost one
+                           give_up_fn=give_up_as(1))
+  stuck.beat(5)
   try:
-    deadline = time.monotonic() + 15
-    while not gave_up.is_set() and time.monotonic() < deadline:
-      working.beat(6)  # process 1 keeps making progress
+    deadline = time.monotonic() + 20
+    while not everyone_out.is_set() and time.monotonic() < deadline:
+      if 1 not in lines:
+        working.beat(6)  # process 1 keeps making progress until it hears the verdict
       time.sleep(0.2)
   finally:
     stuck.close()
     working.close()
-  assert gave_up.is_set(), "the watchdog never gave up"
-  assert len(lines) == 1, lines
-  assert lines[0].startswith("Lost process 2 ")
+  assert everyone_out.is_set(), f"not every process gave up: {lines}"
+  assert order == [1, 0]  # process 0 hosts the coordination service: it leaves last
+  for p, line in lines.items():
+    assert line.startswith("Lost process 2 (killed, hung or unreachable"), line
+    assert "\n" not in line
   assert "no progress for" in lines[0] and "at step 5" in lines[0]
+  assert "waiting at step 6" in lines[1]
+  assert kv.store["sove_jax/lost"] == "2"
   assert kv.store["sove_jax/stuck/1"].startswith("alive at step 6")
 
 
