@@ -6,7 +6,9 @@ P-th entry (disjoint, N // P each); a TFDS stream gives each process a contiguou
 shuffles its files and a buffer of records. Every random draw of an example or batch is a
 stateless function of (seed, process, epoch, position in the epoch), so the stream depends on
 nothing else, and the iterator state is just (epoch, position): a restored run rebuilds the epoch
-and skips `position` indices (or undecoded records) instead of replaying batches.
+and skips `position` indices (or undecoded records) instead of replaying batches. A checkpoint
+holds every process's state (`merge_states`); sources read by index restore it on another
+number of processes too (sove_jax/data/order.py).
 
 Per host, data.augment = "host": read -> decode -> crop + flip (per example when images differ
 in size; per batch from memory) -> batch (drop_remainder) -> color/gray/blur/solarize +
@@ -28,7 +30,8 @@ import numpy as np
 import tensorflow as tf
 
 from sove_jax import configuration
-from sove_jax.data import augment, masking, sources
+from sove_jax.data import augment, masking, order, sources
+from sove_jax.data.order import host_order, merge_states  # noqa: F401  (the trainer's API)
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +96,6 @@ def _map(ds, *fns):
     return x
   return ds.map(tf.autograph.experimental.do_not_convert(chained), num_parallel_calls=AUTOTUNE,
                 deterministic=True)
-
-
-def host_order(num_examples: int, seed: int, epoch: int, process_index: int,
-               process_count: int) -> tf.Tensor:
-  """Example indices this process reads in `epoch`: every P-th of one permutation shared by all."""
-  perm = tf.random.experimental.stateless_shuffle(tf.range(num_examples, dtype=tf.int64),
-                                                  seed=tf.constant([seed, epoch], tf.int64))
-  return perm[process_index::process_count][: num_examples // process_count]
 
 
 # --- device mode: decode and fit into a canvas ---------------------------------------------------
@@ -224,7 +219,8 @@ class TrainInput:
     self.resident = self.device and isinstance(source, sources.ArraySource)
     self.skipped: set[str] = set()  # examples that did not decode (this process), named
     self._epoch, self._position = 0, 0
-    self._iterator, self._order = None, None
+    self._rest_of = None  # the merged state a rest epoch was restored from (sove_jax/data/order.py)
+    self._iterator, self._orders = None, {}
     self._tables = _tables(source, images=not self.resident)
     self._stages = self._stage_fns()
 
@@ -364,9 +360,13 @@ class TrainInput:
       head = lambda i, r: {"epoch": tf.constant(epoch, tf.int64), "position": i,
                            "bytes": r[0], "label": r[1]}
     else:
-      order = lambda _: tf.data.Dataset.from_tensor_slices(
-          host_order(len(src), self.seed, epoch, self.process_index, self.process_count))
-      ds = tf.data.Dataset.from_tensors(0).flat_map(order).enumerate().skip(position)
+      if self._in_rest(epoch):  # after a restart on another process count: computed here
+        indices = tf.data.Dataset.from_tensor_slices(self.epoch_order(epoch))
+      else:  # a permutation in the graph (no array of the epoch's indices in it)
+        indices = tf.data.Dataset.from_tensors(0).flat_map(
+            lambda _: tf.data.Dataset.from_tensor_slices(host_order(
+                len(src), self.seed, epoch, self.process_index, self.process_count)))
+      ds = indices.enumerate().skip(position)
       head = lambda i, index: {"epoch": tf.constant(epoch, tf.int64), "position": i,
                                "index": index}
     batched = isinstance(src, sources.ArraySource)  # in memory: read and cropped per batch
@@ -391,6 +391,32 @@ class TrainInput:
 
   # Iteration and state --------------------------------------------------------------------------
 
+  def _in_rest(self, epoch: int) -> bool:
+    return self._rest_of is not None and epoch <= order.last_rest_epoch(self._rest_of)
+
+  def _plain_order(self, epoch: int, index: int, count: int) -> np.ndarray:
+    """Process `index` of `count`'s order of a normal epoch (the permutation made once)."""
+    key = ("perm", epoch)
+    if key not in self._orders:
+      self._orders = {k: v for k, v in self._orders.items() if k[1] >= epoch - 1}
+      self._orders[key] = host_order(len(self.source), self.seed, epoch, 0, 1).numpy()
+    return self._orders[key][index::count][: len(self.source) // count]
+
+  def epoch_order(self, epoch: int) -> np.ndarray:
+    """The example indices this process reads in `epoch`, in order (sources read by index)."""
+    key = ("order", epoch)
+    if key not in self._orders:
+      self._orders[key] = order.process_order(self._plain_order, epoch, self.process_index,
+                                              self.process_count,
+                                              self._rest_of if self._in_rest(epoch) else None)
+    return self._orders[key]
+
+  def _epoch_length(self, epoch: int) -> int:
+    """Examples this process tries in `epoch`."""
+    if isinstance(self.source, sources.TfdsSource):
+      return self.num_examples // self.process_count
+    return len(self.epoch_order(epoch))
+
   def __iter__(self):
     return self
 
@@ -404,10 +430,14 @@ class TrainInput:
         batch = next(self._iterator)
         break
       except StopIteration:
+        self._iterator = None
         if not self._yielded and self._epoch_start == 0:
-          raise RuntimeError(f"{self.source.name}: epoch {self._epoch} gave no batch; "
-                             f"{len(self.skipped)} examples failed to decode so far.") from None
-        self._epoch, self._position, self._iterator = self._epoch + 1, 0, None
+          if self._epoch_length(self._epoch) >= self.batch_size:  # a rest epoch may hold less
+            raise RuntimeError(f"{self.source.name}: epoch {self._epoch} gave no batch; "
+                               f"{len(self.skipped)} examples failed to decode so far.") from None
+        self._epoch, self._position = self._epoch + 1, 0
+        if self._rest_of is not None and not self._in_rest(self._epoch):
+          self._rest_of = None
     self._yielded = True
     batch.pop("epoch")
     positions = batch.pop("position")
@@ -415,18 +445,19 @@ class TrainInput:
     self._position = int(positions[-1]) + 1
     return batch
 
+  def _describe(self, epoch: int, positions) -> list[str]:
+    """Names of the examples at `positions` of this process's `epoch`."""
+    if isinstance(self.source, sources.TfdsSource):
+      return [f"{self.source.describe(p)} of epoch {epoch}" for p in positions]
+    indices = self.epoch_order(epoch)
+    return [self.source.describe(int(indices[p])) for p in positions]
+
   def _count_skipped(self, positions):
     """Positions missing between batches are examples dropped by the decoder: name them once."""
     missing = sorted(set(range(self._position, int(positions[-1]) + 1)) - set(positions.tolist()))
     if not missing:
       return
-    if isinstance(self.source, sources.TfdsSource):
-      names = [f"{self.source.describe(p)} of epoch {self._epoch}" for p in missing]
-    else:
-      if self._order is None or self._order[0] != self._epoch:
-        self._order = (self._epoch, host_order(len(self.source), self.seed, self._epoch,
-                                               self.process_index, self.process_count).numpy())
-      names = [self.source.describe(int(self._order[1][p])) for p in missing]
+    names = self._describe(self._epoch, missing)
     new = sorted(set(names) - self.skipped)
     self.skipped.update(names)
     if new:
@@ -434,21 +465,44 @@ class TrainInput:
                   ", ".join(new), len(self.skipped))
 
   def get_state(self) -> dict:
-    """Where the stream stands: the next example of this process's epoch order."""
-    return {"epoch": self._epoch, "position": self._position, "process_count": self.process_count}
+    """Where this process's stream stands: the next example of its epoch order (JSON-able; a
+    checkpoint holds every process's, `merge_states`). In a rest epoch (after a restart on
+    another process count) also "rest_of", the state it was restored from."""
+    state = {"epoch": self._epoch, "position": self._position, "process_count": self.process_count}
+    if self._rest_of is not None:
+      state["rest_of"] = self._rest_of
+    return state
 
-  def set_state(self, state: dict) -> None:
-    """Continue from `state`: the epoch is rebuilt and the consumed part skipped, not replayed."""
-    epoch, position = int(state["epoch"]), int(state["position"])
-    if int(state.get("process_count", self.process_count)) != self.process_count:
-      # Other process count, other per-process orders: keep the same fraction of the epoch.
-      position = position * int(state["process_count"]) // self.process_count
-      log.warning("Input state was saved with %s processes, resuming with %d: continuing at the "
-                  "same fraction of epoch %d, not the exact stream.", state["process_count"],
-                  self.process_count, epoch)
+  def set_state(self, saved: dict) -> None:
+    """Continue from a checkpoint's input state: `merge_states`' (this process's entry, or the
+    unread rest of the epoch re-split over another process count), or one process's state as
+    older checkpoints hold it. The epoch is rebuilt and the consumed part skipped, not replayed.
+    """
+    if order.is_merged(saved):
+      refuse = ""
+      if isinstance(self.source, sources.TfdsSource):
+        refuse = (f"The input state was saved by {saved.get('process_count')} processes and this "
+                  f"run has {self.process_count}: {self.source.name} is a stream of TFRecord "
+                  "records, which cannot be re-split exactly; restart on the same number of "
+                  "processes.")
+      epoch, position, rest_of = order.restore(saved, self.process_index, self.process_count,
+                                               refuse=refuse)
+      if rest_of is not None and rest_of is saved:
+        log.warning("Input state saved by %d processes, resuming with %d: the examples of "
+                    "epoch %d that no process had read are shared out first, then epochs "
+                    "continue as usual.", saved["process_count"], self.process_count, epoch)
+    else:  # one process's state (older checkpoints: process 0's)
+      epoch, position, rest_of = int(saved["epoch"]), int(saved["position"]), None
+      if int(saved.get("process_count", self.process_count)) != self.process_count:
+        # Other process count, other per-process orders: keep the same fraction of the epoch.
+        position = position * int(saved["process_count"]) // self.process_count
+        log.warning("Input state was saved with %s processes, resuming with %d: continuing at "
+                    "the same fraction of epoch %d, not the exact stream.",
+                    saved["process_count"], self.process_count, epoch)
     if epoch < 0 or position < 0:
-      raise ValueError(f"Bad input state {state}.")
-    self._epoch, self._position, self._iterator = epoch, position, None
+      raise ValueError(f"Bad input state {saved}.")
+    self._epoch, self._position, self._rest_of = epoch, position, rest_of
+    self._iterator, self._orders = None, {}
 
 
 def train_input(data_config, *, patch_size: int, global_batch_size: int, seed: int,
