@@ -433,3 +433,29 @@ def test_merge_states_keeps_every_process_and_refuses_states_of_other_runs():
   stream = _train(_arrays())
   with pytest.raises(ValueError, match="Bad input state"):
     stream.set_state({"process_count": 2, "processes": [{"epoch": 0, "position": 1}]})
+
+
+# --- a process whose input yields nothing ------------------------------------------------------
+
+def test_a_folder_of_corrupt_images_stops_with_a_true_count_and_the_first_cause(tmp_path):
+  for i in range(6):
+    folder = tmp_path / "train" / "junk"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{i}.jpg").write_bytes(b"<html>403 Forbidden</html>")
+  src = sources.image_folder(str(tmp_path), "train")
+  d = _config(source="folder", data_dir=str(tmp_path), augment="device", canvas_size=16)
+  stream = _train(src, d, batch=2, seed=1)
+  first = os.path.basename(src.paths[int(pipeline.host_order(6, 1, 0, 0, 1)[0])])
+  with pytest.raises(pipeline.InputFailed, match=(
+      rf"process 0 of 1 got no batch from epoch 0: 6 of the 6 examples it tried failed to "
+      rf"decode \(0 decoded, fewer than its batch of 2\); the first: .*{first} \(Unknown image "
+      rf"file format\. One of JPEG, [^\[\]]+ required\.\)\.$")):
+    next(stream)
+  rng = np.random.default_rng(0)
+  sources.write_image_folder(str(tmp_path), "train", rng.integers(0, 256, (1, 8, 8, 3)), [0],
+                             class_names=["junk"], image_format="jpeg")
+  src = sources.image_folder(str(tmp_path), "train")
+  stream = _train(src, d, batch=2)
+  with pytest.raises(pipeline.InputFailed, match=r"6 of the 7 examples it tried failed to decode "
+                     r"\(1 decoded, fewer than its batch of 2\)"):
+    next(stream)

@@ -19,11 +19,12 @@ image is 2x or more the canvas -> fit (finish the downscale; the fitted size rec
 each image padded into its uint8 canvas slot -> prefetch. An in-memory source lives whole on
 the device (`device_resident`): its pipeline reads indices and labels, nothing else.
 An example that fails to decode is dropped; the gap it leaves in the positions is how it is
-counted and named in the log.
+counted and named in the log. A process whose whole epoch gives no batch raises `InputFailed`.
 """
 from __future__ import annotations
 
 import logging
+import re
 
 import jax
 import numpy as np
@@ -96,6 +97,11 @@ def _map(ds, *fns):
     return x
   return ds.map(tf.autograph.experimental.do_not_convert(chained), num_parallel_calls=AUTOTUNE,
                 deterministic=True)
+
+
+class InputFailed(RuntimeError):
+  """This process's training input gave no batch from a whole epoch: its examples do not decode
+  (the message counts them and names the first, with its cause)."""
 
 
 # --- device mode: decode and fit into a canvas ---------------------------------------------------
@@ -432,9 +438,9 @@ class TrainInput:
       except StopIteration:
         self._iterator = None
         if not self._yielded and self._epoch_start == 0:
-          if self._epoch_length(self._epoch) >= self.batch_size:  # a rest epoch may hold less
-            raise RuntimeError(f"{self.source.name}: epoch {self._epoch} gave no batch; "
-                               f"{len(self.skipped)} examples failed to decode so far.") from None
+          tried = self._epoch_length(self._epoch)
+          if tried >= self.batch_size:  # a rest epoch may hold less than a batch
+            raise self._failure(self._epoch, tried) from None
         self._epoch, self._position = self._epoch + 1, 0
         if self._rest_of is not None and not self._in_rest(self._epoch):
           self._rest_of = None
@@ -444,6 +450,29 @@ class TrainInput:
     self._count_skipped(positions)
     self._position = int(positions[-1]) + 1
     return batch
+
+  def _failure(self, epoch: int, tried: int) -> InputFailed:
+    """What went wrong in an epoch that gave no batch: the examples decoded, counted again (cut
+    after the decode), and the first that did not, with the error it raised."""
+    where = f"{self.source.name}: process {self.process_index} of {self.process_count}"
+    if "decode" not in self.stages():  # arrays in memory never fail
+      return InputFailed(f"{where} got no batch from epoch {epoch} of {tried} examples.")
+    decoded = set()
+    for element in self.dataset(epoch, 0, stop_after="decode").as_numpy_iterator():
+      decoded.add(int(element["position"]))
+    first = next(p for p in range(tried) if p not in decoded)
+    cause = ""
+    try:
+      example = next(self.dataset(epoch, first, stop_after="read").as_numpy_iterator())
+      _decode({"bytes": tf.constant(example["bytes"])})
+    except (tf.errors.OpError, StopIteration) as e:
+      cause = (getattr(e, "message", "") or type(e).__name__).strip().splitlines()[0]
+      cause = re.sub(r"\s*\[Op:.*$", "", re.sub(r"\{\{.*?\}\}\s*", "", cause))  # TF's tags
+    name = self._describe(epoch, [first])[0]
+    return InputFailed(
+        f"{where} got no batch from epoch {epoch}: {tried - len(decoded)} of the {tried} "
+        f"examples it tried failed to decode ({len(decoded)} decoded, fewer than its batch of "
+        f"{self.batch_size}); the first: {name}" + (f" ({cause})." if cause else "."))
 
   def _describe(self, epoch: int, positions) -> list[str]:
     """Names of the examples at `positions` of this process's `epoch`."""
