@@ -313,3 +313,149 @@ def test_device_mode_from_memory_sends_indices_the_device_gathers_from_resident_
   for shard in images.addressable_shards:
     np.testing.assert_array_equal(np.asarray(shard.data), src.images)
   assert pipeline.device_resident(host, replicated) == {}
+
+
+# --- every process's input state: saved together, restored on the same or another count ---------
+
+def _same_batches(got, want):
+  assert set(got) == set(want)
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_each_process_continues_its_own_stream_from_the_merged_state(tmp_path):
+  """Two processes; an image that process 1 reads early does not decode, so its position runs
+  one ahead of process 0's. Restored from the merged state, each continues exactly."""
+  n, seed = 24, 5
+  images = np.random.default_rng(3).integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+  paths = sources.write_image_folder(str(tmp_path), "train", images, np.arange(n),
+                                     image_format="jpeg")
+  src = sources.image_folder(str(tmp_path), "train")
+  bad = src.paths[int(pipeline.host_order(n, seed, 0, 1, 2)[1])]
+  with open(bad, "wb") as f:
+    f.write(b"not a picture")
+  d = _config(source="folder", data_dir=str(tmp_path), augment="device", canvas_size=16)
+  make = lambda p: _train(src, d, batch=4, seed=seed, index=p, count=2)
+  streams = [make(0), make(1)]
+  straight = [[next(stream) for _ in range(9)] for stream in streams]  # 6 steps an epoch
+  assert streams[1].skipped == {bad} and not streams[0].skipped
+  states = []
+  for p in range(2):
+    stream = make(p)
+    for _ in range(3):
+      next(stream)
+    states.append(stream.get_state())
+  merged = json.loads(json.dumps(pipeline.merge_states(states)))
+  assert merged == {"process_count": 2, "processes": [{"epoch": 0, "position": 6},
+                                                     {"epoch": 0, "position": 7}]}
+  for p in range(2):
+    resumed = make(p)
+    resumed.set_state(merged)
+    for want in straight[p][3:]:  # into the next epoch
+      _same_batches(next(resumed), want)
+
+
+def _epoch_of(streams, steps):
+  return [np.concatenate([next(s)["label"] for _ in range(steps)]) for s in streams]
+
+
+def test_another_process_count_reads_the_unread_rest_of_the_epoch_once_then_goes_on():
+  """48 examples, 2 processes of batch 4 stopped after 3 and 2 batches; restored on 4 processes
+  (batch 1), they read the 28 examples of epoch 0 that no process had read, each once, then
+  epoch 1 exactly as a 4-process run reads it. Restored on 3 (batch 2), 28 // 3 = 9 each make
+  4 batches: 24 read, none twice; interrupted there and restored on 2, still none twice."""
+  src, seed = _arrays(n=48), 2
+  d = _config(augment="device")  # indices and labels only
+  make = lambda p, count, batch: _train(src, d, batch=batch, seed=seed, index=p, count=count)
+  old = [make(p, 2, 8) for p in range(2)]
+  read = [np.concatenate([next(old[0])["label"] for _ in range(3)]),
+          np.concatenate([next(old[1])["label"] for _ in range(2)])]
+  merged = json.loads(json.dumps(pipeline.merge_states([s.get_state() for s in old])))
+  epoch0 = set(range(48))  # 48 // 2 each: the whole set
+  unread = epoch0 - set(np.concatenate(read))
+  assert len(unread) == 28
+
+  new = [make(p, 4, 4) for p in range(4)]
+  for stream in new:
+    stream.set_state(merged)
+    assert stream.get_state()["rest_of"] == merged
+  rest = _epoch_of(new, 7)
+  assert sum(len(r) for r in rest) == 28 and set(np.concatenate(rest)) == unread
+  fresh = [make(p, 4, 4) for p in range(4)]
+  for p in range(4):
+    fresh[p].set_state({"epoch": 1, "position": 0, "process_count": 4})
+    _same_batches(next(new[p]), next(fresh[p]))
+    assert "rest_of" not in new[p].get_state() and new[p].get_state()["epoch"] == 1
+
+  three = [make(p, 3, 6) for p in range(3)]
+  for stream in three:
+    stream.set_state(merged)
+  first = _epoch_of(three, 2)
+  middle = json.loads(json.dumps(pipeline.merge_states([s.get_state() for s in three])))
+  assert middle["rest_of"] == merged
+  two = [make(p, 2, 4) for p in range(2)]
+  for stream in two:
+    stream.set_state(middle)
+  last = _epoch_of(two, 3)  # 3 x 5 left, 15 // 2 = 7 each: 3 batches of 2
+  in_epoch0 = np.concatenate(read + first + last)
+  assert len(set(in_epoch0)) == len(in_epoch0) == 20 + 12 + 12
+  assert set(in_epoch0) <= epoch0
+  assert all(s.get_state()["epoch"] == 0 for s in two)
+  np.testing.assert_array_equal(  # then epoch 1 as 2 processes read it
+      np.concatenate([next(two[0])["label"] for _ in range(6)]),
+      pipeline.host_order(48, seed, 1, 0, 2).numpy()[:12])
+
+
+def test_a_tfrecord_stream_refuses_another_process_count_in_one_sentence(tmp_path):
+  import tensorflow_datasets as tfds
+  d = _config(source="tfds", name="mnist", data_dir=str(tmp_path), shuffle_buffer=8)
+  with tfds.testing.mock_data(num_examples=16):
+    src = sources.open_source(d, "train")
+    stream = _train(src, d, batch=4)
+    merged = {"process_count": 2, "processes": [{"epoch": 0, "position": 4},
+                                                {"epoch": 0, "position": 5}]}
+    with pytest.raises(ValueError, match=r"^The input state was saved by 2 processes and this "
+                       r"run has 1: mnist/train is a stream of TFRecord records, which cannot be "
+                       r"re-split exactly; restart on the same number of processes\.$"):
+      stream.set_state(merged)
+    stream.set_state({"process_count": 1, "processes": [{"epoch": 2, "position": 8}]})
+    assert stream.get_state() == {"epoch": 2, "position": 8, "process_count": 1}
+
+
+def test_merge_states_keeps_every_process_and_refuses_states_of_other_runs():
+  assert pipeline.merge_states([{"epoch": 3, "position": 9, "process_count": 1}]) == {
+      "process_count": 1, "processes": [{"epoch": 3, "position": 9}]}
+  with pytest.raises(ValueError, match="says 4 processes, but 2 states"):
+    pipeline.merge_states([{"epoch": 0, "position": 0, "process_count": 4}] * 2)
+  with pytest.raises(ValueError, match="another rest epoch"):
+    pipeline.merge_states([{"epoch": 0, "position": 0, "process_count": 2, "rest_of": {"a": 1}},
+                           {"epoch": 0, "position": 0, "process_count": 2, "rest_of": {"a": 2}}])
+  stream = _train(_arrays())
+  with pytest.raises(ValueError, match="Bad input state"):
+    stream.set_state({"process_count": 2, "processes": [{"epoch": 0, "position": 1}]})
+
+
+# --- a process whose input yields nothing ------------------------------------------------------
+
+def test_a_folder_of_corrupt_images_stops_with_a_true_count_and_the_first_cause(tmp_path):
+  for i in range(6):
+    folder = tmp_path / "train" / "junk"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{i}.jpg").write_bytes(b"<html>403 Forbidden</html>")
+  src = sources.image_folder(str(tmp_path), "train")
+  d = _config(source="folder", data_dir=str(tmp_path), augment="device", canvas_size=16)
+  stream = _train(src, d, batch=2, seed=1)
+  first = os.path.basename(src.paths[int(pipeline.host_order(6, 1, 0, 0, 1)[0])])
+  with pytest.raises(pipeline.InputFailed, match=(
+      rf"process 0 of 1 got no batch from epoch 0: 6 of the 6 examples it tried failed to "
+      rf"decode \(0 decoded, fewer than its batch of 2\); the first: .*{first} \(Unknown image "
+      rf"file format\. One of JPEG, [^\[\]]+ required\.\)\.$")):
+    next(stream)
+  rng = np.random.default_rng(0)
+  sources.write_image_folder(str(tmp_path), "train", rng.integers(0, 256, (1, 8, 8, 3)), [0],
+                             class_names=["junk"], image_format="jpeg")
+  src = sources.image_folder(str(tmp_path), "train")
+  stream = _train(src, d, batch=2)
+  with pytest.raises(pipeline.InputFailed, match=r"6 of the 7 examples it tried failed to decode "
+                     r"\(1 decoded, fewer than its batch of 2\)"):
+    next(stream)

@@ -214,8 +214,7 @@ def test_device_augmentation_trains_and_resumes_bitwise_exact(tmp_path):
   a, data_a = _restore(straight, 4)
   b, data_b = _restore(split, 4)
   _assert_trees_equal(a, b)
-  assert data_a == data_b == {"process_count": 1, "processes": [
-      {"epoch": 0, "position": 64, "process_count": 1}]}
+  assert data_a == data_b == {"process_count": 1, "processes": [{"epoch": 0, "position": 64}]}
 
 
 def test_device_mode_step_cuts_the_views_and_draws_the_masks_from_the_state_key():

@@ -4,8 +4,9 @@ Fine-tuning trains on (image, label) pairs of a train split, or of a subset of i
 the labels), with the augmentation of the DeiT/BEiT recipe's geometry: RandomResizedCrop
 (area in `scale`, log-uniform aspect ratio in `ratio`, bicubic, antialiased) and a horizontal
 flip, then the run's mean/std normalization. The pieces are the pretraining pipeline's
-(`augment.draw_crop_boxes`, `resized_crops`, `resized_crop`, `pipeline.host_order`), so the
-geometry and the per-epoch order are the same code; this module only asks for one view, not
+(`augment.draw_crop_boxes`, `resized_crops`, `resized_crop`, and the training stream of
+`stream.TrainStream`: per-epoch orders, epoch loop, state), so the geometry and the per-epoch
+order are the same code; this module only asks for one view, not
 two global and N local ones, and no photometric ops or masks. Evaluation uses
 `pipeline.eval_input` (resize + center crop) unchanged.
 
@@ -16,36 +17,18 @@ a folder; a whole TFDS split is streamed as pretraining streams it (files and a 
 shuffled per epoch, each process its contiguous share).
 
 Randomness is stateless, a function of (seed, process, epoch, position), so the stream of an
-epoch depends on nothing else and a run restarted at an epoch boundary sees the same batches.
+epoch depends on nothing else and a run restarted at an epoch boundary (`epoch`) or from
+`get_state()` sees the same batches.
 """
 from __future__ import annotations
 
-import jax
 import numpy as np
 import tensorflow as tf
 
-from sove_jax.data import augment, pipeline, sources
+from sove_jax.data import augment, sources, stream
+from sove_jax.data.sources import EncodedSource  # noqa: F401  (what `subset` makes of TFDS)
 
 _FLIP = 1  # which draw of an example's key
-
-
-class EncodedSource:
-  """Encoded images (JPEG/PNG bytes) with integer labels held in host memory; read by index."""
-
-  def __init__(self, encoded: list[bytes], labels, name: str):
-    if len(encoded) != len(labels):
-      raise ValueError(f"{name}: {len(encoded)} images but {len(labels)} labels")
-    if not encoded:
-      raise ValueError(f"{name}: the subset is empty")
-    self.encoded = np.asarray(encoded, dtype=object)
-    self.labels = np.asarray(labels, np.int32)
-    self.name = name
-
-  def __len__(self) -> int:
-    return len(self.encoded)
-
-  def describe(self, index: int) -> str:
-    return f"{self.name}[{index}]"
 
 
 def _in_order(source: sources.TfdsSource) -> tf.data.Dataset:
@@ -75,10 +58,8 @@ def subset(source, indices):
   if len(np.unique(indices)) != len(indices):
     raise ValueError(f"{source.name}: subset indices repeat")
   name = f"{source.name} ({len(indices)} of {n})"
-  if isinstance(source, (sources.ArraySource, sources.FileSource)):
+  if not isinstance(source, sources.TfdsSource):
     return sources.take(source, indices, name)
-  if isinstance(source, EncodedSource):
-    return EncodedSource(list(source.encoded[indices]), source.labels[indices], name=name)
   member = np.zeros(n, bool)
   member[indices] = True
   table = tf.constant(member)
@@ -90,26 +71,21 @@ def subset(source, indices):
   return EncodedSource(encoded, labels, name=name)
 
 
-class LabeledTrainInput:
+class LabeledTrainInput(stream.TrainStream):
   """Iterator over host-local training batches: "image" float32 [b, S, S, 3] (normalized),
-  "label" int32 [b]; b = global batch / processes. Epochs follow one another; `epoch` and
-  `position` say where the stream stands (restart at an epoch boundary with `start_epoch`).
+  "label" int32 [b]; b = global batch / processes. Epochs follow one another; `epoch` says
+  which comes next (set it to restart at an epoch boundary; or `start_epoch`), `get_state()`
+  where the stream stands.
   """
 
   def __init__(self, source, data_config, *, size: int, scale, ratio, flip: bool,
                global_batch_size: int, seed: int, process_index: int, process_count: int,
                start_epoch: int = 0):
-    self.source, self.config = source, data_config
+    super().__init__(source, data_config, global_batch_size=global_batch_size, seed=seed,
+                     process_index=process_index, process_count=process_count,
+                     hint="use a smaller --batch_size")
     self.size, self.scale, self.ratio, self.flip = int(size), tuple(scale), tuple(ratio), flip
-    self.seed = int(seed)
-    self.process_index, self.process_count = process_index, process_count
-    self.batch_size, self.num_examples, self.steps_per_epoch = pipeline.epoch_shape(
-        source, global_batch_size, process_count, hint="use a smaller --batch_size")
-    self._tables = pipeline._tables(source)
-    if isinstance(source, EncodedSource):
-      self._tables = {"bytes": tf.Variable(source.encoded, trainable=False, dtype=tf.string),
-                      "label": tf.Variable(source.labels, trainable=False)}
-    self.epoch, self._iterator = int(start_epoch), None
+    self.epoch = start_epoch
     self._stages = {}
 
   def _key(self, epoch, position):
@@ -133,79 +109,44 @@ class LabeledTrainInput:
   def _array_batch(self, element):
     """Crops of a batch of same-size images in memory (one matmul pair for the batch)."""
     index = element["index"]
-    images = tf.gather(self._tables["image"], index)
+    images = tf.gather(self.tables["image"], index)
     key = self._key(element["epoch"][0], element["position"][0])
     boxes = augment.draw_crop_boxes(key, [self.batch_size, 1], images.shape[1], images.shape[2],
                                     self.scale, self.ratio)
     views = augment.resized_crops(images, boxes, self.size,
                                   flip=self._flips(key, [self.batch_size, 1]))
-    return {"image": self._finish(views[:, 0]),
-            "label": tf.gather(self._tables["label"], index)}
-
-  def _read(self, element):
-    """The encoded bytes and label of an example read by index (folders, TFDS subsets)."""
-    index = element["index"]
-    if "path" in self._tables:
-      encoded = tf.io.read_file(tf.gather(self._tables["path"], index))
-    else:
-      encoded = tf.gather(self._tables["bytes"], index)
-    return {"epoch": element["epoch"], "position": element["position"], "bytes": encoded,
-            "label": tf.gather(self._tables["label"], index)}
+    return {"epoch": element["epoch"], "position": element["position"],
+            "image": self._finish(views[:, 0]), "label": tf.gather(self.tables["label"], index)}
 
   def _crop_example(self, element):
     """One decoded image of any size -> its crop."""
-    image = pipeline._decode({"bytes": element["bytes"]})["image"]
+    image = stream.decode({"bytes": element["bytes"]})["image"]
     key = self._key(element["epoch"], element["position"])
     box = augment.draw_crop_boxes(key, [], tf.shape(image)[0], tf.shape(image)[1], self.scale,
                                   self.ratio)
     view = augment.resized_crop(image, box, self.size, self._flips(key, []))
-    return {"image": self._finish(view), "label": element["label"]}
+    return {"epoch": element["epoch"], "position": element["position"],
+            "image": self._finish(view), "label": element["label"]}
 
   def _stage(self, name):
     if name not in self._stages:
       self._stages[name] = tf.function(getattr(self, name), autograph=False)
     return self._stages[name]
 
-  def dataset(self, epoch: int) -> tf.data.Dataset:
-    """This process's batches of `epoch`."""
+  def dataset(self, epoch: int, position: int = 0) -> tf.data.Dataset:
+    """This process's batches of `epoch` from `position` on."""
     b, src, d = self.batch_size, self.source, self.config
-    tag = lambda i: {"epoch": tf.constant(epoch, tf.int64), "position": i}
+    ds, head = self.records(epoch, position)
     if isinstance(src, sources.TfdsSource):
-      words = [self.seed, self.process_index, epoch]
-      shuffle_seed = int(np.random.SeedSequence(words).generate_state(1)[0])
-      ds = src.host_records(self.process_index, self.process_count, drop_remainder=True,
-                            shuffle_seed=shuffle_seed, shuffle_buffer=d.shuffle_buffer)
-      ds = pipeline._map(ds.enumerate(), lambda i, r: {**tag(i), "bytes": r[0], "label": r[1]},
-                         self._stage("_crop_example"))
+      ds = stream.ordered_map(ds, head, self._stage("_crop_example"))
     else:
-      order = pipeline.host_order(len(src), self.seed, epoch, self.process_index,
-                                  self.process_count)
-      ds = pipeline._map(tf.data.Dataset.from_tensor_slices(order).enumerate(),
-                         lambda i, index: {**tag(i), "index": index})
+      ds = stream.ordered_map(ds, head)
       if isinstance(src, sources.ArraySource):  # in memory: read and cropped per batch
-        ds = pipeline._map(ds.batch(b, drop_remainder=True), self._stage("_array_batch"))
-        return ds.prefetch(d.prefetch).with_options(pipeline._options(d.threads))
-      ds = pipeline._map(ds, self._stage("_read"), self._stage("_crop_example"))
-    ds = ds.ignore_errors(log_warning=True).batch(b, drop_remainder=True)
-    return ds.prefetch(d.prefetch).with_options(pipeline._options(d.threads))
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict:
-    while True:
-      if self._iterator is None:
-        self._iterator = self.dataset(self.epoch).as_numpy_iterator()
-        self._yielded = False
-      try:
-        batch = next(self._iterator)
-        self._yielded = True
-        return batch
-      except StopIteration:
-        if not self._yielded:
-          raise RuntimeError(f"{self.source.name}: epoch {self.epoch} gave no batch (did its "
-                             "images decode?).") from None
-        self.epoch, self._iterator = self.epoch + 1, None
+        ds = stream.ordered_map(ds.batch(b, drop_remainder=True), self._stage("_array_batch"))
+        return ds.prefetch(d.prefetch).with_options(stream.options(d.threads))
+      ds = stream.ordered_map(ds, self._stage("read_encoded"), self._stage("_crop_example"))
+    ds = ds.ignore_errors(log_warning=False).batch(b, drop_remainder=True)
+    return ds.prefetch(d.prefetch).with_options(stream.options(d.threads))
 
 
 def labeled_train_input(data_config, *, split: str, indices=None, size: int, scale, ratio,
@@ -213,8 +154,7 @@ def labeled_train_input(data_config, *, split: str, indices=None, size: int, sca
                         process_index: int | None = None,
                         process_count: int | None = None) -> LabeledTrainInput:
   """The fine-tuning stream of `split` (or of its examples `indices`) for this process."""
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
+  process_index, process_count = stream.processes(process_index, process_count)
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(f"The global batch {global_batch_size} must be a positive multiple of the "
                      f"process count {process_count}.")

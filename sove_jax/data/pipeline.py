@@ -6,7 +6,9 @@ P-th entry (disjoint, N // P each); a TFDS stream gives each process a contiguou
 shuffles its files and a buffer of records. Every random draw of an example or batch is a
 stateless function of (seed, process, epoch, position in the epoch), so the stream depends on
 nothing else, and the iterator state is just (epoch, position): a restored run rebuilds the epoch
-and skips `position` indices (or undecoded records) instead of replaying batches.
+and skips `position` indices (or undecoded records) instead of replaying batches. A checkpoint
+holds every process's state (`merge_states`); sources read by index restore it on another
+number of processes too (sove_jax/data/order.py).
 
 Per host, data.augment = "host": read -> decode -> crop + flip (per example when images differ
 in size; per batch from memory) -> batch (drop_remainder) -> color/gray/blur/solarize +
@@ -17,7 +19,7 @@ image is 2x or more the canvas -> fit (finish the downscale; the fitted size rec
 each image padded into its uint8 canvas slot -> prefetch. An in-memory source lives whole on
 the device (`device_resident`): its pipeline reads indices and labels, nothing else.
 An example that fails to decode is dropped; the gap it leaves in the positions is how it is
-counted and named in the log.
+counted and named in the log. A process whose whole epoch gives no batch raises `InputFailed`.
 """
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ import numpy as np
 import tensorflow as tf
 
 from sove_jax import configuration
-from sove_jax.data import augment, masking, sources
+from sove_jax.data import augment, masking, sources, stream
+from sove_jax.data.order import host_order, merge_states  # noqa: F401  (the trainer's API)
+from sove_jax.data.stream import InputFailed, epoch_shape, processes  # noqa: F401  (as above)
 
 log = logging.getLogger(__name__)
 
@@ -36,71 +40,6 @@ AUTOTUNE = tf.data.AUTOTUNE
 STAGES = ("read", "decode", "fit", "crop", "color", "mask")  # a pipeline can be cut after any
 _CROP, _COLOR, _MASK = 1, 2, 3    # which stage a random draw belongs to...
 _GLOBAL, _LOCAL, _FLIP = 1, 2, 3    # ...and which views or what within it
-
-
-# --- shared pieces --------------------------------------------------------------------------------
-
-def _processes(process_index, process_count):
-  index = jax.process_index() if process_index is None else process_index
-  count = jax.process_count() if process_count is None else process_count
-  if not 0 <= index < count:
-    raise ValueError(f"process_index {index} is not in [0, {count}).")
-  return index, count
-
-
-def _options(threads: int) -> tf.data.Options:
-  options = tf.data.Options()
-  options.deterministic = True
-  options.threading.max_intra_op_parallelism = 1
-  if threads > 0:
-    options.threading.private_threadpool_size = threads
-  return options
-
-
-def _decode(example):
-  """Encoded bytes -> uint8 [H, W, 3]; gray and palette images become RGB."""
-  example = dict(example)
-  image = tf.io.decode_image(example.pop("bytes"), channels=3, expand_animations=False)
-  return {**example, "image": image}
-
-
-def _tables(source, images: bool = True) -> dict:
-  """The arrays an indexed source is read from, as TF variables made once per input (in-memory
-  images only with `images`: in device mode they live on the device).
-
-  Captured arrays would be serialized into every epoch's dataset graph (47 MB of Fashion-MNIST,
-  ~80 MB of ImageNet file names); a variable is captured by handle. (A numpy lookup through
-  tf.numpy_function would also do, but a Python callback in flight when an iterator is
-  dropped deadlocks on the GIL.)
-  """
-  if isinstance(source, sources.ArraySource):
-    tables = {"label": tf.Variable(source.labels, trainable=False)}
-    if images:
-      tables["image"] = tf.Variable(source.images, trainable=False)
-    return tables
-  if isinstance(source, sources.FileSource):
-    return {"path": tf.Variable(source.paths, trainable=False, dtype=tf.string),
-            "label": tf.Variable(source.labels, trainable=False)}
-  return {}
-
-
-def _map(ds, *fns):
-  """One parallel, order-keeping map of `fns` in sequence. Plain graph code: no AutoGraph."""
-  def chained(*x):
-    x = fns[0](*x)
-    for fn in fns[1:]:
-      x = fn(x)
-    return x
-  return ds.map(tf.autograph.experimental.do_not_convert(chained), num_parallel_calls=AUTOTUNE,
-                deterministic=True)
-
-
-def host_order(num_examples: int, seed: int, epoch: int, process_index: int,
-               process_count: int) -> tf.Tensor:
-  """Example indices this process reads in `epoch`: every P-th of one permutation shared by all."""
-  perm = tf.random.experimental.stateless_shuffle(tf.range(num_examples, dtype=tf.int64),
-                                                  seed=tf.constant([seed, epoch], tf.int64))
-  return perm[process_index::process_count][: num_examples // process_count]
 
 
 # --- device mode: decode and fit into a canvas ---------------------------------------------------
@@ -186,18 +125,7 @@ def _batch(ds, batch_size: int, canvas: int):
 
 # --- training -------------------------------------------------------------------------------------
 
-def epoch_shape(source, global_batch_size: int, process_count: int, *, hint: str = ""):
-  """(this process's batch, examples in the source, whole global batches per epoch) of a
-  training stream; an error when the source cannot fill one global batch (`hint`: the remedy)."""
-  num_examples = len(source)
-  steps_per_epoch = num_examples // global_batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"{source.name}: {num_examples} examples do not fill one global batch of "
-                     f"{global_batch_size}{'; ' + hint if hint else ''}.")
-  return global_batch_size // process_count, num_examples, steps_per_epoch
-
-
-class TrainInput:
+class TrainInput(stream.TrainStream):
   """Iterator over host-local training batches (numpy), resumable from `get_state()`.
 
   Each batch: "label" int32 [b]; b = global batch / P. And by data.augment:
@@ -213,19 +141,13 @@ class TrainInput:
 
   def __init__(self, source, data_config, *, patch_size: int, global_batch_size: int, seed: int,
                process_index: int, process_count: int, token_stride: int = 0):
-    self.source = source
-    self.config = d = data_config
-    self.seed = int(seed)
-    self.process_index, self.process_count = process_index, process_count
-    self.batch_size, self.num_examples, self.steps_per_epoch = epoch_shape(
-        source, global_batch_size, process_count)
-    self.grid = d.global_size // (token_stride or patch_size)
+    d = data_config
     self.device = d.augment == "device"
     self.resident = self.device and isinstance(source, sources.ArraySource)
-    self.skipped: set[str] = set()  # examples that did not decode (this process), named
-    self._epoch, self._position = 0, 0
-    self._iterator, self._order = None, None
-    self._tables = _tables(source, images=not self.resident)
+    super().__init__(source, d, global_batch_size=global_batch_size, seed=seed,
+                     process_index=process_index, process_count=process_count,
+                     images=not self.resident)
+    self.grid = d.global_size // (token_stride or patch_size)
     self._stages = self._stage_fns()
 
   # Stages: functions of one element (example or batch), traced once and reused by every epoch --
@@ -250,21 +172,15 @@ class TrainInput:
   def _read_arrays(self, batch):
     batch = dict(batch)  # traced functions may not change their arguments
     index = batch.pop("index")
-    return {**batch, "image": tf.gather(self._tables["image"], index),
-            "label": tf.gather(self._tables["label"], index)}
+    return {**batch, "image": tf.gather(self.tables["image"], index),
+            "label": tf.gather(self.tables["label"], index)}
 
   def _read_indices(self, batch):
     """Device mode, in-memory source: the step gathers the images by index on the device."""
     batch = dict(batch)  # traced functions may not change their arguments
     index = batch["index"]
     return {**batch, "index": tf.cast(index, tf.int32),
-            "label": tf.gather(self._tables["label"], index)}
-
-  def _read_file(self, example):
-    example = dict(example)  # traced functions may not change their arguments
-    index = example.pop("index")
-    return {**example, "bytes": tf.io.read_file(tf.gather(self._tables["path"], index)),
-            "label": tf.gather(self._tables["label"], index)}
+            "label": tf.gather(self.tables["label"], index)}
 
   def _crop_batch(self, batch):
     """Crops of a batch of same-size images in memory (gray stays 1 channel until normalized)."""
@@ -331,13 +247,13 @@ class TrainInput:
       fns = ([("read", self._read_indices, False)] if self.device else
              [("read", self._read_arrays, False), ("crop", self._crop_batch, False)])
     else:
-      read = self._read_file if isinstance(src, sources.FileSource) else (lambda e: e)
+      read = self.read_encoded if self.tables else (lambda e: e)  # a stream has the bytes
       fns = [("read", read, True)]
       if self.device:
         fns += [("decode", lambda e: decode_for_canvas(e, canvas), True),
                 ("fit", lambda e: fit_to_canvas(e, canvas), True)]
       else:
-        fns += [("decode", _decode, True), ("crop", self._crop_example, True)]
+        fns += [("decode", stream.decode, True), ("crop", self._crop_example, True)]
     if not self.device:
       fns += [("color", self._color, False), ("mask", self._masks, False)]
     return [(name, tf.function(fn, autograph=False), per_example) for name, fn, per_example in fns]
@@ -355,112 +271,26 @@ class TrainInput:
     if stop_after is not None and stop_after not in self.stages():
       raise ValueError(f"stop_after must be one of {self.stages()}, not {stop_after!r}")
     d, b, src = self.config, self.batch_size, self.source
-    if isinstance(src, sources.TfdsSource):
-      words = [self.seed, self.process_index, epoch]
-      shuffle_seed = int(np.random.SeedSequence(words).generate_state(1)[0])
-      ds = src.host_records(self.process_index, self.process_count, drop_remainder=True,
-                            shuffle_seed=shuffle_seed, shuffle_buffer=d.shuffle_buffer)
-      ds = ds.enumerate().skip(position)  # skips undecoded records
-      head = lambda i, r: {"epoch": tf.constant(epoch, tf.int64), "position": i,
-                           "bytes": r[0], "label": r[1]}
-    else:
-      order = lambda _: tf.data.Dataset.from_tensor_slices(
-          host_order(len(src), self.seed, epoch, self.process_index, self.process_count))
-      ds = tf.data.Dataset.from_tensors(0).flat_map(order).enumerate().skip(position)
-      head = lambda i, index: {"epoch": tf.constant(epoch, tf.int64), "position": i,
-                               "index": index}
+    ds, head = self.records(epoch, position)
     batched = isinstance(src, sources.ArraySource)  # in memory: read and cropped per batch
     if batched:
-      ds, fns = _map(ds, head).batch(b, drop_remainder=True), []
+      ds, fns = stream.ordered_map(ds, head).batch(b, drop_remainder=True), []
     else:  # the read and decode share the head's map (each map costs ~0.03 ms an example)
       fns = [head]
     for name, fn, per_example in self._stages:
       if per_example == batched:  # the first per-batch stage: finish the per-example run, batch
-        ds = _batch(_map(ds, *fns) if fns else ds, b, d.canvas_size)
+        ds = _batch(stream.ordered_map(ds, *fns) if fns else ds, b, d.canvas_size)
         fns, batched = [], True
       fns.append(fn)
       if name == "decode":  # drops examples that fail to read or decode, and only those
-        ds, fns = _map(ds, *fns).ignore_errors(log_warning=False), []
+        ds, fns = stream.ordered_map(ds, *fns).ignore_errors(log_warning=False), []
       if name == stop_after:
         break
     if fns:
-      ds = _map(ds, *fns)
+      ds = stream.ordered_map(ds, *fns)
     if not batched and stop_after in (None, self.stages()[-1]):  # per example to the end
       ds = _batch(ds, b, d.canvas_size)
-    return ds.prefetch(d.prefetch).with_options(_options(d.threads))
-
-  # Iteration and state --------------------------------------------------------------------------
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict:
-    while True:
-      if self._iterator is None:
-        self._epoch_start = self._position
-        self._yielded = False
-        self._iterator = self.dataset(self._epoch, self._position).as_numpy_iterator()
-      try:
-        batch = next(self._iterator)
-        break
-      except StopIteration:
-        if not self._yielded and self._epoch_start == 0:
-          raise RuntimeError(f"{self.source.name}: epoch {self._epoch} gave no batch; "
-                             f"{len(self.skipped)} examples failed to decode so far.") from None
-        self._epoch, self._position, self._iterator = self._epoch + 1, 0, None
-    self._yielded = True
-    batch.pop("epoch")
-    positions = batch.pop("position")
-    self._count_skipped(positions)
-    self._position = int(positions[-1]) + 1
-    return batch
-
-  def _count_skipped(self, positions):
-    """Positions missing between batches are examples dropped by the decoder: name them once."""
-    missing = sorted(set(range(self._position, int(positions[-1]) + 1)) - set(positions.tolist()))
-    if not missing:
-      return
-    if isinstance(self.source, sources.TfdsSource):
-      names = [f"{self.source.describe(p)} of epoch {self._epoch}" for p in missing]
-    else:
-      if self._order is None or self._order[0] != self._epoch:
-        self._order = (self._epoch, host_order(len(self.source), self.seed, self._epoch,
-                                               self.process_index, self.process_count).numpy())
-      names = [self.source.describe(int(self._order[1][p])) for p in missing]
-    new = sorted(set(names) - self.skipped)
-    self.skipped.update(names)
-    if new:
-      log.warning("Skipped %d example(s) that did not decode: %s (%d so far).", len(new),
-                  ", ".join(new), len(self.skipped))
-
-  def get_state(self) -> dict:
-    """Where the stream stands: the next example of this process's epoch order."""
-    return {"epoch": self._epoch, "position": self._position, "process_count": self.process_count}
-
-  def set_state(self, state: dict) -> None:
-    """Continue from `state`: the epoch is rebuilt and the consumed part skipped, not replayed.
-    `state` is this process's, or every process's (`merge_states`)."""
-    if "processes" in state:
-      if len(state["processes"]) != self.process_count:
-        raise ValueError(f"The checkpoint's input state is of {len(state['processes'])} "
-                         f"processes; this run has {self.process_count}: restart on "
-                         f"{len(state['processes'])} processes.")
-      state = state["processes"][self.process_index]
-    epoch, position = int(state["epoch"]), int(state["position"])
-    if int(state.get("process_count", self.process_count)) != self.process_count:
-      # Other process count, other per-process orders: keep the same fraction of the epoch.
-      position = position * int(state["process_count"]) // self.process_count
-      log.warning("Input state was saved with %s processes, resuming with %d: continuing at the "
-                  "same fraction of epoch %d, not the exact stream.", state["process_count"],
-                  self.process_count, epoch)
-    if epoch < 0 or position < 0:
-      raise ValueError(f"Bad input state {state}.")
-    self._epoch, self._position, self._iterator = epoch, position, None
-
-
-def merge_states(states: list[dict]) -> dict:
-  """What a checkpoint holds of the input: every process's state, by process index."""
-  return {"process_count": len(states), "processes": list(states)}
+    return ds.prefetch(d.prefetch).with_options(stream.options(d.threads))
 
 
 def train_input(data_config, *, patch_size: int, global_batch_size: int, seed: int,
@@ -468,7 +298,7 @@ def train_input(data_config, *, patch_size: int, global_batch_size: int, seed: i
                 token_stride: int = 0) -> TrainInput:
   """The training stream of this process, from the `data` config block; host-drawn masks at the
   global crop's grid of `token_stride` px tokens (default `patch_size`; see `TrainInput`)."""
-  process_index, process_count = _processes(process_index, process_count)
+  process_index, process_count = processes(process_index, process_count)
   configuration.validate_data(data_config, patch_size=patch_size,
                               global_batch_size=global_batch_size, process_count=process_count,
                               token_stride=token_stride)
@@ -496,7 +326,7 @@ class EvalInput:
     n = len(source)
     self.num_examples = n if max_examples < 0 else min(max_examples, n)
     self._max_examples = max_examples if 0 <= max_examples < n else -1
-    self._tables = _tables(source)
+    self._tables = stream.tables(source)
     per_process = -(-self.num_examples // process_count)
     self.num_batches = -(-per_process // self.batch_size)
     self.num_skipped = 0  # examples of the last pass that did not decode (this process)
@@ -525,26 +355,26 @@ class EvalInput:
         image = tf.where(valid[:, None, None, None], normalize(image), 0.0)
         return {"image": image, "label": tf.where(valid, tf.gather(tables["label"], safe), -1),
                 "valid": valid}
-      ds = _map(tf.data.Dataset.from_tensor_slices(index).batch(b), prepare)
+      ds = stream.ordered_map(tf.data.Dataset.from_tensor_slices(index).batch(b), prepare)
     else:
       if isinstance(src, sources.TfdsSource):
         ds = src.host_records(self.process_index, self.process_count, drop_remainder=False,
                               max_examples=self._max_examples)
-        ds = _map(ds, lambda image, label: {"bytes": image, "label": label})
+        ds = stream.ordered_map(ds, lambda image, label: {"bytes": image, "label": label})
       else:
         tables = self._tables
-        ds = _map(tf.data.Dataset.from_tensor_slices(self._indices()),
+        ds = stream.ordered_map(tf.data.Dataset.from_tensor_slices(self._indices()),
                   lambda i: {"bytes": tf.io.read_file(tf.gather(tables["path"], i)),
                              "label": tf.gather(tables["label"], i)})
 
       def prepare(example):
-        image = augment.eval_view(_decode(example)["image"], d.eval_resize, d.eval_crop)
+        image = augment.eval_view(stream.decode(example)["image"], d.eval_resize, d.eval_crop)
         return {"image": normalize(image), "label": example["label"], "valid": tf.constant(True)}
-      ds = _map(ds, prepare).ignore_errors(log_warning=True)
+      ds = stream.ordered_map(ds, prepare).ignore_errors(log_warning=True)
       pad = {"image": tf.zeros([d.eval_crop, d.eval_crop, 3]), "label": tf.constant(-1, tf.int32),
              "valid": tf.constant(False)}
       ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(total).batch(b)
-    return ds.prefetch(d.prefetch).with_options(_options(d.threads))
+    return ds.prefetch(d.prefetch).with_options(stream.options(d.threads))
 
   def __iter__(self):
     if self._dataset is None:
@@ -563,7 +393,7 @@ class EvalInput:
 def eval_input(data_config, *, split: str, global_batch_size: int, process_index: int | None = None,
                process_count: int | None = None, max_examples: int = -1) -> EvalInput:
   """The evaluation batches of `split` for this process, from the `data` config block."""
-  process_index, process_count = _processes(process_index, process_count)
+  process_index, process_count = processes(process_index, process_count)
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(f"The global batch {global_batch_size} must be a positive multiple of the "
                      f"process count {process_count}.")

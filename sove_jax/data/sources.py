@@ -1,8 +1,9 @@
 """Where images come from: Fashion-MNIST IDX files, an image folder, or any TFDS dataset.
 
-Three kinds of source, by how they can be read:
+Kinds of source, by how they can be read:
 - `ArraySource`: decoded images of one size, held in memory (Fashion-MNIST: 47 MB). Read by index.
 - `FileSource`: encoded JPEG/PNG files listed once (an image folder). Read by index.
+- `EncodedSource`: encoded images held in memory (a TFDS subset read once). Read by index.
 - `TfdsSource`: a prepared TFDS split, read as a stream of encoded records (ImageNet is TFRecord
   files, which cannot be read by index).
 Reading by index lets the pipeline shuffle a whole epoch exactly and resume by skipping indices;
@@ -74,6 +75,26 @@ class FileSource:
 
   def describe(self, index: int) -> str:
     return str(self.paths[index])
+
+
+class EncodedSource:
+  """Encoded images (JPEG/PNG bytes) with integer labels held in host memory; read by index
+  (a TFDS subset read once: `labeled.subset`)."""
+
+  def __init__(self, encoded: list[bytes], labels, name: str):
+    if len(encoded) != len(labels):
+      raise ValueError(f"{name}: {len(encoded)} images but {len(labels)} labels")
+    if not encoded:
+      raise ValueError(f"{name}: the subset is empty")
+    self.encoded = np.asarray(encoded, dtype=object)
+    self.labels = np.asarray(labels, np.int32)
+    self.name = name
+
+  def __len__(self) -> int:
+    return len(self.encoded)
+
+  def describe(self, index: int) -> str:
+    return f"{self.name}[{index}]"
 
 
 class TfdsSource:
@@ -320,6 +341,8 @@ def take(source, indices, name: str):
   if isinstance(source, FileSource):
     return FileSource(list(source.paths[indices]), source.labels[indices], source.class_names,
                       name=name)
+  if isinstance(source, EncodedSource):
+    return EncodedSource(list(source.encoded[indices]), source.labels[indices], name=name)
   raise TypeError(f"{source.name}: {type(source).__name__} is not read by index")
 
 
