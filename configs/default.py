@@ -220,7 +220,8 @@ def get_config():
                               # it is, names those that do not answer, and exits (code 1)
   h.slow_timeout_s = 1800.0   # the same for start-up (compilation, restore), saves, k-NN monitor
   h.answer_s = 15.0           # how long a stuck process waits for the others' answers
-  h.heartbeat_timeout_s = 150.0  # JAX's heartbeat: a process silent this long ends the job
-                              # (jax.distributed.initialize); longer than stall_timeout_s
+  h.heartbeat_timeout_s = 300.0  # JAX's heartbeat: a process silent this long ends the job
+                              # (jax.distributed.initialize); sent every half of it, so at least
+                              # twice stall_timeout_s + answer_s + 10 s
   h.shutdown_timeout_s = 60.0  # how long a process that ends waits for the others to end too
   return c

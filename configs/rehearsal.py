@@ -47,5 +47,5 @@ def get_config():
   # Faults are found in seconds here, not minutes (sove_jax/hosts.py).
   h = c.hosts
   h.stall_timeout_s, h.slow_timeout_s, h.answer_s = 30.0, 900.0, 5.0
-  h.heartbeat_timeout_s, h.shutdown_timeout_s = 60.0, 30.0
+  h.heartbeat_timeout_s, h.shutdown_timeout_s = 100.0, 30.0
   return c

@@ -342,10 +342,14 @@ def validate_run_control(config):
   for field in ("stall_timeout_s", "slow_timeout_s", "answer_s", "heartbeat_timeout_s",
                 "shutdown_timeout_s"):
     _require(h[field] > 0, f"hosts.{field}={h[field]} must be > 0 seconds.")
-  _require(h.stall_timeout_s < h.heartbeat_timeout_s,
-           f"hosts.stall_timeout_s={h.stall_timeout_s} must be shorter than "
-           f"hosts.heartbeat_timeout_s={h.heartbeat_timeout_s}, so that the watchdog names a "
-           "lost process before JAX's heartbeat ends every process without naming it.")
+  # JAX's agents send a heartbeat every half of its timeout, so a silent process can be declared
+  # dead half a timeout after it stopped: the watchdog (stall, then the roll call) must be done
+  # by then.
+  _require(h.stall_timeout_s + h.answer_s + 10 <= h.heartbeat_timeout_s / 2,
+           f"hosts.heartbeat_timeout_s={h.heartbeat_timeout_s} must be at least twice "
+           f"hosts.stall_timeout_s + hosts.answer_s + 10 s (= {h.stall_timeout_s + h.answer_s + 10}"
+           " s), so that the watchdog names a lost process before JAX's heartbeat ends every "
+           "process without naming it.")
   _require(config.knn_every >= 0, f"knn_every={config.knn_every} must be >= 0 (0: never).")
   ks = tuple(config.knn_k)
   _require(len(ks) > 0 and all(int(k) == k and k >= 1 for k in ks),

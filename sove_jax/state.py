@@ -82,6 +82,16 @@ def make_init(config, tx, image_size: int):
   return init
 
 
+def abstract(config, image_size: int | None = None):
+  """The state's shapes and dtypes under `config`, nothing allocated: what every checkpoint of
+  such a run holds (evaluation restores from it, a restart compares configs by it). The
+  optimizer state's shapes do not depend on the schedules, so any will do."""
+  from sove_jax import optim
+  tx = optim.make_optimizer(config, optim.make_schedules(config, 1, 1))
+  return jax.eval_shape(make_init(config, tx, image_size or config.data.global_size),
+                        jax.random.PRNGKey(0))
+
+
 def layout(config, tx, mesh, image_size: int) -> Layout:
   """Shapes and shardings of the state, without allocating it."""
   graphdef, abstract_params = network.abstract_network(config.model, image_size,

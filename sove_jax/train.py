@@ -171,10 +171,7 @@ def _largest_parameter(params):
 def _state_signature(config):
   """The train state's tree structure and every leaf's (shape, dtype): what a checkpoint must
   match to be restored under `config`."""
-  tx = optim.make_optimizer(config, optim.make_schedules(config, 1, 1))
-  abstract = jax.eval_shape(state_lib.make_init(config, tx, config.data.global_size),
-                            jax.random.PRNGKey(0))
-  leaves, treedef = jax.tree.flatten(abstract)
+  leaves, treedef = jax.tree.flatten(state_lib.abstract(config))
   return treedef, [(x.shape, x.dtype) for x in leaves]
 
 

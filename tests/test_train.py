@@ -418,7 +418,7 @@ def test_distributed_initialization_uses_the_flags_or_jax_cluster_detection(monk
   from sove_jax import main
   calls = []
 
-  timeouts = dict(heartbeat_timeout_seconds=150, shutdown_timeout_seconds=60)
+  timeouts = dict(heartbeat_timeout_seconds=300, shutdown_timeout_seconds=60)
 
   def initialize(**kwargs):
     calls.append(kwargs)
