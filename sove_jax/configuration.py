@@ -221,6 +221,12 @@ def validate_data(d, *, patch_size: int, global_batch_size: int, process_count: 
   low, high = d.mask_ratio - d.mask_ratio_var, d.mask_ratio + d.mask_ratio_var
   _require(d.mask_ratio_var >= 0 and low >= 0 and high <= 1,
            f"data.mask_ratio +- data.mask_ratio_var must stay in [0, 1], got [{low}, {high}].")
+  _probability(d.mask_prob, "mask_prob")
+  _require(isinstance(d.mask_start_epoch, int) and d.mask_start_epoch >= 0,
+           f"data.mask_start_epoch={d.mask_start_epoch!r} must be a whole number of epochs >= 0.")
+  _require(d.mask_start_epoch == 0 or d.augment == "host",
+           f"data.mask_start_epoch={d.mask_start_epoch} needs data.augment='host': the masks "
+           "drawn in the step do not know the epoch.")
   side = d.global_size // stride
   num_patches = side * side
   _require(0 <= d.mask_min_patches <= num_patches,
