@@ -68,8 +68,10 @@ def get_config():
   d.name = ""                 # TFDS name for source="tfds", e.g. "imagenet2012"
   d.data_dir = ""             # IDX dir (fashion_mnist; "" = /usr/share/datasets/fashion-mnist),
                               # TFDS data_dir, or the image-folder root (folder/<split>/<class>/*)
-  d.train_split = "train"
-  d.eval_split = "test"
+  d.train_split = "train"     # any split of the source, or one carved from its "train" split:
+  d.eval_split = "test"       # "minival" / "train-minival" (docs/input.md)
+  d.minival_examples = 10_000  # examples in "minival" (Fashion-MNIST: 1,000 of each class)...
+  d.minival_seed = 0          # ...chosen by this seed; "train-minival" is the rest (50,000)
   d.num_local = 0             # local crops per image (paper: 10; here none: at 14 px they are 4
                               # patches, and the steps they cost buy more, docs/tuning.md m8)
   d.global_size = 28          # global crop side, px (paper: 224)
@@ -203,9 +205,24 @@ def get_config():
   c.profile = False           # trace 5 steps (after the first) with jax.profiler into the workdir
   c.checkpoint_every = 500    # steps between asynchronous checkpoints (and at the end)
   c.keep_checkpoints = 3
+  c.keep_period = 0           # > 0: checkpoints whose step is a multiple are kept for good
+                              # (a multiple of checkpoint_every; 0: only the last few are kept)
+  c.prefetch_to_device = 2    # batches put on the devices ahead, on a thread, while the step
+                              # runs (sove_jax/feed.py); 0: between steps, on the main thread
   c.knn_every = 500           # steps between k-NN monitor evaluations (0: never)
   c.knn_k = (10, 20, 100, 200)
   c.knn_temperature = 0.07
   c.knn_train_examples = 10_000  # monitor: train-set memory size (-1: the whole split)
   c.knn_eval_examples = 2_000    # monitor: evaluated examples (-1: the whole split)
+
+  # --- hosts: how long one process of a multi-process run waits for the others (sove_jax/hosts.py)
+  # None of these changes a result; a restart may change them freely.
+  c.hosts = h = ml_collections.ConfigDict()
+  h.stall_timeout_s = 90.0    # no step done for this long: the watchdog asks every process where
+                              # it is, names those that do not answer, and exits (code 1)
+  h.slow_timeout_s = 1800.0   # the same for start-up (compilation, restore), saves, k-NN monitor
+  h.answer_s = 15.0           # how long a stuck process waits for the others' answers
+  h.heartbeat_timeout_s = 150.0  # JAX's heartbeat: a process silent this long ends the job
+                              # (jax.distributed.initialize); longer than stall_timeout_s
+  h.shutdown_timeout_s = 60.0  # how long a process that ends waits for the others to end too
   return c

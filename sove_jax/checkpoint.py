@@ -196,12 +196,14 @@ class _OrbaxErrors(python_logging.Handler):
 
 
 class Checkpointer:
-  """Saves when asked and keeps the last `keep`; restores the latest readable checkpoint.
+  """Saves when asked and keeps the last `keep`, and for good every checkpoint whose step is a
+  multiple of `keep_period` (0: none; an 800-epoch run keeps its middle to evaluate later);
+  restores the latest readable checkpoint.
 
   `read_only` (evaluation) neither creates nor changes anything in the workdir.
   """
 
-  def __init__(self, workdir, *, keep: int = 1, asynchronous: bool = True,
+  def __init__(self, workdir, *, keep: int = 1, keep_period: int = 0, asynchronous: bool = True,
                read_only: bool = False, save_every: int | None = None):
     del save_every  # the trainer decides when to save (`train.itstime`)
     self.workdir = workdir_path(workdir)
@@ -212,7 +214,8 @@ class Checkpointer:
     # Read-only use creates nothing and never saves (Orbax's own read_only mode would say so
     # in two warnings on every evaluation).
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max(int(keep), 1), create=not read_only, save_root_metadata=not read_only,
+        max_to_keep=max(int(keep), 1), keep_period=int(keep_period) or None,
+        create=not read_only, save_root_metadata=not read_only,
         enable_async_checkpointing=asynchronous)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
     self._errors = _OrbaxErrors()
@@ -360,10 +363,6 @@ class Checkpointer:
       self.manager.check_for_errors()
     except Exception as e:  # noqa: BLE001
       self._fail(self._saving, f"{self.directory}: {cause(e)}")
-
-  def reached_preemption(self, step: int) -> bool:
-    """True when the JAX preemption service says every host should save now (TPU pods)."""
-    return self.manager.reached_preemption(step)
 
   def wait(self):
     """Waits for the save in flight, polling so that a failure is reported in seconds."""

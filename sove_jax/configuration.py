@@ -30,6 +30,27 @@ def masked_count(ratio: float, num_patches: int) -> int:
   """round(ratio * L), halves rounded up, as both mask generators compute it."""
   return int(math.floor(ratio * num_patches + 0.5))
 
+# Splits carved from a dataset's "train" split (sove_jax.data.sources, docs/input.md): a held-out
+# "minival" of data.minival_examples examples and the rest, "train-minival".
+CARVED_SPLITS = ("minival", "train-minival")
+FASHION_MNIST_TRAIN_CLASSES = (6000,) * 10  # examples per class of Fashion-MNIST's train split
+
+
+def validate_minival(examples: int, *, split_size: int, class_counts=None, where: str):
+  """Whether `examples` minival examples can be carved from a train split of `split_size`
+  (class-balanced when `class_counts`, the examples of each class, is given)."""
+  _require(examples < split_size,
+           f"data.minival_examples={examples} must be fewer than the {split_size} examples of "
+           f"{where}, so that train-minival keeps some.")
+  if class_counts is not None:
+    k, fewest = len(class_counts), min(class_counts)
+    _require(examples % k == 0,
+             f"data.minival_examples={examples} must be a multiple of the {k} classes of {where}: "
+             "minival takes as many examples of each class.")
+    _require(examples // k < fewest,
+             f"data.minival_examples={examples} takes {examples // k} examples of each class, but "
+             f"a class of {where} has only {fewest}: lower it, so every class stays in training.")
+
 ATTENTIONS = ("xla", "cudnn")
 METHODS = ("sove", "dino", "ibot")       # sove_jax.models.network.METHODS
 GLOBAL_POOLS = ("cls", "mean_patch")     # sove_jax.models.network.GLOBAL_POOLS
@@ -240,6 +261,12 @@ def validate_data(d, *, patch_size: int, global_batch_size: int, process_count: 
              f"{low:.3g} of {num_patches} patches masks only {fewest}.")
   _require(d.shuffle_buffer >= 1 and d.prefetch >= 0 and d.threads >= 0,
            "data.shuffle_buffer must be >= 1, data.prefetch and data.threads >= 0.")
+  _require(d.minival_examples >= 1 and d.minival_seed >= 0,
+           f"data.minival_examples={d.minival_examples} must be >= 1 and "
+           f"data.minival_seed={d.minival_seed} >= 0.")
+  if d.source == "fashion_mnist" and not d.data_dir:  # the packaged dataset: sizes known here
+    validate_minival(d.minival_examples, split_size=sum(FASHION_MNIST_TRAIN_CLASSES),
+                     class_counts=FASHION_MNIST_TRAIN_CLASSES, where="Fashion-MNIST's train split")
 
 
 def _validate_swin(m, network):
@@ -378,7 +405,9 @@ def validate_baseline(baseline_config, *, method: str):
 # --- run control ---------------------------------------------------------------------------------
 
 # Fields that belong to one launch, not to the run: a restart may change them freely.
-PER_LAUNCH = ("run_steps", "profile")
+# Fields of one launch, not of the run: a restart may change them without --allow_config_change
+# (a field ending in "." names a whole block).
+PER_LAUNCH = ("run_steps", "profile", "prefetch_to_device", "keep_period", "hosts.")
 
 
 def validate_run_control(config):
@@ -392,6 +421,22 @@ def validate_run_control(config):
            ">= 0 (0: only at the end and on preemption).")
   _require(config.keep_checkpoints >= 1, f"keep_checkpoints={config.keep_checkpoints} must be "
            ">= 1: with 0 every checkpoint, the final one included, would be deleted.")
+  _require(config.keep_period >= 0, f"keep_period={config.keep_period} must be >= 0 (0: keep "
+           "only the last keep_checkpoints).")
+  _require(config.keep_period == 0 or config.checkpoint_every == 0
+           or config.keep_period % config.checkpoint_every == 0,
+           f"keep_period={config.keep_period} must be a multiple of checkpoint_every="
+           f"{config.checkpoint_every}, or no checkpoint would ever be kept for good.")
+  _require(config.prefetch_to_device >= 0, f"prefetch_to_device={config.prefetch_to_device} "
+           "must be >= 0 (0: batches are put on the devices between steps).")
+  h = config.hosts
+  for field in ("stall_timeout_s", "slow_timeout_s", "answer_s", "heartbeat_timeout_s",
+                "shutdown_timeout_s"):
+    _require(h[field] > 0, f"hosts.{field}={h[field]} must be > 0 seconds.")
+  _require(h.stall_timeout_s < h.heartbeat_timeout_s,
+           f"hosts.stall_timeout_s={h.stall_timeout_s} must be shorter than "
+           f"hosts.heartbeat_timeout_s={h.heartbeat_timeout_s}, so that the watchdog names a "
+           "lost process before JAX's heartbeat ends every process without naming it.")
   _require(config.knn_every >= 0, f"knn_every={config.knn_every} must be >= 0 (0: never).")
   ks = tuple(config.knn_k)
   _require(len(ks) > 0 and all(int(k) == k and k >= 1 for k in ks),
@@ -434,8 +479,10 @@ def _plain(value):
 def changed_fields(old, new, *, ignore=PER_LAUNCH) -> dict:
   """{dotted field: (old value, new value)} where two configs differ (None: absent)."""
   a, b = _flat(old), _flat(new)
+  def ignored(k):
+    return k in ignore or any(i.endswith(".") and k.startswith(i) for i in ignore)
   return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-          if k not in ignore and a.get(k) != b.get(k)}
+          if not ignored(k) and a.get(k) != b.get(k)}
 
 
 def describe_changes(changes: dict) -> str:

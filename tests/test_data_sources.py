@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from configs import default
+from sove_jax import configuration
 from sove_jax.data import pipeline, sources
 
 
@@ -127,3 +128,82 @@ def test_sources_read_data_dirs_on_a_non_local_filesystem():
   assert batch["image"].shape == (3, 8, 8, 3) and batch["valid"].sum() == 3
   with pytest.raises(FileNotFoundError, match=f"{root}/folder/val"):
     sources.image_folder(f"{root}/folder", "val")
+
+
+# --- splits carved from "train": minival and train-minival ---------------------------------------
+
+def _carved_config(**overrides):
+  d = default.get_config().data
+  d.update(**overrides)
+  return d
+
+
+def test_minival_is_a_class_balanced_seeded_part_of_train_and_train_minival_the_rest():
+  """Fashion-MNIST: 1,000 examples of each class held out by the seed, 50,000 left."""
+  train = sources.fashion_mnist("train")
+  minival, rest = sources.carve(train.labels, 10_000, seed=0)
+  assert len(minival) == 10_000 and len(rest) == 50_000
+  assert not set(minival) & set(rest)
+  np.testing.assert_array_equal(np.sort(np.concatenate([minival, rest])), np.arange(60_000))
+  np.testing.assert_array_equal(np.bincount(train.labels[minival]), [1000] * 10)
+  np.testing.assert_array_equal(np.bincount(train.labels[rest]), [5000] * 10)
+  again, _ = sources.carve(train.labels, 10_000, seed=0)
+  other, _ = sources.carve(train.labels, 10_000, seed=1)
+  np.testing.assert_array_equal(again, minival)
+  assert len(set(other) & set(minival)) < 3_000  # another draw: about 1/6 in common
+  d = _carved_config()
+  held, kept = sources.open_source(d, "minival"), sources.open_source(d, "train-minival")
+  assert len(held) == 10_000 and len(kept) == 50_000
+  np.testing.assert_array_equal(held.images, train.images[minival])  # in split order
+  np.testing.assert_array_equal(kept.labels, train.labels[rest])
+  d.minival_seed = 1
+  np.testing.assert_array_equal(sources.open_source(d, "minival").labels, train.labels[other])
+
+
+def test_an_image_folder_carves_by_file_and_class(tmp_path):
+  images = np.zeros((15, 8, 8, 3), np.uint8)
+  labels = [0] * 4 + [1] * 5 + [2] * 6
+  sources.write_image_folder(str(tmp_path), "train", images, labels,
+                             class_names=["ant", "bee", "cow"])
+  d = _carved_config(source="folder", data_dir=str(tmp_path), minival_examples=6)
+  train = sources.image_folder(str(tmp_path), "train")
+  held, kept = sources.open_source(d, "minival"), sources.open_source(d, "train-minival")
+  assert not set(held.paths) & set(kept.paths)
+  assert sorted(set(held.paths) | set(kept.paths)) == sorted(train.paths)
+  np.testing.assert_array_equal(np.bincount(held.labels), [2, 2, 2])
+  assert held.class_names == kept.class_names == ["ant", "bee", "cow"]
+  assert list(sources.open_source(d, "minival").paths) == list(held.paths)  # the same seed
+  d.minival_seed = 5
+  assert list(sources.open_source(d, "minival").paths) != list(held.paths)
+  for examples, message in ((7, "multiple of the 3 classes"),
+                            (12, "takes 4 examples of each class, but a class .* has only 4"),
+                            (15, "must be fewer than the 15 examples")):
+    d.minival_examples = examples
+    with pytest.raises(configuration.ConfigError, match=message):
+      sources.open_source(d, "train-minival")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(minival_examples=0), "data.minival_examples=0 must be >= 1"),
+    (dict(minival_seed=-1), "data.minival_seed=-1 >= 0"),
+    (dict(minival_examples=60_000), "must be fewer than the 60000 examples of Fashion-MNIST"),
+    (dict(minival_examples=10_005), "multiple of the 10 classes of Fashion-MNIST"),
+])
+def test_minival_checks_reject_what_cannot_be_carved(overrides, message):
+  with pytest.raises(configuration.ConfigError, match=message):
+    configuration.validate_data(_carved_config(**overrides), patch_size=7, global_batch_size=8)
+
+
+def test_the_train_and_eval_inputs_read_the_carved_splits():
+  d = _carved_config(train_split="train-minival", eval_split="minival")
+  train = pipeline.train_input(d, patch_size=7, global_batch_size=64, seed=0, process_index=0,
+                               process_count=1)
+  assert train.num_examples == 50_000 and train.steps_per_epoch == 50_000 // 64
+  everything = sources.fashion_mnist("train")
+  minival, rest = sources.carve(everything.labels, 10_000, seed=0)
+  np.testing.assert_array_equal(train.source.images, everything.images[rest])
+  assert next(train)["global"].shape == (64, 2, 28, 28, 3)
+  ev = pipeline.eval_input(d, split=d.eval_split, global_batch_size=256, process_index=0,
+                           process_count=1, max_examples=1000)
+  labels = np.concatenate([b["label"][b["valid"]] for b in ev])
+  np.testing.assert_array_equal(labels, everything.labels[minival[:1000]])

@@ -278,22 +278,44 @@ def test_device_mode_step_cuts_the_views_and_draws_the_masks_from_the_state_key(
   assert not np.asarray(kept["mask"]).any()
 
 
-def test_sigterm_saves_at_step_boundary_and_exits_zero(tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_at_step_boundary_and_exits_zero(tmp_path, signum):
+  """SIGTERM (preemption) or a first Ctrl-C: the step in progress ends, is saved, exit 0."""
   proc = _main(tmp_path, "--config.total_steps=100000", "--config.checkpoint_every=100000")
   lines = []
   for line in proc.stdout:
     lines.append(line)
     if _STEP_LINE.search(line):
-      proc.send_signal(signal.SIGTERM)
+      proc.send_signal(signum)
       break
   out, _ = proc.communicate(timeout=120)
   out = "".join(lines) + out
   assert proc.returncode == 0, out
-  assert "preempted: saved step" in out
-  saved_step = int(re.search(r"preempted: saved step (\d+)", out).group(1))
+  name = signal.Signals(signum).name
+  saved_step = int(re.search(rf"stopped \({name}\): saved step (\d+)", out).group(1))
   ck = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=10)
   assert ck.latest_step() == saved_step
   ck.close()
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_aborts_at_once_without_saving(tmp_path):
+  proc = _main(tmp_path, "--config.total_steps=100000", "--config.checkpoint_every=100000",
+               "--config.log_every=100000")
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if "new run:" in line:  # before the first step: no step can be saved
+      proc.send_signal(signal.SIGINT)
+    if "SIGINT received" in line:
+      proc.send_signal(signal.SIGINT)
+      break
+  out, _ = proc.communicate(timeout=120)
+  out = "".join(lines) + out
+  assert proc.returncode == 130, out
+  assert "second SIGINT: aborted without saving" in out and "Traceback" not in out
+  assert checkpoint.checkpoint_steps(str(tmp_path)) == []
 
 
 def test_sigkill_during_async_save_restarts_from_last_complete(tmp_path):

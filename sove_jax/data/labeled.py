@@ -75,11 +75,8 @@ def subset(source, indices):
   if len(np.unique(indices)) != len(indices):
     raise ValueError(f"{source.name}: subset indices repeat")
   name = f"{source.name} ({len(indices)} of {n})"
-  if isinstance(source, sources.ArraySource):
-    return sources.ArraySource(source.images[indices], source.labels[indices], name=name)
-  if isinstance(source, sources.FileSource):
-    return sources.FileSource(list(source.paths[indices]), source.labels[indices],
-                              source.class_names, name=name)
+  if isinstance(source, (sources.ArraySource, sources.FileSource)):
+    return sources.take(source, indices, name)
   if isinstance(source, EncodedSource):
     return EncodedSource(list(source.encoded[indices]), source.labels[indices], name=name)
   member = np.zeros(n, bool)

@@ -439,7 +439,14 @@ class TrainInput:
     return {"epoch": self._epoch, "position": self._position, "process_count": self.process_count}
 
   def set_state(self, state: dict) -> None:
-    """Continue from `state`: the epoch is rebuilt and the consumed part skipped, not replayed."""
+    """Continue from `state`: the epoch is rebuilt and the consumed part skipped, not replayed.
+    `state` is this process's, or every process's (`merge_states`)."""
+    if "processes" in state:
+      if len(state["processes"]) != self.process_count:
+        raise ValueError(f"The checkpoint's input state is of {len(state['processes'])} "
+                         f"processes; this run has {self.process_count}: restart on "
+                         f"{len(state['processes'])} processes.")
+      state = state["processes"][self.process_index]
     epoch, position = int(state["epoch"]), int(state["position"])
     if int(state.get("process_count", self.process_count)) != self.process_count:
       # Other process count, other per-process orders: keep the same fraction of the epoch.
@@ -450,6 +457,11 @@ class TrainInput:
     if epoch < 0 or position < 0:
       raise ValueError(f"Bad input state {state}.")
     self._epoch, self._position, self._iterator = epoch, position, None
+
+
+def merge_states(states: list[dict]) -> dict:
+  """What a checkpoint holds of the input: every process's state, by process index."""
+  return {"process_count": len(states), "processes": list(states)}
 
 
 def train_input(data_config, *, patch_size: int, global_batch_size: int, seed: int,

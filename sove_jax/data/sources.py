@@ -11,6 +11,13 @@ the stream is shuffled at file level plus a buffer and resumes by skipping undec
 ImageNet for TFDS is prepared once from the manual download (ILSVRC2012_img_{train,val}.tar in
 MANUAL_DIR):  tfds build imagenet2012 --manual_dir=MANUAL_DIR --data_dir=DATA_DIR
 On TPU hosts DATA_DIR may be a gs:// bucket.
+
+Every source also has two splits carved from its "train" split (`carve`, docs/input.md):
+"minival", `data.minival_examples` examples held out for choosing settings, and "train-minival",
+the rest. A source read by index carves them by index, class-balanced, chosen by
+`data.minival_seed`; a TFDS split is carved by TFDS slicing: a block of consecutive records at an
+offset drawn from the seed (TFDS writes a split's records shuffled, so the block is a random
+sample, but not class-balanced).
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ import gzip
 import numpy as np
 import tensorflow as tf
 
-from sove_jax import paths
+from sove_jax import configuration, paths
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -70,10 +77,15 @@ class FileSource:
 
 
 class TfdsSource:
-  """A prepared TFDS split read as a stream of (encoded image, label) records."""
+  """A prepared TFDS split read as a stream of (encoded image, label) records.
+
+  `ranges`: read only these [start, stop) record ranges of the split, in this order (how a split
+  is carved: `carve`); None reads it whole.
+  """
 
   def __init__(self, name: str, split: str, data_dir: str = "", image_key: str = "image",
-               label_key: str = "label"):
+               label_key: str = "label", ranges: list[tuple[int, int]] | None = None,
+               label: str = ""):
     import tensorflow_datasets as tfds  # slow to import; only this source needs it
 
     self._tfds = tfds
@@ -90,11 +102,18 @@ class TfdsSource:
     if label_key and label_key not in features:
       raise ValueError(f"TFDS dataset {name!r} has no label feature {label_key!r} (features: "
                        f"{sorted(features)}); set data.label_key, or '' for no labels.")
-    self.name, self.split, self.image_key, self.label_key = name, split, image_key, label_key
-    self._where = where
-    self._num_examples = self._count(split)
-    if self._num_examples == 0:
+    self.split, self.image_key, self.label_key = split, image_key, label_key
+    self.name = f"{name}/{label or split}"
+    self._dataset, self._where = name, where
+    self.split_size = self._count(split)
+    if self.split_size == 0:
       raise ValueError(f"TFDS dataset {name!r} split {split!r} ({where}) is empty.")
+    self.ranges = [(0, self.split_size)] if ranges is None else [(int(a), int(b))
+                                                                 for a, b in ranges]
+    if any(not 0 <= a <= b <= self.split_size for a, b in self.ranges):
+      raise ValueError(f"Record ranges {self.ranges} do not lie within the {self.split_size} "
+                       f"records of {name!r} split {split!r}.")
+    self._num_examples = sum(b - a for a, b in self.ranges)
 
   def _count(self, split: str) -> int:
     try:
@@ -105,21 +124,31 @@ class TfdsSource:
       n = int(self._as_dataset(split, shuffle_seed=None).cardinality())
     except AssertionError:  # TFDS's "could not find data in ..."
       raise FileNotFoundError(
-          f"TFDS dataset {self.name!r} is not prepared in {self._where} (looked in "
-          f"{self.builder.data_dir}); prepare it once with `tfds build {self.name} "
+          f"TFDS dataset {self._dataset!r} is not prepared in {self._where} (looked in "
+          f"{self.builder.data_dir}); prepare it once with `tfds build {self._dataset} "
           f"--data_dir=...` (ImageNet: add --manual_dir=...).") from None
     except (KeyError, ValueError) as e:
-      raise ValueError(f"TFDS dataset {self.name!r} has no split {split!r} in {self._where} "
+      raise ValueError(f"TFDS dataset {self._dataset!r} has no split {split!r} in {self._where} "
                        f"({e}).") from None
     if n < 0:
-      raise ValueError(f"TFDS dataset {self.name!r} split {split!r}: unknown size.")
+      raise ValueError(f"TFDS dataset {self._dataset!r} split {split!r}: unknown size.")
     return n
 
   def __len__(self) -> int:
     return self._num_examples
 
   def describe(self, index: int) -> str:
-    return f"{self.name}/{self.split} record {index}"
+    return f"{self.name} record {index}"
+
+  def _slice(self, start: int, stop: int) -> str:
+    """Examples [start, stop) of this source (its ranges laid end to end) as a TFDS split."""
+    parts, offset = [], 0
+    for a, b in self.ranges:
+      lo, hi = max(start - offset, 0), min(stop - offset, b - a)
+      if lo < hi:
+        parts.append(f"{self.split}[{a + lo}:{a + hi}]")
+      offset += b - a
+    return "+".join(parts)
 
   def _as_dataset(self, split, shuffle_seed):
     tfds = self._tfds
@@ -135,17 +164,20 @@ class TfdsSource:
     """This process's contiguous share of the split as (encoded image, int32 label) records.
 
     `drop_remainder` gives every process N // P records (training keeps the processes in
-    step); without it the shares differ by at most one and cover the split (evaluation).
-    With a seed, file order and a buffer of records are shuffled, deterministically.
+    step); without it the shares differ by at most one, the first processes taking the extra
+    ones, and cover the split (evaluation). With a seed, file order and a buffer of records are
+    shuffled, deterministically. `max_examples` >= 0: only the first ones of the split.
     """
-    split = self.split
-    if max_examples >= 0:
-      if "[" in split:
-        raise ValueError(f"max_examples needs a plain split name, got {split!r}")
-      split = f"{split}[:{max_examples}]"
-    shares = self._tfds.even_splits(split, n=process_count, drop_remainder=drop_remainder)
-    host_split = shares[process_index]
-    ds = self._as_dataset(host_split, shuffle_seed)
+    n = len(self) if max_examples < 0 else min(max_examples, len(self))
+    if drop_remainder:
+      start, stop = process_index * (n // process_count), (process_index + 1) * (n // process_count)
+    else:
+      bounds = np.cumsum([0] + [len(a) for a in np.array_split(np.arange(n), process_count)])
+      start, stop = bounds[process_index], bounds[process_index + 1]
+    if start == stop:  # an empty share: no TFDS split names it
+      return tf.data.Dataset.from_tensor_slices((tf.constant([], tf.string),
+                                                 tf.constant([], tf.int32)))
+    ds = self._as_dataset(self._slice(int(start), int(stop)), shuffle_seed)
     image_key, label_key = self.image_key, self.label_key
 
     def record(ex):
@@ -277,10 +309,66 @@ def write_image_folder(root: str, split: str, images, labels, class_names=None,
   return files
 
 
+# --- splits carved from "train" -------------------------------------------------------------------
+
+def take(source, indices, name: str):
+  """The examples `indices` (into the source, distinct) of a source read by index, in that
+  order, as a source of the same kind named `name`."""
+  indices = np.asarray(indices, np.int64)
+  if isinstance(source, ArraySource):
+    return ArraySource(source.images[indices], source.labels[indices], name=name)
+  if isinstance(source, FileSource):
+    return FileSource(list(source.paths[indices]), source.labels[indices], source.class_names,
+                      name=name)
+  raise TypeError(f"{source.name}: {type(source).__name__} is not read by index")
+
+
+def carve(labels, examples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(minival, rest): indices into a split with these labels, each ascending. Minival holds
+  `examples` / classes examples of every class, drawn by `seed`; the rest is everything else.
+  """
+  labels = np.asarray(labels)
+  classes = np.unique(labels)
+  per_class = examples // len(classes)
+  rng = np.random.default_rng(seed)
+  chosen = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in classes]
+  minival = np.sort(np.concatenate(chosen))
+  rest = np.setdiff1d(np.arange(len(labels)), minival, assume_unique=True)
+  return minival, rest
+
+
+def _carved(data_config, split: str):
+  """`split` ("minival" or "train-minival") of the source of `data_config`, from its "train"."""
+  d = data_config
+  examples, seed = d.minival_examples, d.minival_seed
+  train = _open(d, "train")
+  if isinstance(train, TfdsSource):
+    n = len(train)
+    configuration.validate_minival(examples, split_size=n, where=f"{train.name}")
+    offset = int(np.random.default_rng(seed).integers(0, n - examples + 1))
+    ranges = ([(offset, offset + examples)] if split == "minival" else
+              [(0, offset), (offset + examples, n)])
+    return TfdsSource(d.name, "train", d.data_dir, d.image_key, d.label_key, ranges=ranges,
+                      label=split)
+  counts = np.bincount(train.labels)
+  configuration.validate_minival(examples, split_size=len(train),
+                                 class_counts=counts[counts > 0], where=train.name)
+  minival, rest = carve(train.labels, examples, seed)
+  chosen = minival if split == "minival" else rest
+  return take(train, chosen, f"{train.name} {split} ({len(chosen)} of {len(train)}, seed {seed})")
+
+
 # --- by config ------------------------------------------------------------------------------------
 
 def open_source(data_config, split: str):
-  """The source named by the `data` config block, for one split."""
+  """The source named by the `data` config block, for one split: one of the source's own, or
+  "minival" / "train-minival", carved from its "train" split (`carve`)."""
+  if split in configuration.CARVED_SPLITS:
+    return _carved(data_config, split)
+  return _open(data_config, split)
+
+
+def _open(data_config, split: str):
   kind = data_config.source
   if kind == "fashion_mnist":
     return fashion_mnist(split, data_config.data_dir)
