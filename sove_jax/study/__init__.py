@@ -10,8 +10,8 @@ change them. Each arm x seed is trained by `python -m sove_jax.main` in its own 
 through the study's protocol stages; the seed sets the initialization and the data order, so
 at one seed every arm sees the same images.
 
-Modules: `spec` (the study file's definition, validated), `records` (results, searches, the
-plan), `runner` (commands and stages, resumable), `report` (results.md, results.png),
+Modules: `spec` (the study file's definition, validated), `records` (results, searches),
+`plan` (the runs a study needs now), `runner` (commands and stages, resumable), `report` (results.md, results.png),
 `analysis` and `stats` (the tests every reading rests on), `cli` (the flags), `docs` (the
 readings in docs/study.md regenerated).
 
@@ -76,8 +76,9 @@ A Python study file's `get_study(config)` gets the base config's path when `--co
 `--linear_args` add evaluator flags (e.g. subsets of the splits for a quick check of a whole
 study; docs/study.md).
 """
-from sove_jax.study.records import (best_rate, chosen, mean_std, metric, planned_runs,
-                                    read_jsonl, records_by_run, search_steps)
+from sove_jax.study.plan import planned_runs
+from sove_jax.study.records import (best_rate, chosen, mean_std, metric, read_jsonl,
+                                    records_by_run, search_steps)
 from sove_jax.study.report import markdown, write_report
 from sove_jax.study.runner import Commands, Runner, run_study
 from sove_jax.study.spec import (RESULTS, Arm, Run, Search, Stage, Study, StudyError,

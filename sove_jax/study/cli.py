@@ -7,6 +7,7 @@ import shlex
 import signal
 import sys
 
+from sove_jax.study import plan as plan_lib
 from sove_jax.study import records as rec
 from sove_jax.study import report
 from sove_jax.study import runner as runner_lib
@@ -104,7 +105,7 @@ def main(argv):
     return
   if f.dry_run:
     by_run = rec.records_by_run(study, rec.read_jsonl(os.path.join(f.out, RESULTS)))
-    for p in rec.planned_runs(study, by_run):
+    for p in plan_lib.planned_runs(study, by_run):
       done = not runner_lib.missing(study, p, by_run)[0]
       say(("done  " if done else "to do ") + shlex.join(
           [*commands.train, f"--config={study.config}",

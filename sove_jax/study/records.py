@@ -1,9 +1,8 @@
-"""A study's results and what they decide: records, metrics, searches, the plan of runs.
+"""A study's results and what they decide: records, metrics, searches, the settings reported.
 
 Each finished arm x setting x seed is one line of `results.jsonl` (later lines win). A record
 holds every stage's JSON under "stages"; records written before stages existed hold "knn" and
-"linear_top1" instead and are read as the stages "knn" and "linear". The plan is a pure
-function of the study and its records, so a resumed study plans the same runs.
+"linear_top1" instead and are read as the stages "knn" and "linear".
 """
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ import statistics
 from typing import Iterable, Sequence
 
 from sove_jax.study import spec as spec_lib
-from sove_jax.study.spec import REPORT_K, Arm, Run, Study
+from sove_jax.study.spec import REPORT_K, Arm, Study
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -167,20 +166,6 @@ def best_rate(study: Study, arm: Arm, by_run: dict) -> tuple[float | None, dict[
   return (steps[0].best, steps[0].scores) if steps else (None, {})
 
 
-# --------------------------------------------------------------------------- the plan
-
-
-@dataclasses.dataclass(frozen=True)
-class Planned:
-  run: Run
-  seed: int
-  roles: frozenset        # {"search", "report"}: which stages it needs
-
-  def stages(self, study: Study) -> tuple[str, ...]:
-    return tuple(s.name for s in study.stages
-                 if s.runs == "all" or s.runs in self.roles)
-
-
 def report_runs(study: Study, by_run: dict) -> dict[str, tuple]:
   """{arm: the settings its table row reports} for arms whose search is decided."""
   out = {}
@@ -190,49 +175,4 @@ def report_runs(study: Study, by_run: dict) -> dict[str, tuple]:
     settings = chosen(study, arm, by_run)
     if settings is not None:
       out[arm.name] = settings
-  return out
-
-
-def planned_runs(study: Study, by_run: dict) -> list[Planned]:
-  """Every (run, seed) the study needs now, seed-major (all arms at the first seed, then the
-  next...), so partial results already compare every arm: each search's candidates on the
-  search seeds, each arm's chosen setting on the report seeds, and, once every claim's arms
-  are done at the report seeds, the extra seeds for the arms of undecided claims."""
-  steps = {a.name: search_steps(study, a, by_run) for a in study.arms if a.search}
-  rows = report_runs(study, by_run)
-  extra = _undecided_arms(study, by_run) if study.more_seeds else set()
-  order = list(dict.fromkeys((*study.search_seeds, *study.seeds, *study.more_seeds)))
-  plan: dict[tuple, Planned] = {}
-
-  def add(run, seed, role):
-    key = (run_key(run.arm.name, run.settings), seed)
-    roles = plan[key].roles | {role} if key in plan else frozenset({role})
-    plan[key] = Planned(run, seed, roles)
-
-  for seed in order:
-    for arm in study.arms:
-      if arm.same_as:
-        continue
-      if seed in study.search_seeds:
-        for step in steps.get(arm.name, ()):
-          for v in step.values:
-            add(Run(arm, step.settings(v)), seed, "search")
-      wanted = seed in study.seeds or (seed in study.more_seeds and arm.name in extra)
-      if wanted and arm.name in rows:
-        add(Run(arm, rows[arm.name]), seed, "report")
-  return list(plan.values())
-
-
-def _undecided_arms(study: Study, by_run: dict) -> set[str]:
-  """The arms of claims that the report seeds leave undecided (Holm-corrected tests); none
-  until every claim's arms are done at every report seed."""
-  from sove_jax.study import analysis
-  table = analysis.rows(study, by_run, seeds=study.seeds)
-  involved = {c[k] for c in study.claims for k in ("better", "worse")}
-  if any(len(table.get(n, {})) < len(study.seeds) for n in involved):
-    return set()
-  out = set()
-  for verdict in analysis.claims(study, table):
-    if not verdict["decided"]:
-      out |= {verdict["better"], verdict["worse"]}
   return out

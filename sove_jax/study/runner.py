@@ -27,6 +27,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
+from sove_jax.study import plan as plan_lib
 from sove_jax.study import records as rec
 from sove_jax.study import report
 from sove_jax.study.spec import FAILURES, REPORT_K, RESULTS, STATE, Run, Stage, Study, StudyError
@@ -202,7 +203,7 @@ def _stage_result(stage: Stage, got: dict, state: dict) -> dict:
   return got
 
 
-def run_pair(study: Study, planned: rec.Planned, out: str, commands: Commands, runner: Runner,
+def run_pair(study: Study, planned: plan_lib.Planned, out: str, commands: Commands, runner: Runner,
              label: str, *, recorded: dict | None = None) -> dict | None:
   """Trains (or resumes) and evaluates one run x seed; returns its results.jsonl record.
 
@@ -318,7 +319,7 @@ def _last_error(tail: list[str], rc: int, workdir: str, log: str) -> str:
 # --------------------------------------------------------------------------- the study
 
 
-def missing(study: Study, planned: rec.Planned, by_run: dict) -> tuple[bool, dict | None]:
+def missing(study: Study, planned: plan_lib.Planned, by_run: dict) -> tuple[bool, dict | None]:
   """(does it need running, its finished record or None)."""
   done = by_run.get(rec.run_key(planned.run.arm.name, planned.run.settings), {}).get(planned.seed)
   if done is None:
@@ -360,7 +361,7 @@ def run_study(study: Study, out: str, *, commands: Commands | None = None,
 
   while True:
     by_run = rec.records_by_run(study, rec.read_jsonl(results_path))
-    plan = rec.planned_runs(study, by_run)
+    plan = plan_lib.planned_runs(study, by_run)
     todo = []
     for p in plan:
       key = (rec.run_key(p.run.arm.name, p.run.settings), p.seed)
