@@ -11,8 +11,8 @@ through the study's protocol stages; the seed sets the initialization and the da
 at one seed every arm sees the same images.
 
 Modules: `spec` (the study file's definition, validated), `records` (results, searches),
-`plan` (the runs a study needs now), `runner` (commands and stages, resumable), `report` (results.md, results.png),
-`analysis` and `stats` (the tests every reading rests on), `cli` (the flags), `docs` (the
+`plan` (the runs a study needs now), `runner` (commands and stages, resumable), `report`
+(results.md, results.png), `analysis` and `stats` (the tests every reading rests on), `cli` (the flags), `docs` (the
 readings in docs/study.md regenerated).
 
 The runner never imports TensorFlow or the trainer. It is resumable: each finished arm x seed is

@@ -97,7 +97,8 @@ def _header(study: Study) -> list[str]:
       "(column n).", "", "Protocol of a run:"]
   for s in study.stages:
     what = {"train": "training", "knn": "`python -m sove_jax.evaluate.knn`",
-            "linear": "`python -m sove_jax.evaluate.linear`"}.get(s.kind, f"`{' '.join(s.command)}`")
+            "linear": "`python -m sove_jax.evaluate.linear`"}.get(
+                s.kind, f"`{' '.join(s.command)}`")
     flags = " ".join(s.args) + (f" --lrs=(best of {s.lrs_from})" if s.lrs_from else "")
     runs = {"all": "", "search": " (search runs)", "report": " (reported runs)"}[s.runs]
     lines.append(f"- {s.name}: {what}" + (f" `{flags.strip()}`" if flags.strip() else "") + runs

@@ -391,9 +391,9 @@ def run_study(study: Study, out: str, *, commands: Commands | None = None,
       continue
     if record is None:
       gone.add(key)
-      runner.say(f"{label}: its workdir is gone; the stages it lacks "
-                 f"({', '.join(s for s in planned.stages(study)[1:] if s not in rec.stages_of(done))}"
-                 ") are not run")
+      lacking = [s for s in planned.stages(study)[1:] if s not in rec.stages_of(done)]
+      runner.say(f"{label}: its workdir is gone; the stages it lacks ({', '.join(lacking)}) "
+                 "are not run")
       continue
     rec.append_jsonl(results_path, record)
     finished_here += 1
