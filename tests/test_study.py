@@ -55,7 +55,7 @@ if mode == "train":
       m.write(json.dumps({"step": step, "train/loss": 1.0, "perf/images_per_sec": 5.0 if step == start + 1 else 100.0 + step}) + "\n")
       m.flush()
       open(ckpt, "w").write(str(step))
-      print("step %d/4 | loss 1.0" % step, flush=True)
+      print(time.strftime("%H:%M:%S ") + "step %d/4 | loss 1.0" % step, flush=True)
       if os.environ.get("FAKE_SLOW") == tag:
         time.sleep(0.7)
       if step == 2 and os.environ.get("FAKE_KILL") == tag and start == 0:

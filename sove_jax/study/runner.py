@@ -47,8 +47,8 @@ def _die_with_parent() -> None:
 
 
 # The commands' own progress lines (trainer, evaluators), relayed in the study's progress lines;
-# library log lines are not.
-_PROGRESS = re.compile(r"^(step \d+/\d+|new run|resumed|k-NN|linear probe)")
+# library log lines are not. The trainer's may start with the time of day.
+_PROGRESS = re.compile(r"^(\d\d:\d\d:\d\d )?(step \d+/\d+|new run|resumed|k-NN|linear probe)")
 
 
 class Runner:
@@ -103,6 +103,7 @@ class Runner:
             last_tick = now
           if now - last_say >= self.progress_every:
             last = next((l for l in reversed(tail) if _PROGRESS.match(l)), "")
+            last = last[_PROGRESS.match(last).start(2):] if last else ""   # without the time
             self.say(f"{label}: {report.duration(now - start)} elapsed"
                      + (f" | {last.strip()[-120:]}" if last else ""))
             last_say = now
