@@ -100,6 +100,8 @@ def get_config():
   d.mask_ratio = 0.3          # paper: 0.3 block; random option: 0.7
   d.mask_ratio_var = 0.0      # ratio drawn uniformly in ratio +- var per image
   d.mask_min_patches = 0      # smallest block, in patches (0: the type's own, see above)
+  d.mask_prob = 1.0           # chance a global crop is masked at all (iBOT's official 0.5)
+  d.mask_start_epoch = 0      # no crop masked before this epoch (iBOT's pred_start_epoch)
   d.image_key = "image"       # TFDS feature holding the image
   d.label_key = "label"       # TFDS feature holding the label ("" = none; labels become -1)
   d.shuffle_buffer = 10_000   # tfds records in the shuffle buffer (folders/arrays: whole epochs)

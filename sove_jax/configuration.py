@@ -76,6 +76,91 @@ def load(path: str):
   return sibling(pathlib.Path(path).stem, of=str(path)).get_config()
 
 
+# --- dotted fields and command-line overrides ---------------------------------------------------
+
+
+def get_field(config, field: str):
+  """The value of the dotted field `field` ("sove.num_anchors") of a ConfigDict.
+
+  KeyError names the whole field when a part of it is missing.
+  """
+  node = config
+  for part in field.split("."):
+    try:
+      node = node[part]
+    except (KeyError, AttributeError, TypeError):
+      raise KeyError(f"config has no field {field!r}") from None
+  return node
+
+
+def set_field(config, field: str, value, *, create: bool = False, check_type: bool = True):
+  """Sets the dotted field `field` of a ConfigDict to `value`.
+
+  `create`: missing sections and fields are made (a config restored from an older run);
+  otherwise a missing one raises KeyError naming the field. `check_type=False` accepts a value of
+  another type than the field's (ConfigDict refuses that by default).
+  """
+  *sections, name = field.split(".")
+  node = config
+  for section in sections:
+    if section not in node:
+      if not create:
+        raise KeyError(f"config has no field {field!r}")
+      import ml_collections
+      node[section] = ml_collections.ConfigDict()
+    node = node[section]
+  if name not in node and not create:
+    raise KeyError(f"config has no field {field!r}")
+  if check_type:
+    node[name] = value
+  else:
+    with node.ignore_type():
+      node[name] = value
+
+
+def _literal(value) -> str:
+  if isinstance(value, (tuple, list)):
+    return "(" + ",".join(_literal(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+  return repr(value)   # bool True/False, int, float (shortest round trip), str quoted
+
+
+def override(field: str, value) -> str:
+  """`--config.FIELD=VALUE`, the command-line override that sets `field` to `value`.
+
+  VALUE is what ml_collections' config flags parse back to `value`: a string as it is, any
+  other value as a Python literal (True/False, 0.002, (0.3,1.0), ('embed','fsdp')), which its
+  boolean, number and tuple parsers all read (booleans: absl also reads true/false).
+  """
+  text = value if isinstance(value, str) else _literal(value)
+  return f"--config.{field}={text}"
+
+
+def parse_override(text: str) -> tuple[str, str]:
+  """(field, value text) of `--config.FIELD=VALUE` (the leading `--` optional); ValueError
+  for any other text."""
+  body = text[2:] if text.startswith("--") else text
+  field, sep, value = body.partition("=")
+  parts = field.split(".")
+  if (not sep or parts[0] != "config" or len(parts) < 2
+      or not all(p.isidentifier() for p in parts[1:])):
+    raise ValueError(f"{text!r} is not of the form --config.FIELD=VALUE")
+  return ".".join(parts[1:]), value
+
+
+def apply_overrides(config, overrides):
+  """`config` with the `--config.FIELD=VALUE` strings applied by ml_collections' own parser,
+  exactly as `python -m sove_jax.main --config=... OVERRIDES` would (a new ConfigDict)."""
+  from absl import flags
+  from ml_collections import config_flags
+  import ml_collections
+  argv = ["overrides", *overrides]
+  values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_dict("config", ml_collections.ConfigDict(config.to_dict()),
+                                           flag_values=values, sys_argv=argv)
+  values(argv)
+  return holder.value
+
+
 def _require(ok: bool, message: str):
   if not ok:
     raise ConfigError(message)
@@ -157,6 +242,12 @@ def validate_data(d, *, patch_size: int, global_batch_size: int, process_count: 
   low, high = d.mask_ratio - d.mask_ratio_var, d.mask_ratio + d.mask_ratio_var
   _require(d.mask_ratio_var >= 0 and low >= 0 and high <= 1,
            f"data.mask_ratio +- data.mask_ratio_var must stay in [0, 1], got [{low}, {high}].")
+  _probability(d.mask_prob, "mask_prob")
+  _require(isinstance(d.mask_start_epoch, int) and d.mask_start_epoch >= 0,
+           f"data.mask_start_epoch={d.mask_start_epoch!r} must be a whole number of epochs >= 0.")
+  _require(d.mask_start_epoch == 0 or d.augment == "host",
+           f"data.mask_start_epoch={d.mask_start_epoch} needs data.augment='host': the masks "
+           "drawn in the step do not know the epoch.")
   side = d.global_size // stride
   num_patches = side * side
   _require(0 <= d.mask_min_patches <= num_patches,
