@@ -481,14 +481,15 @@ def _jsonable(value):
 
 
 def _set_field(config, field: str, value):
+  """One accepted change: the field set, or removed when its new value is None."""
+  from sove_jax import configuration
+  if value is not None:
+    configuration.set_field(config, field, value, create=True, check_type=False)
+    return
   *sections, name = field.split(".")
-  node = config
-  for section in sections:
-    if section not in node:
-      node[section] = ml_collections.ConfigDict()
-    node = node[section]
-  if value is None and name in node:
-    del node[name]
-  elif value is not None:
-    with node.ignore_type():
-      node[name] = value
+  try:
+    parent = configuration.get_field(config, ".".join(sections)) if sections else config
+  except KeyError:
+    return
+  if name in parent:
+    del parent[name]

@@ -245,9 +245,6 @@ def validate_data(d, *, patch_size: int, global_batch_size: int, process_count: 
   _probability(d.mask_prob, "mask_prob")
   _require(isinstance(d.mask_start_epoch, int) and d.mask_start_epoch >= 0,
            f"data.mask_start_epoch={d.mask_start_epoch!r} must be a whole number of epochs >= 0.")
-  _require(d.mask_start_epoch == 0 or d.augment == "host",
-           f"data.mask_start_epoch={d.mask_start_epoch} needs data.augment='host': the masks "
-           "drawn in the step do not know the epoch.")
   side = d.global_size // stride
   num_patches = side * side
   _require(0 <= d.mask_min_patches <= num_patches,
@@ -478,6 +475,27 @@ def _flat(config, prefix="") -> dict:
 def _plain(value):
   """Lists and tuples compare alike (JSON stores tuples as lists)."""
   return tuple(_plain(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
+
+
+def with_new_fields(stored, default=None):
+  """`stored` (a run's config.json) with every field it lacks taken from the default config:
+  fields added to the code since the run started. A new field's default keeps the behaviour
+  the code had before it existed (the project's rule), so a run started before it resumes
+  unchanged instead of being refused as "configured otherwise"."""
+  if default is None:
+    if not DEFAULT_CONFIG.is_file():
+      return stored
+    default = load(str(DEFAULT_CONFIG))
+  out = stored.copy_and_resolve_references()
+  for field, value in _flat(default).items():
+    try:
+      get_field(out, field)
+    except KeyError:
+      set_field(out, field, get_field(default, field), create=True)
+  return out
 
 
 def changed_fields(old, new, *, ignore=PER_LAUNCH) -> dict:

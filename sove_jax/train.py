@@ -182,13 +182,9 @@ def _unrestorable(stored, config, changes: dict) -> list:
   fields = []
   for field in changes:
     trial = ml_collections.ConfigDict(stored.to_dict())
-    *sections, name = field.split(".")
-    node = trial
-    for section in sections:
-      node = node[section]
     try:
-      with node.ignore_type():
-        node[name] = _get(config, field)
+      configuration.set_field(trial, field, configuration.get_field(config, field),
+                              create=True, check_type=False)
       same = _state_signature(trial) == reference
     except Exception:  # noqa: BLE001  a field that breaks the state on its own changes it
       same = False
@@ -199,13 +195,6 @@ def _unrestorable(stored, config, changes: dict) -> list:
   return fields
 
 
-def _get(config, field: str):
-  node = config
-  for name in field.split("."):
-    node = node[name]
-  return node
-
-
 def _check_continuation(config, workdir, *, allow_config_change: bool):
   """Compares `config` with the run already in `workdir` (before anything is written) and
   returns the accepted changes ({} for a new run or the same config). Raises ConfigError for a
@@ -214,7 +203,7 @@ def _check_continuation(config, workdir, *, allow_config_change: bool):
   wd = checkpoint.workdir_path(workdir)
   if not (wd / checkpoint.CONFIG_FILE).exists():
     return {}
-  stored = checkpoint.read_config(wd)
+  stored = configuration.with_new_fields(checkpoint.read_config(wd))
   changes = configuration.changed_fields(stored, config)
   if not changes:
     return {}

@@ -319,11 +319,13 @@ def test_mask_probability_and_start_are_checked():
   c.data.mask_prob = 1.5
   with pytest.raises(configuration.ConfigError, match="data.mask_prob must be a probability"):
     configuration.validate_data(c.data, patch_size=7, global_batch_size=8)
-  c.data.mask_prob, c.data.mask_start_epoch, c.data.augment = 0.5, 2, "device"
-  with pytest.raises(configuration.ConfigError, match="needs data.augment='host'"):
+  c.data.mask_prob, c.data.mask_start_epoch = 0.5, -1
+  with pytest.raises(configuration.ConfigError, match="mask_start_epoch=-1 must be a whole"):
     configuration.validate_data(c.data, patch_size=7, global_batch_size=8)
-  c.data.augment = "host"
-  configuration.validate_data(c.data, patch_size=7, global_batch_size=8)
+  c.data.mask_start_epoch = 2
+  for augment in ("host", "device"):  # the step knows the epoch too (the schedules' epoch)
+    c.data.augment = augment
+    configuration.validate_data(c.data, patch_size=7, global_batch_size=8)
 
 
 def test_the_training_input_masks_crops_as_the_config_says():

@@ -3,6 +3,7 @@
 Runs that must be separate processes (resume in a new process, SIGKILL, SIGTERM, main end to
 end) go through `python -m sove_jax.main`; they inherit the 8 fake CPU devices of the session.
 """
+import dataclasses
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import time
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -457,3 +459,26 @@ def test_keep_period_keeps_every_nth_checkpoint_for_good(tmp_path):
   config.checkpoint_every, config.keep_period = 4, 6
   with pytest.raises(configuration.ConfigError, match="keep_period=6 must be a multiple"):
     configuration.validate_run_control(config)
+
+
+def test_the_device_step_masks_no_crop_before_the_masks_start_epoch():
+  """data.mask_start_epoch in device mode: the step counts epochs by the schedules'
+  steps_per_epoch; before the start every mask is empty, from it on the masks are those drawn
+  without a start."""
+  config = smoke.get_config()
+  config.data.update(augment="device", mask_start_epoch=1)
+  config.data.num_local = 0
+  schedules = optim.make_schedules(config, steps_per_epoch=10, total_steps=30)
+  assert schedules.steps_per_epoch == 10
+  recipe, mask_recipe = views.Recipe.from_config(config.data), step_lib.masks_for(config)
+  images = np.random.default_rng(0).integers(0, 255, (32, 28, 28, 1), np.uint8)
+  batch = {"index": np.arange(16, dtype=np.int32), "images": images,
+           "label": np.zeros(16, np.int32)}
+  key = jax.random.PRNGKey(3)
+  cut = jax.jit(step_lib.device_views, static_argnums=(2, 3))
+  before = cut(batch, key, recipe, mask_recipe, None, jnp.int32(9 // 10))  # step 9: epoch 0
+  after = cut(batch, key, recipe, mask_recipe, None, jnp.int32(10 // 10))  # step 10: epoch 1
+  unstarted = cut(batch, key, recipe, dataclasses.replace(mask_recipe, start_epoch=0))
+  assert not np.asarray(before["mask"]).any()
+  assert np.asarray(after["mask"]).any()
+  np.testing.assert_array_equal(np.asarray(after["mask"]), np.asarray(unstarted["mask"]))
