@@ -310,6 +310,153 @@ def test_labeled_input_from_a_folder_and_a_tfds_subset(tmp_path):
     assert whole.steps_per_epoch == 3 and next(whole)["image"].shape == (4, 8, 8, 3)
 
 
+# --- RandAugment and random erasing (sove_jax/data/randaugment.py) ------------------------------
+
+def _pil_reference(name, image, magnitude, sign, fill, resample=None):
+  """What timm's op does at `magnitude` with `sign`, written with PIL (resample bilinear, as
+  TensorFlow samples; timm asks for bicubic)."""
+  from PIL import Image, ImageEnhance, ImageOps
+  resample = Image.BILINEAR if resample is None else resample
+  level, w, h = magnitude / 10.0, image.size[0], image.size[1]
+  factor = 1.0 + sign * level * 0.9
+  affine = lambda m: image.transform(image.size, Image.AFFINE, m, resample, fillcolor=fill)
+  return {
+      "AutoContrast": lambda: ImageOps.autocontrast(image),
+      "Equalize": lambda: ImageOps.equalize(image),
+      "Invert": lambda: ImageOps.invert(image),
+      "Rotate": lambda: image.rotate(sign * level * 30.0, resample=resample, fillcolor=fill),
+      "PosterizeIncreasing": lambda: ImageOps.posterize(image, 4 - int(level * 4)),
+      "SolarizeIncreasing": lambda: ImageOps.solarize(image, 256 - int(level * 256)),
+      "SolarizeAdd": lambda: image.point([min(255, i + int(level * 110)) if i < 128 else i
+                                          for i in range(256)] * 3),
+      "ColorIncreasing": lambda: ImageEnhance.Color(image).enhance(factor),
+      "ContrastIncreasing": lambda: ImageEnhance.Contrast(image).enhance(factor),
+      "BrightnessIncreasing": lambda: ImageEnhance.Brightness(image).enhance(factor),
+      "SharpnessIncreasing": lambda: ImageEnhance.Sharpness(image).enhance(factor),
+      "ShearX": lambda: affine((1, sign * level * 0.3, 0, 0, 1, 0)),
+      "ShearY": lambda: affine((1, 0, 0, sign * level * 0.3, 1, 0)),
+      "TranslateXRel": lambda: affine((1, 0, sign * level * 0.45 * w, 0, 1, 0)),
+      "TranslateYRel": lambda: affine((1, 0, 0, 0, 1, sign * level * 0.45 * h)),
+  }[name]()
+
+
+@pytest.mark.parametrize("name", ["AutoContrast", "Equalize", "Invert", "Rotate",
+                                  "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd",
+                                  "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+                                  "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel",
+                                  "TranslateYRel"])
+def test_each_randaugment_op_matches_pil(name):
+  """Every op of timm's increasing set against PIL at magnitude 9 (and 6 with a negative sign):
+  the lookup-table ops exactly, the blends within a level, the geometric ops within two levels
+  (bilinear rounding) where PIL samples the image and exactly the fill colour where it fills."""
+  import tensorflow as tf
+  from PIL import Image
+  from scipy import ndimage
+
+  from sove_jax.data import randaugment
+  rng = np.random.default_rng(randaugment.OPS.index(name))
+  pixels = rng.integers(30, 220, (24, 32, 3), dtype=np.uint8)
+  pixels[4:12, 6:20] = (250, 40, 10)  # structure for the geometric ops and the histogram
+  fill = (124, 116, 104)
+  for magnitude, sign in ((9.0, 1.0), (6.0, -1.0)):
+    got = randaugment._op(tf.constant(randaugment.OPS.index(name)),
+                          tf.constant(pixels, tf.float32), tf.constant(magnitude),
+                          tf.constant(sign), tf.constant(fill, tf.float32)).numpy()
+    want = np.asarray(_pil_reference(name, Image.fromarray(pixels), magnitude, sign, fill),
+                      np.float64)
+    diff = np.abs(got - want)
+    if name in ("ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "Rotate"):
+      ones = Image.fromarray(np.full(pixels.shape[:2], 255, np.uint8))
+      sampled = np.asarray(_pil_reference(name, ones, magnitude, sign, 0, Image.NEAREST)) > 0
+      assert 0.3 < sampled.mean() < 1.0, name
+      assert diff[sampled].max() <= 2, (name, magnitude, diff[sampled].max())
+      filled = ~ndimage.binary_dilation(sampled)  # a rounding of x.5 may move the seam
+      np.testing.assert_array_equal(got[filled], np.broadcast_to(fill, got[filled].shape))
+      assert (diff.max(axis=-1) > 2).mean() < 0.01
+    elif name.startswith(("Color", "Contrast", "Brightness", "Sharpness")):
+      assert diff.max() <= 1, (name, magnitude, diff.max())
+    else:
+      np.testing.assert_array_equal(got, want, err_msg=f"{name} at {magnitude}")
+
+
+def test_randaugment_draws_are_timms_rand_m9_mstd05_inc1():
+  """Two ops with replacement from the 15, each applied with probability 0.5, magnitude
+  N(9, 0.5) clipped to [0, 10], signs +-1 alike; the same key, the same draws."""
+  import tensorflow as tf
+
+  from sove_jax.data import randaugment
+  policy = randaugment.Policy("rand-m9-mstd0.5-inc1")
+  assert (policy.magnitude, policy.std, policy.layers, policy.prob) == (9.0, 0.5, 2, 0.5)
+  with pytest.raises(ValueError, match="cannot read"):
+    randaugment.Policy("rand-m9-x")
+  keys = tf.stack([tf.range(3000, dtype=tf.int64), tf.fill([3000], tf.constant(7, tf.int64))],
+                  axis=1)
+  many = tf.function(lambda k: tf.map_fn(
+      lambda key: randaugment.draw(key, policy), k,
+      fn_output_signature=(tf.int32, tf.bool, tf.float32, tf.float32)))
+  ops, applied, magnitude, sign = (np.ravel(x.numpy()) for x in many(keys))
+  counts = np.bincount(ops, minlength=15)
+  assert counts.min() > 6000 / 15 * 0.8 and counts.max() < 6000 / 15 * 1.2
+  assert abs(applied.mean() - 0.5) < 0.03 and abs(sign.mean()) < 0.05
+  assert abs(magnitude.mean() - 9.0) < 0.03 and abs(magnitude.std() - 0.5) < 0.03
+  assert magnitude.max() <= 10.0
+  first = randaugment.draw(tf.constant([0, 7], tf.int64), policy)
+  assert np.array_equal(first[0].numpy(), ops[:2]) and np.array_equal(first[2].numpy(),
+                                                                       magnitude[:2])
+
+
+def test_random_erasing_is_timms_pixel_mode():
+  """With probability 0.25 one box of 2%-33% of the image, aspect ratio in [0.3, 3.3], becomes
+  N(0, 1) noise; nothing else changes."""
+  import tensorflow as tf
+
+  from sove_jax.data import randaugment
+  image = tf.fill([40, 48, 3], 7.0)
+  keys = tf.stack([tf.range(800, dtype=tf.int64), tf.ones([800], tf.int64)], axis=1)
+  outs = tf.function(lambda k: tf.map_fn(lambda key: randaugment.random_erase(image, key, 0.25),
+                                         k, fn_output_signature=tf.float32))(keys).numpy()
+  erased, boxes = 0, []
+  for out in outs:
+    changed = out[..., 0] != 7.0
+    if changed.any():
+      erased += 1
+      rows, cols = np.flatnonzero(changed.any(1)), np.flatnonzero(changed.any(0))
+      h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+      boxes.append((h, w))
+      assert changed.sum() == h * w and (out[changed] != 7.0).all()
+  assert abs(erased / 800 - 0.25) < 0.05
+  areas = np.array([h * w for h, w in boxes]) / (40 * 48)
+  assert areas.min() >= 0.015 and areas.max() <= 0.36
+  aspects = np.array([h / w for h, w in boxes])
+  assert aspects.min() >= 0.25 and aspects.max() <= 4.0
+  noise = randaugment.random_erase(tf.zeros([200, 200, 3]), tf.constant([0, 3], tf.int64),
+                                   1.0).numpy()
+  values = noise[noise != 0]
+  assert len(values) > 0.02 * 200 * 200 * 3 and abs(values.mean()) < 0.05
+  assert abs(values.std() - 1.0) < 0.05
+
+
+def test_fine_tuning_input_applies_randaugment_then_erasing():
+  """The labeled input's crops go through RandAugment (before normalizing) and random erasing
+  (after) when it is given them, deterministically per seed; without them, as before."""
+  from sove_jax.data import labeled, randaugment, sources
+  images = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
+  src = sources.ArraySource(images, np.arange(16) % 4)
+  kw = dict(size=16, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, global_batch_size=8,
+            seed=3, process_index=0, process_count=1)
+  plain = next(labeled.LabeledTrainInput(src, _data_config(), **kw))["image"]
+  strong = randaugment.TrainAugment("rand-m9-mstd0.5-inc1", 1.0, mean=_data_config().mean)
+  out = next(labeled.LabeledTrainInput(src, _data_config(), augment=strong, **kw))["image"]
+  again = next(labeled.LabeledTrainInput(src, _data_config(), augment=strong, **kw))["image"]
+  np.testing.assert_array_equal(out, again)
+  assert out.shape == plain.shape and (np.abs(out - plain) > 1e-3).any(axis=(1, 2, 3)).all()
+  # Erasing only: the images outside the erased box are the plain ones.
+  erase = randaugment.TrainAugment("", 1.0)
+  erased = next(labeled.LabeledTrainInput(src, _data_config(), augment=erase, **kw))["image"]
+  same = np.isclose(erased, plain).all(axis=-1)
+  assert 0.6 < same.mean() < 0.99
+
+
 def test_fine_tuning_decays_neither_cls_nor_position_embeddings():
   """BEiT's `no_weight_decay()`: the ViT's cls_token and pos_embed, the Swin's relative position
   bias tables; every other matrix as pretraining decides."""
@@ -347,6 +494,7 @@ def test_the_recipes_are_ibots_full_and_semi_supervised_ones():
   config.recipe, config.epochs = "full", 7
   forced = ft.resolve(config, "s", subset=True)
   assert forced.recipe == "full" and forced.epochs == 7
+  assert (forced.randaugment, forced.reprob) == ("rand-m9-mstd0.5-inc1", 0.25)
 
 
 def test_semi_supervised_schedule_is_timms_per_epoch_cosine():
@@ -449,8 +597,8 @@ def test_fine_tuning_a_smoke_checkpoint_beats_chance_and_resumes(smoke_workdir):
   # near 20%, so the input is left as evaluation sees it (the crops are tested above).
   config = ft.default_config("full")
   config.update(epochs=4, warmup_epochs=0.3, base_lr=3e-2, layer_decay=0.9, drop_path=0.05,
-                mixup=0.0, cutmix=0.0, crop_scale=(1.0, 1.0), flip=False, eval_every=2,
-                log_every=10)
+                mixup=0.0, cutmix=0.0, crop_scale=(1.0, 1.0), flip=False, randaugment="",
+                reprob=0.0, eval_every=2, log_every=10)
   options = dict(config=config, label_fraction=0.01, batch_size=32, max_eval_examples=400)
   load = lambda: backbone.load_backbone(smoke_workdir)
   record = protocol.run(ft.PROTOCOL, load=load, options=options, out_dir=smoke_workdir)

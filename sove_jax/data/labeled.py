@@ -98,8 +98,8 @@ class LabeledTrainInput:
 
   def __init__(self, source, data_config, *, size: int, scale, ratio, flip: bool,
                global_batch_size: int, seed: int, process_index: int, process_count: int,
-               start_epoch: int = 0):
-    self.source, self.config = source, data_config
+               start_epoch: int = 0, augment=None):
+    self.source, self.config, self.augment = source, data_config, augment
     self.size, self.scale, self.ratio, self.flip = int(size), tuple(scale), tuple(ratio), flip
     self.seed = int(seed)
     self.process_index, self.process_count = process_index, process_count
@@ -121,11 +121,15 @@ class LabeledTrainInput:
       return None
     return tf.random.stateless_uniform(shape, augment.fold(key, _FLIP)) < 0.5
 
-  def _finish(self, image):
-    """[..., S, S, C] in [0, 1] -> normalized 3-channel float32."""
+  def _finish(self, image, key):
+    """[..., S, S, C] in [0, 1] -> normalized 3-channel float32, through `augment`'s
+    (randaugment.TrainAugment) ops before and after the normalization when there is one."""
     if image.shape[-1] == 1:
       image = tf.tile(image, [1] * (image.shape.rank - 1) + [3])
-    return augment.normalize(image, self.config.mean, self.config.std)
+    if self.augment is not None:
+      image = self.augment.before_normalize(image, key)
+    image = augment.normalize(image, self.config.mean, self.config.std)
+    return image if self.augment is None else self.augment.after_normalize(image, key)
 
   # Stages: functions of one element (example or batch) that carry their epoch and position,
   # traced once and reused by every epoch.
@@ -139,7 +143,7 @@ class LabeledTrainInput:
                                     self.scale, self.ratio)
     views = augment.resized_crops(images, boxes, self.size,
                                   flip=self._flips(key, [self.batch_size, 1]))
-    return {"image": self._finish(views[:, 0]),
+    return {"image": self._finish(views[:, 0], key),
             "label": tf.gather(self._tables["label"], index)}
 
   def _read(self, element):
@@ -159,7 +163,7 @@ class LabeledTrainInput:
     box = augment.draw_crop_boxes(key, [], tf.shape(image)[0], tf.shape(image)[1], self.scale,
                                   self.ratio)
     view = augment.resized_crop(image, box, self.size, self._flips(key, []))
-    return {"image": self._finish(view), "label": element["label"]}
+    return {"image": self._finish(view, key), "label": element["label"]}
 
   def _stage(self, name):
     if name not in self._stages:
@@ -210,9 +214,10 @@ class LabeledTrainInput:
 
 def labeled_train_input(data_config, *, split: str, indices=None, size: int, scale, ratio,
                         flip: bool, global_batch_size: int, seed: int, start_epoch: int = 0,
-                        process_index: int | None = None,
-                        process_count: int | None = None) -> LabeledTrainInput:
-  """The fine-tuning stream of `split` (or of its examples `indices`) for this process."""
+                        process_index: int | None = None, process_count: int | None = None,
+                        augment=None) -> LabeledTrainInput:
+  """The fine-tuning stream of `split` (or of its examples `indices`) for this process;
+  `augment` (randaugment.TrainAugment) adds RandAugment and random erasing to the crops."""
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   if global_batch_size <= 0 or global_batch_size % process_count:
@@ -224,4 +229,4 @@ def labeled_train_input(data_config, *, split: str, indices=None, size: int, sca
   return LabeledTrainInput(source, data_config, size=size, scale=scale, ratio=ratio, flip=flip,
                            global_batch_size=global_batch_size, seed=seed,
                            process_index=process_index, process_count=process_count,
-                           start_epoch=start_epoch)
+                           start_epoch=start_epoch, augment=augment)

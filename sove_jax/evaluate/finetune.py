@@ -11,8 +11,9 @@ trained whole on labeled images by one of two recipes (configs/finetune.py; `REC
   head's first layer (`finetune_head_layer=1`).
 By default a label subset takes "semi", all labels "full".
 
-Train-time input: a random-resized crop (+ flip) per image at the run's global crop size; the
-evaluation input is the run's resize + centre crop.
+Both recipes augment as BEiT and iBOT do: a random-resized crop (+ flip) per image at the run's
+global crop size, timm's RandAugment `rand-m9-mstd0.5-inc1` and random erasing with probability
+0.25 (`sove_jax.data.randaugment`); the evaluation input is the run's resize + centre crop.
 
 Labels: `--label_split=FILE` lists the train images to use (SimCLRv2's `1percent.txt` and
 `10percent.txt`: one image name per line; or train indices), `--label_fraction=0.01` draws a
@@ -133,6 +134,14 @@ def validate(c, *, init="pretrained", label_fraction=1.0, label_split="", batch_
     raise err("--config.mixup and --config.cutmix (Beta alphas) must be >= 0 (0: off).")
   if not (0.0 <= c.mix_prob <= 1.0 and 0.0 <= c.switch_prob <= 1.0):
     raise err("--config.mix_prob and --config.switch_prob must be probabilities in [0, 1].")
+  if not 0.0 <= c.reprob <= 1.0:
+    raise err(f"--config.reprob must be a probability in [0, 1], got {c.reprob}.")
+  if c.randaugment:
+    from sove_jax.data import randaugment
+    try:
+      randaugment.Policy(c.randaugment)
+    except ValueError as e:
+      raise err(f"--config.randaugment: {e}") from None
   if len(c.crop_scale) != 2 or len(c.crop_ratio) != 2:
     raise err("--config.crop_scale and --config.crop_ratio take two numbers: (lo, hi).")
   lo, hi = c.crop_scale
@@ -196,7 +205,7 @@ def finetune(loaded, out_dir: str, *, config=None, init="pretrained", label_spli
   in OUT_DIR/finetune/ARM if any) and returns its record: final and best top-1/top-5, the
   per-evaluation curve, the labels and data used and the resolved recipe."""
   from sove_jax import checkpoint
-  from sove_jax.data import labeled, pipeline, sources
+  from sove_jax.data import labeled, pipeline, randaugment, sources
 
   config = config if config is not None else default_config()
   mesh = sharding_lib.batch_mesh() if mesh is None else mesh
@@ -226,9 +235,12 @@ def finetune(loaded, out_dir: str, *, config=None, init="pretrained", label_spli
     if indices is None and len(labels) < len(train_source):
       indices = np.arange(len(labels))
     num_classes = int(labels.max()) + 1
+  extra = (randaugment.TrainAugment(c.randaugment, c.reprob, mean=tuple(data.mean))
+           if c.randaugment or c.reprob > 0 else None)
   train_in = labeled.labeled_train_input(
       data, split=data.train_split, indices=indices, size=size, scale=tuple(c.crop_scale),
-      ratio=tuple(c.crop_ratio), flip=c.flip, global_batch_size=batch_size, seed=c.seed)
+      ratio=tuple(c.crop_ratio), flip=c.flip, global_batch_size=batch_size, seed=c.seed,
+      augment=extra)
   eval_batches = pipeline.eval_input(data, split=data.eval_split, global_batch_size=batch_size,
                                      max_examples=max_eval_examples)
   steps_per_epoch = train_in.steps_per_epoch
