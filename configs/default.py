@@ -212,6 +212,8 @@ def get_config():
   c.knn_every = 500           # steps between k-NN monitor evaluations (0: never)
   c.knn_k = (10, 20, 100, 200)
   c.knn_temperature = 0.07
+  c.knn_train_split = "train-minival"  # monitor: its memory and its queries, the validation
+  c.knn_eval_split = "minival"         # split (data.minival_*), never the test split
   c.knn_train_examples = 10_000  # monitor: train-set memory size (-1: the whole split)
   c.knn_eval_examples = 2_000    # monitor: evaluated examples (-1: the whole split)
 

@@ -526,12 +526,14 @@ def _profiler(config, workdir, start: int, stop_at: int):
 
 
 def knn_inputs(config, mesh, pipeline):
-  """The monitor's (train-memory, evaluation) batches: config's splits and example counts."""
+  """The monitor's (train-memory, evaluation) batches: the config's monitor splits (by default
+  the validation split, carved from the train split, so that nothing chosen by watching the
+  monitor has seen the test split) and example counts."""
   eval_batch = max(config.batch_size, mesh.devices.size)
-  train_batches = pipeline.eval_input(config.data, split=config.data.train_split,
+  train_batches = pipeline.eval_input(config.data, split=config.knn_train_split,
                                       global_batch_size=eval_batch,
                                       max_examples=config.knn_train_examples)
-  eval_batches = pipeline.eval_input(config.data, split=config.data.eval_split,
+  eval_batches = pipeline.eval_input(config.data, split=config.knn_eval_split,
                                      global_batch_size=eval_batch,
                                      max_examples=config.knn_eval_examples)
   return train_batches, eval_batches
@@ -539,21 +541,19 @@ def knn_inputs(config, mesh, pipeline):
 
 def knn_monitor(config, mesh, pipeline, graphdef):
   """run(state) -> {"knn/top1_k{k}": %}: k-NN of the teacher backbone's global representation
-  ([CLS], or the mean patch token with `model.global_pool="mean_patch"`) on the
-  train -> eval splits; `run(apply_fn=f)` scores features `f(images)` instead (baselines)."""
+  ([CLS], or the mean patch token with `model.global_pool="mean_patch"`) on the monitor's
+  memory -> query splits (`knn_train_split`, `knn_eval_split`); `run(apply_fn=f)` scores
+  features `f(images)` instead (baselines)."""
   from flax import nnx
 
-  from sove_jax.evaluate import knn
-  from sove_jax.models import network
+  from sove_jax.evaluate import features, knn
 
   train_batches, eval_batches = knn_inputs(config, mesh, pipeline)
   pool = config.model.global_pool
 
   @jax.jit
-  def embed(teacher_params, images):
-    backbone = nnx.merge(graphdef, teacher_params).backbone
-    feature = network.global_pool(backbone(images), pool)
-    return feature / jnp.linalg.norm(feature, axis=-1, keepdims=True)
+  def embed(teacher_params, images):  # the evaluator's features, so its figures are the same
+    return features.knn_features(nnx.merge(graphdef, teacher_params).backbone, images, pool)
 
   def run(state=None, *, apply_fn=None):
     fn = apply_fn or (lambda images: embed(state.teacher, images))

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sove_jax import checkpoint, optim, state as state_lib
-from sove_jax.evaluate import features, knn
+from sove_jax import checkpoint, sharding, state as state_lib
+from sove_jax.evaluate import knn
 from sove_jax.models import network
 
 
@@ -45,9 +45,8 @@ def main():
   from sove_jax.data import pipeline
   config = checkpoint.read_config(a.workdir)
   size = config.data.global_size
-  tx = optim.make_optimizer(config, optim.make_schedules(config, 1, 1))
-  abstract = jax.eval_shape(state_lib.make_init(config, tx, size), jax.random.PRNGKey(0))
-  replicated = jax.NamedSharding(features.batch_mesh(), jax.P())
+  abstract = state_lib.abstract(config)
+  replicated = jax.NamedSharding(sharding.batch_mesh(), jax.P())
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                           abstract)
   ck = checkpoint.Checkpointer(a.workdir, read_only=True)
@@ -58,7 +57,7 @@ def main():
   graphdef, _ = network.abstract_network(config.model, size, network.prototypes_of(config))
   nets = {"teacher": st.teacher, "student": st.student}
   if a.random:
-    init = state_lib.make_init(config, tx, size)(jax.random.PRNGKey(config.seed))
+    init = state_lib.init_for(config, size)(jax.random.PRNGKey(config.seed))
     nets["random"] = init.teacher
 
   def batches(split, n):

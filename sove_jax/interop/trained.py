@@ -6,7 +6,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sove_jax import checkpoint, optim, sharding
+from sove_jax import checkpoint, sharding
 from sove_jax import state as state_lib
 from sove_jax.models import network
 
@@ -14,9 +14,7 @@ from sove_jax.models import network
 def abstract_state(config):
   """(init function, replicated sharding): the run's state structure, placed whole on every
   local device."""
-  # The optimizer only fixes the state's structure; its values are not used.
-  tx = optim.make_optimizer(config, optim.make_schedules(config, 1, 1))
-  init = state_lib.make_init(config, tx, config.data.global_size)
+  init = state_lib.init_for(config)
   replicated = jax.NamedSharding(sharding.batch_mesh(), jax.P())
   return init, replicated
 

@@ -187,7 +187,11 @@ def stage_command(study: Study, stage: Stage, workdir: str, commands: Commands,
   if stage.lrs_from:
     per_lr = state["stages"][stage.lrs_from]["per_lr"]
     lrs = ["--lrs=" + max(per_lr, key=lambda lr: (per_lr[lr], -float(lr)))]
-  return [*commands.linear, f"--workdir={workdir}", *study.linear_args, *stage.args, *lrs]
+  # The study selects itself (a stage on the validation splits, then `lrs_from`): each linear
+  # stage reports every rate's score on its own eval split, as the probe did before it could
+  # select on minival by itself.
+  return [*commands.linear, f"--workdir={workdir}", "--select_split=none", *study.linear_args,
+          *stage.args, *lrs]
 
 
 def _stage_result(stage: Stage, got: dict, state: dict) -> dict:
