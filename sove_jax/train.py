@@ -39,10 +39,10 @@ def batch_shapes(config, mesh, resident: dict | None = None, host_flags: bool = 
   """Abstract global batch (ShapeDtypeStructs with the batch sharding), for AOT compilation.
 
   `host_flags`: the int32 column of every host's flags the trainer's step takes
-  (`hosts.agreeing`). By data.augment: "host", the views and masks; "device", uint8 canvases and their sizes, or,
-  from an in-memory source, indices into its images on the device: `resident` (arrays or shapes,
-  from `pipeline.device_resident`; by default `resident_shapes`), passed whole to every step,
-  replicated (the step cuts the views and draws the masks).
+  (`hosts.agreeing`). By data.augment: "host", the views and masks; "device", uint8 canvases
+  and their sizes, or, from an in-memory source, indices into its images on the device:
+  `resident` (arrays or shapes, from `pipeline.device_resident`; by default `resident_shapes`),
+  passed whole to every step, replicated (the step cuts the views and draws the masks).
   """
   d, b = config.data, config.batch_size
   g, l, c = d.global_size, d.local_size, d.canvas_size

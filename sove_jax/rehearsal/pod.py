@@ -253,7 +253,8 @@ def rehearse(out: pathlib.Path, *, processes: int = 4, devices: int = 2, images:
       m = re.search(r"saved step (\d+)", line)
       if m:
         saved.add(int(m.group(1)))
-      got = f" ({h.signalled[0]} at step {at if h.index == term else at + 1})" if h.signalled else ""
+      got = (f" ({h.signalled[0]} at step {at if h.index == term else at + 1})"
+             if h.signalled else "")
       report.row(f"SIGTERM to process {term}, SIGINT to process {interrupt}", h,
                  (line or "?") + got, t0)
     report.expect(finished and all(h.proc.returncode == 0 for h in run.hosts),
