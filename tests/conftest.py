@@ -50,3 +50,20 @@ def pytest_sessionfinish(session, exitstatus):
     reporter.write_line(f"SOVE_JAX_REQUIRE_ALL_TESTS=1: {len(skipped)} test(s) skipped: the run "
                         "fails (see the list above).", red=True)
     session.exitstatus = 1
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+  """One finished smoke run for the session (per pytest worker), trained in process by the real
+  trainer: configs/smoke.py, 4 steps, a checkpoint at every step, all kept. Read it as is; a test
+  that writes into a run copies it first (`shutil.copytree`)."""
+  from configs import smoke
+  from sove_jax import train
+  config = smoke.get_config()
+  config.checkpoint_every, config.keep_checkpoints = 1, 10
+  workdir = tmp_path_factory.mktemp("smoke_run") / "run"
+  train.train_and_evaluate(config, str(workdir))
+  return workdir

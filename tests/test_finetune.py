@@ -7,6 +7,7 @@ fine-tuned above chance (with resume and errors).
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -581,13 +582,12 @@ def test_odd_batches_cannot_be_mixed_but_can_train_unmixed():
   ft.validate(config, batch_size=3, num_devices=1)
 
 
-@pytest.fixture(scope="module")
-def smoke_workdir(tmp_path_factory):
-  """A 4-step smoke run's checkpoint (the real trainer)."""
-  from sove_jax import train
-  workdir = str(tmp_path_factory.mktemp("smoke"))
-  train.train_and_evaluate(smoke.get_config(), workdir)
-  return workdir
+@pytest.fixture
+def smoke_workdir(smoke_run, tmp_path):
+  """A copy of the session's 4-step smoke run (tests/conftest.py): fine-tuning writes into it."""
+  workdir = tmp_path / "run"
+  shutil.copytree(smoke_run, workdir)
+  return str(workdir)
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
 """Faults a run meets, and what it does with each: the README's fault table, item by item.
 
-Runs that must be separate processes (a restart, a failed save, a command's exit) go through the
-commands themselves; they inherit the session's 8 fake CPU devices and compilation cache. Most
-cases start from one finished smoke run (`trained`, 4 steps, a checkpoint at every step), copied.
+Runs that must be separate processes (a kill, a second process on the same workdir, a command's
+exit code and console) go through the commands themselves; they inherit the session's 8 fake CPU
+devices and compilation cache. Most cases start from the session's finished smoke run
+(`trained`, 4 steps, a checkpoint at every step), copied.
 """
 import json
 import os
@@ -71,13 +72,11 @@ def _same(a, b):
              for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))))
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """A finished smoke run: 4 steps, a checkpoint at each (all kept)."""
-  workdir = tmp_path_factory.mktemp("trained") / "run"
-  code, out, _ = _main(workdir, *TRAINED)
-  assert code == 0, out
-  return workdir
+@pytest.fixture
+def trained(smoke_run):
+  """The session's finished smoke run (tests/conftest.py): 4 steps, a checkpoint at each (all
+  kept); its config is the command line's `SMOKE TRAINED`. Tests that write copy it."""
+  return smoke_run
 
 
 def _copy(trained, tmp_path):
@@ -274,6 +273,11 @@ def test_non_finite_loss_says_what_the_checkpoints_hold(tmp_path, monkeypatch):
   assert "Non-finite loss or gradient at step 3" in message
   assert "step 2 (parameters up to" in message and "step 1 (parameters up to" in message
   assert "a restart resumes from step 2" in message and "--restore_step=1" in message
+  # The non-finite step is not saved: the last checkpoint holds step 2's finite parameters.
+  assert checkpoint.checkpoint_steps(tmp_path / "a") == [1, 2]
+  saved = _restore(tmp_path / "a").state
+  assert int(saved.step) == 2
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(saved.student))
   # Nothing is saved unasked: with checkpoint_every=4, steps 1 and 2 leave no checkpoint.
   message = _poisoned_run(monkeypatch, tmp_path / "b", 3, checkpoint_every=4)
   assert "No checkpoint was saved before it: a restart begins a new run." in message
@@ -494,17 +498,22 @@ def test_weight_commands_fail_in_one_line(tmp_path, trained):
 # --- 8. records --------------------------------------------------------------------------------------
 
 def test_sigkill_and_resume_log_each_step_once(tmp_path):
-  """A run killed after logging steps its last checkpoint does not hold: the resumed run takes
-  them again, and metrics.jsonl holds each step once (the earlier lines move aside)."""
+  """A run killed (SIGKILL) with an asynchronous save in flight and steps logged that its last
+  complete checkpoint does not hold: the restart resumes from the last complete checkpoint, takes
+  those steps again, and metrics.jsonl holds each step once (the earlier lines move aside)."""
   workdir = tmp_path / "w"
   proc, _ = _run_until_step(workdir, 5, "--config.checkpoint_every=2")
   time.sleep(1.0)  # metrics.jsonl is written in a background thread
   proc.send_signal(signal.SIGKILL)
   proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
   logged = _metric_steps(workdir)
+  complete = checkpoint.checkpoint_steps(workdir)
+  assert complete and complete[-1] in (2, 4)
   code, out, _ = _main(workdir, "--config.total_steps=100000", "--config.run_steps=2")
   assert code == 0, out
   resumed = int(re.search(r"resumed from step (\d+)", out).group(1))
+  assert resumed == complete[-1]
   assert max(logged) > resumed  # steps were logged that the resumed run takes again
   assert _metric_steps(workdir) == list(range(1, resumed + 3))
 

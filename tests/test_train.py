@@ -156,30 +156,6 @@ def test_main_rejects_bad_config_before_compiling(tmp_path):
   assert time.time() - t0 < 60
 
 
-def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-  from sove_jax import feed
-  config = smoke.get_config()
-  config.total_steps, config.checkpoint_every = 6, 1
-  real = feed.to_global
-  calls = {"n": 0}
-
-  def poisoned(batch, sh):
-    calls["n"] += 1
-    if calls["n"] == 3:
-      batch = dict(batch, **{"global": np.full_like(batch["global"], np.nan)})
-    return real(batch, sh)
-
-  monkeypatch.setattr(feed, "to_global", poisoned)
-  with pytest.raises(train.NonFiniteLoss, match="at step 3"):
-    train.train_and_evaluate(config, str(tmp_path))
-  ck = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=10)
-  assert ck.latest_step() == 2
-  ck.close()
-  saved, _ = _restore(tmp_path)
-  assert int(saved.step) == 2
-  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(saved.student))
-
-
 def test_resume_in_new_process_is_bitwise_exact(tmp_path):
   straight, split = tmp_path / "straight", tmp_path / "split"
   code, out = _run(straight, "--config.total_steps=6")
@@ -320,29 +296,6 @@ def test_a_second_ctrl_c_aborts_at_once_without_saving(tmp_path):
   assert checkpoint.checkpoint_steps(str(tmp_path)) == []
 
 
-def test_sigkill_during_async_save_restarts_from_last_complete(tmp_path):
-  proc = _main(tmp_path, "--config.total_steps=100000", "--config.checkpoint_every=1",
-               "--config.log_every=1")
-  seen = 0
-  for line in proc.stdout:
-    if _STEP_LINE.search(line):
-      seen += 1
-      if seen == 5:  # a save is started after every step: kill while one is in flight
-        proc.kill()
-        break
-  proc.wait(timeout=60)
-  assert proc.returncode == -signal.SIGKILL
-  ck = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=10)
-  last = ck.latest_step()
-  ck.close()
-  assert last is not None and last >= 1
-  code, out = _run(tmp_path, f"--config.total_steps={last + 2}", "--allow_config_change")
-  assert code == 0, out
-  assert f"resumed from step {last}" in out
-  saved, _ = _restore(tmp_path)
-  assert int(saved.step) == last + 2
-
-
 def test_main_end_to_end_on_image_folder(tmp_path):
   """A tiny JPEG/PNG folder dataset, its views cut on the device from 32 x 32 canvases (the
   40 x 36 images downscaled to fit): train, checkpoint, metrics and TensorBoard files."""
@@ -360,8 +313,8 @@ def test_main_end_to_end_on_image_folder(tmp_path):
   work = tmp_path / "work"
   code, out = _run(work, "--config.data.source=folder",
                    f"--config.data.data_dir={tmp_path / 'data'}", "--config.data.augment=device",
-                   "--config.data.canvas_size=32", "--config.total_steps=3",
-                   "--config.checkpoint_every=2", "--config.knn_every=3",
+                   "--config.data.canvas_size=32", "--config.data.minival_examples=4",
+                   "--config.total_steps=3", "--config.checkpoint_every=2", "--config.knn_every=3",
                    "--config.knn_train_examples=-1", "--config.knn_eval_examples=-1",
                    "--config.profile=True")
   assert code == 0, out

@@ -1,6 +1,7 @@
 r"""The pod rehearsal: a multi-host run on this machine, the faults a pod meets, and a table.
 
-    python -m sove_jax.rehearsal [--out=DIR] [--processes=4] [--devices_per_process=2]
+    python -m sove_jax.rehearsal [--out=DIR] [--processes=4] [--devices_per_process=2] \
+        [--faults=stop,hang,kill,input]
 
 Every process is `python -m sove_jax.main --config=configs/rehearsal.py` as on a pod's workers
 (jax.distributed over a localhost coordinator; CPU collectives over gloo), each with its own fake
@@ -20,7 +21,8 @@ bucket (gs://rehearsal/..., `fake_gcs`). Then:
    end.
 6. input failure: a new run in which one host's data folder holds only corrupt files: every host
    must stop after the same step, exit 1, that host naming its failure, the others naming it.
-The final checkpoint of 5 must equal 1's bit for bit (the checksums saved with every checkpoint:
+`--faults` leaves out 3 or 6 (1, 2, 4 and 5 always run). The final checkpoint of 5 must equal
+1's bit for bit (the checksums saved with every checkpoint:
 32-bit word sums of every array, the banks, optimizer state and random key included), though
 the hosts' input positions differ (one file of the set is corrupt) and were each restored.
 
@@ -208,9 +210,17 @@ def _steps(bucket_root: pathlib.Path, workdir: str) -> list[int]:
   return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
 
 
+FAULTS = ("stop", "hang", "kill", "input")
+
+
 def rehearse(out: pathlib.Path, *, processes: int = 4, devices: int = 2, images: int = 160,
-             steps: int = 24, timeout: float = 900, say=print) -> Report:
-  """Runs the four launches of the module docstring; returns the report (failures listed)."""
+             steps: int = 24, timeout: float = 900, faults=FAULTS, say=print) -> Report:
+  """Runs the launches of the module docstring; returns the report (failures listed). `faults`
+  picks which of 2 ("stop"), 3 ("hang"), 4 ("kill") and 6 ("input") run; the reference, the
+  restart to the end and the bitwise comparison always do, and need "stop" and "kill"."""
+  if set(faults) - set(FAULTS) or not {"stop", "kill"} <= set(faults):
+    raise ValueError(f"faults={','.join(faults)}: each must be one of {', '.join(FAULTS)}, and "
+                     "stop and kill are always needed (the restarts resume after them).")
   out.mkdir(parents=True, exist_ok=True)
   data = out / "data"
   if not (data / "train").exists():
@@ -265,33 +275,34 @@ def rehearse(out: pathlib.Path, *, processes: int = 4, devices: int = 2, images:
     stopped_at = min(saved) if saved else None
 
     # 3. Restart; SIGSTOP to one host (it hangs: alive, silent) after a few steps.
-    hung = 3 % processes
-    run = launch("restart, then SIGSTOP", faulted)
-    t0 = time.monotonic()
-    resumed = run.wait_until(lambda: any("resumed from step" in l for _, l in run.hosts[0].lines),
-                             timeout)
-    stop_at_step = (stopped_at or 0) + 2
-    stopped_time = None
-    if resumed and run.wait_until(lambda: run.step() >= stop_at_step, timeout):
-      run.hosts[hung].send(signal.SIGSTOP)
-      stopped_time = run.hosts[hung].signalled[1]
-    others_done = run.wait_until(
-        lambda: all(h.ended is not None for h in run.hosts if h.index != hung), timeout)
-    run.hosts[hung].proc.kill()  # the hung host is ended by hand, as an operator would
-    run.finish(60)
-    for h in run.hosts:
-      if h.index == hung:
-        report.row("SIGSTOP to a host (it hangs)", h,
-                   f"hung (SIGSTOP at step {stop_at_step}), then killed by the rehearsal", t0)
-        continue
-      line = h.last_line("Lost process", "ERROR", "stopped (")
-      report.row("SIGSTOP to a host (it hangs)", h, line or "?", stopped_time or t0)
-      report.expect(h.proc.returncode == 1 and f"Lost process {hung} " in line,
-                    f"process {h.index} did not exit 1 naming the hung process {hung} as lost")
-    bound = _bound()
-    slowest = max(((h.ended or 0) - (stopped_time or 0)) for h in run.hosts if h.index != hung)
-    report.expect(others_done and stopped_time is not None and slowest <= bound,
-                  f"the others took {slowest:.0f} s to exit after the hang (bound {bound:.0f} s)")
+    if "hang" in faults:
+      hung = 3 % processes
+      run = launch("restart, then SIGSTOP", faulted)
+      t0 = time.monotonic()
+      resumed = run.wait_until(lambda: any("resumed from step" in l for _, l in run.hosts[0].lines),
+                               timeout)
+      stop_at_step = (stopped_at or 0) + 2
+      stopped_time = None
+      if resumed and run.wait_until(lambda: run.step() >= stop_at_step, timeout):
+        run.hosts[hung].send(signal.SIGSTOP)
+        stopped_time = run.hosts[hung].signalled[1]
+      others_done = run.wait_until(
+          lambda: all(h.ended is not None for h in run.hosts if h.index != hung), timeout)
+      run.hosts[hung].proc.kill()  # the hung host is ended by hand, as an operator would
+      run.finish(60)
+      for h in run.hosts:
+        if h.index == hung:
+          report.row("SIGSTOP to a host (it hangs)", h,
+                     f"hung (SIGSTOP at step {stop_at_step}), then killed by the rehearsal", t0)
+          continue
+        line = h.last_line("Lost process", "ERROR", "stopped (")
+        report.row("SIGSTOP to a host (it hangs)", h, line or "?", stopped_time or t0)
+        report.expect(h.proc.returncode == 1 and f"Lost process {hung} " in line,
+                      f"process {h.index} did not exit 1 naming the hung process {hung} as lost")
+      bound = _bound()
+      slowest = max(((h.ended or 0) - (stopped_time or 0)) for h in run.hosts if h.index != hung)
+      report.expect(others_done and stopped_time is not None and slowest <= bound,
+                    f"the others took {slowest:.0f} s to exit after the hang (bound {bound:.0f} s)")
 
     # 4. Restart; SIGKILL to one host after a few steps.
     victim = 2 % processes
@@ -333,23 +344,24 @@ def rehearse(out: pathlib.Path, *, processes: int = 4, devices: int = 2, images:
                   f"the restart did not resume from the last complete checkpoint "
                   f"({checkpoints[-1:]})")
     # 6. One host's input yields nothing (its data folder's every file corrupt).
-    bad = 1 % processes
-    corrupt = out / "corrupt_data"
-    if not (corrupt / "train").exists():
-      write_jpegs(corrupt, images // processes, corrupt_all=True)
-    run = launch("input failure", f"gs://{BUCKET}/bad_input",
-                 {bad: [f"--config.data.data_dir={corrupt}"]})
-    t0 = time.monotonic()
-    finished = run.finish(timeout)
-    for h in run.hosts:
-      line = h.last_line("input of process", "Lost", "ERROR", "trained to step")
-      report.row(f"every file of process {bad}'s data corrupt", h, line or "?", t0)
-      mine = h.index == bad
-      report.expect(h.proc.returncode == 1 and (
-          f"The input of process {bad} failed: " in line if mine else
-          f"The input of process {bad} failed (its log says why)" in line),
-                    f"process {h.index} did not stop in one line naming process {bad}'s input")
-    report.expect(finished, "the input-failure launch did not end")
+    if "input" in faults:
+      bad = 1 % processes
+      corrupt = out / "corrupt_data"
+      if not (corrupt / "train").exists():
+        write_jpegs(corrupt, images // processes, corrupt_all=True)
+      run = launch("input failure", f"gs://{BUCKET}/bad_input",
+                   {bad: [f"--config.data.data_dir={corrupt}"]})
+      t0 = time.monotonic()
+      finished = run.finish(timeout)
+      for h in run.hosts:
+        line = h.last_line("input of process", "Lost", "ERROR", "trained to step")
+        report.row(f"every file of process {bad}'s data corrupt", h, line or "?", t0)
+        mine = h.index == bad
+        report.expect(h.proc.returncode == 1 and (
+            f"The input of process {bad} failed: " in line if mine else
+            f"The input of process {bad} failed (its log says why)" in line),
+                      f"process {h.index} did not stop in one line naming process {bad}'s input")
+      report.expect(finished, "the input-failure launch did not end")
   try:
     same = _checksums(bucket, reference, steps) == _checksums(bucket, faulted, steps)
   except OSError as e:
@@ -376,13 +388,16 @@ _DEVICES = flags.DEFINE_integer("devices_per_process", 2, "Fake CPU devices per 
 _STEPS = flags.DEFINE_integer("steps", 24, "Steps of the run.")
 _IMAGES = flags.DEFINE_integer("images", 160, "JPEGs in the synthetic set.")
 _TIMEOUT = flags.DEFINE_float("timeout", 900, "Longest wait for one launch, seconds.")
+_FAULTS = flags.DEFINE_list("faults", list(FAULTS), "Which faults to rehearse (stop and kill "
+                            "always; the test suite runs only those two).")
 
 
 def main(argv):
   del argv
   out = pathlib.Path(_OUT.value).absolute()
   report = rehearse(out, processes=_PROCESSES.value, devices=_DEVICES.value,
-                    images=_IMAGES.value, steps=_STEPS.value, timeout=_TIMEOUT.value)
+                    images=_IMAGES.value, steps=_STEPS.value, timeout=_TIMEOUT.value,
+                    faults=tuple(_FAULTS.value))
   table = report.table()
   (out / "table.md").write_text(table + "\n")
   print(table)
