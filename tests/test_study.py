@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from sove_jax import study as study_lib
-from sove_jax.study import analysis, records, runner as runner_lib, spec as spec_lib
+from sove_jax.study import analysis, runner as runner_lib, spec as spec_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

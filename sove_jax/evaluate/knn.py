@@ -15,7 +15,6 @@ record names as such.
     python -m sove_jax.evaluate.knn --workdir=runs/default [--dataset=tfds:imagenet2012] [--lowshot]
 """
 import functools
-import json
 
 import jax
 import jax.numpy as jnp

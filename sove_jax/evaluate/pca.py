@@ -19,7 +19,6 @@ Images are resized (shorter side, bicubic) and center-cropped to `image_size` (d
 the training crop), floored to whole token strides. The PNG goes to `--out` (default
 OUT_DIR/pca.png), the explained variance to OUT_DIR/pca.json.
 """
-import json
 
 import jax
 import numpy as np

@@ -35,7 +35,6 @@ can run code.
 Results go to OUT_DIR/retrieval_<dataset>.json.
 """
 import functools
-import json
 import pickle
 
 import math

@@ -32,7 +32,6 @@ With `--output_dir`, the predicted masks are written as indexed PNGs in the layo
 official davis2017-evaluation reads. Results go to OUT_DIR/video.json.
 """
 import functools
-import json
 import logging
 import math
 
