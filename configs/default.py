@@ -156,6 +156,9 @@ def get_config():
   s.class_weight = 1.0        # lambda_1 ([CLS] loss); 0: MIM only, nothing of it is computed
   s.patch_weight = 1.0        # lambda_2 (MIM loss); 0: [CLS] only, no patch head or patch bank
   s.judge_chunk = 1024        # anchors per chunk of the anchor-by-bank similarity
+  s.koleo_weight = 0.0        # KoLeo uniformity term on the student's global-view embeddings
+                              # (objective.koleo_loss_per_example; the authors' code:
+                              # koleo_loss_weight, default 0); 0: off, nothing computed
 
   # --- baseline: DINO's and iBOT's objective (config.method "dino" | "ibot"; sove_jax/prototypes.py)
   # Their papers' values in brackets (DINO / iBOT ViT-S/16); here scaled to this run's length.

@@ -379,6 +379,10 @@ def validate_sove(sove_config, *, global_batch_size: int, num_devices: int):
            f"sove.judge_chunk={s.judge_chunk} must be a positive multiple of the {num_devices} "
            "devices (each device searches a share of every chunk of anchors).")
   _loss_weights(s, "sove")
+  koleo = s.get("koleo_weight", 0.0)
+  _require(koleo >= 0, f"sove.koleo_weight={koleo} must be >= 0 (0 turns KoLeo off).")
+  _require(koleo == 0 or b >= 2, f"sove.koleo_weight={koleo} needs batch_size >= 2: each "
+           f"embedding's nearest neighbor is another image's (batch_size={b}).")
 
 
 def validate_baseline(baseline_config, *, method: str):

@@ -35,6 +35,7 @@ __all__ = [
     "class_loss_per_example",
     "patch_loss",
     "patch_loss_per_example",
+    "koleo_loss_per_example",
 ]
 
 _LABELS = ("soft", "onehot")
@@ -581,3 +582,35 @@ def patch_loss(student_log_probs: jax.Array, teacher_probs: jax.Array,
                mask: jax.Array) -> jax.Array:
   """Paper eq. 4 (docs/method.md §7) for one task: the batch mean of `patch_loss_per_example`."""
   return jnp.mean(patch_loss_per_example(student_log_probs, teacher_probs, mask))
+
+
+def koleo_loss_per_example(embeddings: jax.Array, eps: float = 1e-8) -> jax.Array:
+  """The KoLeo uniformity term per image (Sablayrolles et al., 2019, "Spreading vectors for
+  similarity search"; DINOv2's KoLeo, the authors' `koleo_loss_weight`): minus the log distance
+  from each L2-normalized embedding to its nearest other embedding of the same view, averaged
+  over the views. [B].
+
+  It is the Kozachenko-Leonenko entropy estimate's data term: lowering it spreads the batch over
+  the sphere, against embeddings that crowd into a narrow cone. Each view's batch is one set (the
+  authors: each global view's chunk of the batch; here the global batch, whatever the devices).
+  The neighbor is chosen without gradient and the distance differentiated at both ends, as
+  DINOv2's; a distance below `eps` counts as `eps` and passes no gradient (a repeated embedding
+  gives -log(2 eps), not an infinite gradient).
+
+  Args:
+    embeddings: [V, B, d], B >= 2 (normalized here; unit vectors pass unchanged).
+    eps: floor of the norms and the distances.
+  """
+  _check_rank("embeddings", embeddings, 3, "[V, B, d]")
+  if jnp.shape(embeddings)[1] < 2:
+    raise ValueError(f"embeddings has shape {jnp.shape(embeddings)}: KoLeo needs B >= 2 images "
+                     "per view (a nearest neighbor)")
+  x = jnp.asarray(embeddings, jnp.float32)
+  x = x / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True)), eps)
+  sim = jnp.einsum("vbd,vcd->vbc", x, x, precision=lax.Precision.HIGHEST)
+  batch = x.shape[1]
+  sim = jnp.where(jnp.eye(batch, dtype=bool), -jnp.inf, lax.stop_gradient(sim))
+  neighbor = jnp.take_along_axis(x, jnp.argmax(sim, axis=-1)[..., None], axis=1)   # [V, B, d]
+  squared = jnp.sum(jnp.square(x - neighbor), axis=-1)
+  distance = jnp.sqrt(jnp.maximum(squared, eps * eps))
+  return -jnp.mean(jnp.log(distance + eps), axis=0)

@@ -170,6 +170,9 @@ class SoveParts:
                                                               mask_by_view)
       patch_per_example /= len(patch_tasks)
       losses["patch_loss"] = (s.patch_weight, jnp.mean(patch_per_example))
+    if s.get("koleo_weight", 0.0) > 0:   # uniformity of the student's global-view embeddings
+      losses["koleo_loss"] = (s.koleo_weight, jnp.mean(
+          objective.koleo_loss_per_example(student_cls[:num_global])))
     return losses, aux
 
   def updates(self, updates, step_number):
