@@ -136,7 +136,7 @@ def get_config():
   # LayerNorm); the linear probe's default for "mean_patch" is "cls_meanpatch".
   m.global_pool = "cls"
 
-  # --- sove: the objective (sove_jax/objective.py, docs/method.md §2-§7) ------------------------
+  # --- sove: the objective (sove_jax/objective/, docs/method.md §2-§7) ------------------------
   c.sove = s = ml_collections.ConfigDict()
   s.class_bank_size = 4096    # M_c (paper 65536)
   s.patch_bank_size = 2048    # M_p (paper 8192)

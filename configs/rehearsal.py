@@ -21,7 +21,6 @@ def get_config():
   c = vits.imagenet(default.get_config())
   c.batch_size = 32                  # 4 per device on 4 processes x 2 devices
   c.total_steps = 24
-  c.seed = 0
   d = c.data
   d.source, d.name, d.data_dir = "folder", "", ""
   d.train_split, d.eval_split = "train", "train"

@@ -405,12 +405,6 @@ def validate_baseline(baseline_config, *, method: str):
 
 # --- run control ---------------------------------------------------------------------------------
 
-# Fields that belong to one launch, not to the run: a restart may change them freely.
-# Fields of one launch, not of the run: a restart may change them without --allow_config_change
-# (a field ending in "." names a whole block).
-PER_LAUNCH = ("run_steps", "profile", "prefetch_to_device", "keep_period", "hosts.")
-
-
 def validate_run_control(config):
   """Length, cadences, checkpoints and the k-NN monitor: values that would silently do
   something else are refused."""
@@ -464,53 +458,3 @@ def validate_schedule(config, *, steps_per_epoch: int, total_steps: int):
            f"sove.teacher_temp_warmup_epochs={config.sove.teacher_temp_warmup_epochs} is "
            f"{temp_warmup} steps, longer than the run's {total_steps}: the teacher temperature "
            "would never reach sove.teacher_temp.")
-
-
-def _flat(config, prefix="") -> dict:
-  out = {}
-  for key, value in config.items():
-    if hasattr(value, "items"):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[prefix + key] = _plain(value)
-  return out
-
-
-def _plain(value):
-  """Lists and tuples compare alike (JSON stores tuples as lists)."""
-  return tuple(_plain(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
-
-
-def with_new_fields(stored, default=None):
-  """`stored` (a run's config.json) with every field it lacks taken from the default config:
-  fields added to the code since the run started. A new field's default keeps the behaviour
-  the code had before it existed (the project's rule), so a run started before it resumes
-  unchanged instead of being refused as "configured otherwise"."""
-  if default is None:
-    if not DEFAULT_CONFIG.is_file():
-      return stored
-    default = load(str(DEFAULT_CONFIG))
-  out = stored.copy_and_resolve_references()
-  for field, value in _flat(default).items():
-    try:
-      get_field(out, field)
-    except KeyError:
-      set_field(out, field, get_field(default, field), create=True)
-  return out
-
-
-def changed_fields(old, new, *, ignore=PER_LAUNCH) -> dict:
-  """{dotted field: (old value, new value)} where two configs differ (None: absent)."""
-  a, b = _flat(old), _flat(new)
-  def ignored(k):
-    return k in ignore or any(i.endswith(".") and k.startswith(i) for i in ignore)
-  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-          if not ignored(k) and a.get(k) != b.get(k)}
-
-
-def describe_changes(changes: dict) -> str:
-  """`model.width 32 -> 64, batch_size 16 -> 32`."""
-  return ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())

@@ -268,7 +268,7 @@ def lost_line(lost: list[int] | None, said: dict, process_index: int, cause: str
     return (f"Lost process 0: the coordination service it hosts does not answer; on process "
             f"{process_index}: {cause}; {restart}")
   if not lost:
-    return (f"No process is lost (all answered: " + "; ".join(
+    return ("No process is lost (all answered: " + "; ".join(
         f"{p} {said[p]}" for p in sorted(said)) + f"); on process {process_index}: {cause}; "
         + restart)
   names = ", ".join(map(str, lost))

@@ -13,12 +13,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
 
-from sove_jax import checkpoint, configuration, hosts, optim, reporting, sharding
+from sove_jax import checkpoint, configuration, continuation, hosts, optim, reporting, sharding
 from sove_jax import feed as feed_lib
 from sove_jax import state as state_lib
 from sove_jax import step as step_lib
@@ -165,95 +164,6 @@ def _largest_parameter(params):
   return jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree.leaves(params)]))
 
 
-# --- a run's workdir: what is there, and whether this config may continue it ---------------------
-
-
-def _state_signature(config):
-  """The train state's tree structure and every leaf's (shape, dtype): what a checkpoint must
-  match to be restored under `config`."""
-  leaves, treedef = jax.tree.flatten(state_lib.abstract(config))
-  return treedef, [(x.shape, x.dtype) for x in leaves]
-
-
-def _unrestorable(stored, config, changes: dict) -> list:
-  """The changed fields that alter the train state's structure or shapes (so the checkpoints
-  cannot be restored), each tried on its own on the stored config."""
-  reference = _state_signature(stored)
-  fields = []
-  for field in changes:
-    trial = ml_collections.ConfigDict(stored.to_dict())
-    try:
-      configuration.set_field(trial, field, configuration.get_field(config, field),
-                              create=True, check_type=False)
-      same = _state_signature(trial) == reference
-    except Exception:  # noqa: BLE001  a field that breaks the state on its own changes it
-      same = False
-    if not same:
-      fields.append(field)
-  if not fields and _state_signature(config) != reference:
-    fields = list(changes)
-  return fields
-
-
-def _check_continuation(config, workdir, *, allow_config_change: bool):
-  """Compares `config` with the run already in `workdir` (before anything is written) and
-  returns the accepted changes ({} for a new run or the same config). Raises ConfigError for a
-  change the checkpoints cannot be restored under, and for any other change unless
-  `allow_config_change`."""
-  wd = checkpoint.workdir_path(workdir)
-  if not (wd / checkpoint.CONFIG_FILE).exists():
-    return {}
-  stored = configuration.with_new_fields(checkpoint.read_config(wd))
-  changes = configuration.changed_fields(stored, config)
-  if not changes:
-    return {}
-  steps = checkpoint.checkpoint_steps(wd)
-  if not steps:
-    if not allow_config_change:
-      raise configuration.ConfigError(
-          f"{wd} holds a run configured otherwise ({configuration.describe_changes(changes)}) "
-          "but no checkpoint: pass --allow_config_change to start it anew with this config "
-          "(the old config.json is kept), or use another --workdir.")
-    return changes
-  fixed = _unrestorable(stored, config, changes)
-  if fixed:
-    shown = {k: changes[k] for k in fixed}
-    raise configuration.ConfigError(
-        f"The checkpoints in {wd} cannot be restored under this config: "
-        f"{configuration.describe_changes(shown)} change the train state; use another "
-        "--workdir, or drop those overrides.")
-  if not allow_config_change:
-    raise configuration.ConfigError(
-        f"This config differs from the run's in {wd}: {configuration.describe_changes(changes)}"
-        "; its checkpoints can continue under it: pass --allow_config_change to do so (the "
-        f"change is recorded in {checkpoint.CHANGES_FILE}), or use another --workdir.")
-  return changes
-
-
-def _nonfinite_report(step: int, ckpt) -> str:
-  """What a non-finite step leaves: which checkpoints exist and how large their parameters
-  are, where a restart resumes, and how to resume from an earlier step."""
-  try:
-    ckpt.wait()
-    steps = ckpt.all_steps()
-  except checkpoint.CheckpointError:
-    steps = checkpoint.checkpoint_steps(ckpt.workdir)
-  line = f"Non-finite loss or gradient at step {step}: the run stops. "
-  if not steps:
-    return line + "No checkpoint was saved before it: a restart begins a new run."
-
-  def described(s):
-    largest = checkpoint.saved_notes(ckpt.workdir, s).get("largest_parameter")
-    return f"step {s}" + ("" if largest is None else f" (parameters up to {largest:.3g})")
-
-  line += (f"Checkpoints in {ckpt.directory}: {', '.join(map(described, reversed(steps)))}; "
-           f"a restart resumes from step {steps[-1]}")
-  if len(steps) > 1:
-    line += (f"; to resume from an earlier one, restart with --restore_step={steps[-2]} (later "
-             "ones are set aside, not deleted)")
-  return line + "."
-
-
 def train_and_evaluate(config, workdir: str, *, restore_step: int | None = None,
                        allow_config_change: bool = False) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the last logged metrics.
@@ -281,7 +191,7 @@ def _train(config, workdir, signals: hosts.StopSignals, watchdog: hosts.Watchdog
            restore_step: int | None, allow_config_change: bool) -> dict:
   multi = jax.process_count() > 1
   mesh = validated_mesh(config)
-  changes = _check_continuation(config, workdir, allow_config_change=allow_config_change)
+  changes = continuation.check(config, workdir, allow_config_change=allow_config_change)
   from clu import periodic_actions
 
   from sove_jax.data import pipeline  # TensorFlow enters the process here, host side only
@@ -311,7 +221,7 @@ def _train(config, workdir, signals: hosts.StopSignals, watchdog: hosts.Watchdog
       if changes:
         kept = wd / checkpoint.SET_ASIDE / f"config.{int(time.time())}.json"
         reporting.say(f"new run in {wd} with another config "
-                      f"({configuration.describe_changes(changes)}); the previous config.json "
+                      f"({continuation.describe_changes(changes)}); the previous config.json "
                       f"is kept as {kept}")
         if jax.process_index() == 0:
           kept.parent.mkdir(parents=True, exist_ok=True)
@@ -334,7 +244,7 @@ def _train(config, workdir, signals: hosts.StopSignals, watchdog: hosts.Watchdog
       if changes:
         checkpoint.record_config_change(wd, restored.step, changes)
         reporting.say(f"continuing step {restored.step} with a changed config: "
-                      f"{configuration.describe_changes(changes)} (recorded in "
+                      f"{continuation.describe_changes(changes)} (recorded in "
                       f"{wd / checkpoint.CHANGES_FILE})")
       if multi:  # every process, with its own input position (each has its own stream)
         logging.info("resumed from step %d of %d; process %d's input at %s", restored.step,
@@ -449,7 +359,7 @@ def _train(config, workdir, signals: hosts.StopSignals, watchdog: hosts.Watchdog
     ckpt.wait()
     return last
   except NonFiniteLoss as e:
-    raise NonFiniteLoss(_nonfinite_report(e.args[0], ckpt)) from None
+    raise NonFiniteLoss(continuation.nonfinite_report(e.args[0], ckpt)) from None
   except (hosts.RunStopped, configuration.ConfigError):
     raise  # every process stops alike, each with its line
   except BaseException as e:

@@ -389,14 +389,14 @@ def test_a_run_started_before_a_field_existed_resumes_under_its_default(tmp_path
   """config.json written before a field was added lacks it: the field's default (the old
   behaviour) fills it, and the restart is not refused as "configured otherwise"."""
   from configs import smoke
-  from sove_jax import checkpoint, configuration
+  from sove_jax import checkpoint, continuation
   config = smoke.get_config()
   checkpoint.write_config(config, tmp_path)
   stored = json.loads((tmp_path / "config.json").read_text())
   del stored["data"]["mask_prob"], stored["hosts"]
   (tmp_path / "config.json").write_text(json.dumps(stored))
   old = checkpoint.read_config(tmp_path)
-  assert configuration.changed_fields(old, config, ignore=()) != {}
-  filled = configuration.with_new_fields(old)
+  assert continuation.changed_fields(old, config, ignore=()) != {}
+  filled = continuation.with_new_fields(old)
   assert filled.data.mask_prob == 1.0 and filled.hosts.stall_timeout_s > 0
-  assert configuration.changed_fields(filled, config) == {}
+  assert continuation.changed_fields(filled, config) == {}

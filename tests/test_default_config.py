@@ -8,7 +8,7 @@ import re
 import jax
 
 from configs import default
-from sove_jax import configuration, sharding, state as state_lib, train
+from sove_jax import continuation, sharding, state as state_lib, train
 
 FASHION_MNIST_TRAIN = 60_000
 
@@ -58,5 +58,5 @@ def test_study_config_is_the_default_at_the_studys_budget():
   value = lambda c, field: functools.reduce(getattr, field.split("."), c)
   for field in schedules:
     assert value(half, field) == value(full, field) / 2, field
-  changed = configuration.changed_fields(full, half, ignore=())
+  changed = continuation.changed_fields(full, half, ignore=())
   assert set(changed) <= set(schedules) | {"knn_every", "num_epochs", "data.num_local"}, changed

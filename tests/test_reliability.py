@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from sove_jax import checkpoint, configuration, reporting, sharding, state as state_lib, train
+from sove_jax import checkpoint, configuration, continuation, reporting, sharding, train
+from sove_jax import state as state_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = "--config=configs/smoke.py"
@@ -244,7 +245,7 @@ def test_restart_with_another_config_is_compared_before_anything_is_written(trai
   assert checkpoint.checkpoint_steps(workdir)[-1] == 6
   again = smoke.get_config()  # the changed config is now the run's: a restart asks nothing
   again.update(checkpoint_every=1, keep_checkpoints=10, total_steps=6)
-  assert configuration.changed_fields(checkpoint.read_config(workdir), again) == {}
+  assert continuation.changed_fields(checkpoint.read_config(workdir), again) == {}
 
 
 # --- 4. after a non-finite loss -------------------------------------------------------------------
