@@ -6,6 +6,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from configs import smoke
 from sove_jax import sharding, train
@@ -15,6 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import train_step  # noqa: E402  (benchmarks/train_step.py)
 
 
+@pytest.mark.slow
 def test_gpu_mode_runs_the_step_with_device_views_on_synthetic_canvases():
   c = smoke.get_config()
   # A decoded source (as ImageNet's): the benchmark reads no data, only the batch's shapes.

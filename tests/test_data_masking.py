@@ -216,6 +216,7 @@ def _reference(grid, ratio, var, wrong=None):
                    for _ in range(SAMPLES)])
 
 
+@pytest.mark.slow
 @WHERE
 @pytest.mark.parametrize("grid,ratio,var,wrong_rules", CASES)
 def test_block_masks_follow_the_authors_rule(where, grid, ratio, var, wrong_rules):
@@ -328,6 +329,7 @@ def test_mask_probability_and_start_are_checked():
     configuration.validate_data(c.data, patch_size=7, global_batch_size=8)
 
 
+@pytest.mark.slow
 def test_the_training_input_masks_crops_as_the_config_says():
   """data.mask_prob and data.mask_start_epoch reach both generators: the host pipeline's
   batches (no crop masked in epoch 0, about half of them after) and the device's recipe."""

@@ -91,6 +91,7 @@ def test_no_local_crops_and_random_masks():
   np.testing.assert_array_equal(b["mask"].sum(-1), 8)
 
 
+@pytest.mark.slow
 def test_the_same_seed_gives_the_same_batches():
   src = _arrays()
   # The same stream on any number of threads.
@@ -102,6 +103,7 @@ def test_the_same_seed_gives_the_same_batches():
     assert not np.array_equal(x["label"], z["label"]) and not np.allclose(x["global"], z["global"])
 
 
+@pytest.mark.slow
 def test_a_restored_input_continues_the_stream():
   src = _arrays()
   train = _train(src)  # 5 steps per epoch
@@ -119,6 +121,7 @@ def test_a_restored_input_continues_the_stream():
   assert train.get_state() == {"epoch": 1, "position": 16, "process_count": 1}
 
 
+@pytest.mark.slow
 def test_two_processes_read_disjoint_examples_that_cover_the_split():
   src = _arrays(n=41)  # 41 // 2 = 20 each; one example waits for the next epoch's order
   seen = []
@@ -159,6 +162,7 @@ def test_eval_yields_every_example_exactly_once_over_processes():
   np.testing.assert_array_equal(np.concatenate([x["label"][x["valid"]] for x in ev]), np.arange(10))
 
 
+@pytest.mark.slow
 def test_a_folder_with_a_corrupt_image_trains_on_the_rest_and_reports_it(tmp_path, caplog):
   rng = np.random.default_rng(2)
   images = rng.integers(0, 256, (7, 20, 24, 3), dtype=np.uint8)
@@ -295,6 +299,7 @@ def test_device_mode_fits_each_image_into_its_canvas_and_keeps_its_true_size(tmp
       assert np.abs(canvas[:h, :w] - aa).mean() < 2.0, label
 
 
+@pytest.mark.slow
 def test_device_mode_from_memory_sends_indices_the_device_gathers_from_resident_images():
   """An in-memory source sends only indices and labels (the same examples as the host mode; the
   step draws the masks); its images are placed on the devices once, whole on each."""
@@ -323,6 +328,7 @@ def _same_batches(got, want):
     np.testing.assert_array_equal(got[k], want[k])
 
 
+@pytest.mark.slow
 def test_each_process_continues_its_own_stream_from_the_merged_state(tmp_path):
   """Two processes; an image that process 1 reads early does not decode, so its position runs
   one ahead of process 0's. Restored from the merged state, each continues exactly."""

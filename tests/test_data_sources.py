@@ -69,6 +69,7 @@ def test_image_folder_labels_come_from_sorted_class_names(tmp_path):
   assert sources.image_folder(str(tmp_path), "val").labels.tolist() == [2]
 
 
+@pytest.mark.slow
 def test_tfds_dataset_by_name_feeds_train_and_eval(tmp_path):
   import tensorflow_datasets as tfds
   d = default.get_config().data

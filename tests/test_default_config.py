@@ -6,6 +6,7 @@ import functools
 import re
 
 import jax
+import pytest
 
 from configs import default
 from sove_jax import continuation, sharding, state as state_lib, train
@@ -26,6 +27,7 @@ def test_default_steps_are_the_docstrings():
   assert train.total_steps(config, FASHION_MNIST_TRAIN // config.batch_size) == steps
 
 
+@pytest.mark.slow
 def test_default_step_flops_per_image_are_the_docstrings():
   (gflop,) = _stated(r"([\d.]+) GFLOP per image")
   config = default.get_config()

@@ -539,6 +539,7 @@ def test_the_papers_probe_reads_fresh_random_resized_crops(tmp_path, monkeypatch
   assert set(results["per_lr"]) == {0.01, 1.0} and 0 <= results["top1"] <= 100
 
 
+@pytest.mark.slow
 def test_random_init_baseline_is_the_runs_first_teacher():
   """The random-init baseline is the teacher a run with that config starts from (same seed,
   before any step), and another seed gives another network."""

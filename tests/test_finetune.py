@@ -436,6 +436,7 @@ def test_random_erasing_is_timms_pixel_mode():
   assert abs(values.std() - 1.0) < 0.05
 
 
+@pytest.mark.slow
 def test_fine_tuning_input_applies_randaugment_then_erasing():
   """The labeled input's crops go through RandAugment (before normalizing) and random erasing
   (after) when it is given them, deterministically per seed; without them, as before."""

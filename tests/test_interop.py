@@ -488,6 +488,7 @@ def _layouts(teacher, student):
   }
 
 
+@pytest.mark.slow
 @needs_torch
 def test_released_weights_load_in_every_official_layout(tmp_path):
   """DINO's, iBOT's and the authors' files, .pth and .safetensors: the backbone of the chosen
@@ -536,6 +537,7 @@ def test_released_weights_load_in_every_official_layout(tmp_path):
     released.load_released(str(tmp_path / "t.safetensors"), arch="vit_small")
 
 
+@pytest.mark.slow
 @needs_torch
 def test_released_weights_are_evaluated_like_a_workdir(tmp_path):
   """`--weights=FILE --arch` through the spine: k-NN of the released teacher on made data, the

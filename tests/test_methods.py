@@ -65,6 +65,7 @@ def _assert_adam_close(a, b, *, lr, steps, rtol=2e-4, atol=2e-5):
 # ------------------------------------------------------------------------- DINO and iBOT
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dino", "ibot"])
 def test_baseline_steps(method):
   """Four steps of one batch, the teacher held (EMA momentum 1) so its targets stay put: on one
@@ -167,6 +168,7 @@ def _poisoned(batch, state, *, local=False, class_bank=False, patch_bank=False):
       patch_bank=nan_bank(state.patch_bank) if patch_bank else state.patch_bank)
 
 
+@pytest.mark.slow
 def test_a_zero_weight_loss_is_not_computed():
   """NaN inputs of a loss reach the full step's loss; with that loss's weight at 0 they reach
   nothing: MIM only runs no local crops and no class judges, [CLS] only no patch judges and no
@@ -231,6 +233,7 @@ def test_judge_switches_shape_the_judges():
   np.testing.assert_array_equal(cls_onehot[0].vectors, cls_judges[0].vectors)
 
 
+@pytest.mark.slow
 def test_mean_patch_representation_feeds_the_class_bank_and_the_knn_features():
   """With model.global_pool="mean_patch" the class bank takes the teacher head's embedding of
   the mean patch token of view 2; the [CLS] loss compares those embeddings (the step's
@@ -331,6 +334,7 @@ def test_baseline_schedules():
   np.testing.assert_allclose(float(s.teacher_temp(0)), config.sove.teacher_temp_warmup)
 
 
+@pytest.mark.slow
 def test_ibot_run_end_to_end_with_the_mean_patch_representation(tmp_path):
   """Train two iBOT steps on Fashion-MNIST with the k-NN monitor on the mean patch token, then
   load the checkpoint's backbone as the evaluation CLIs do: the prototype head's state

@@ -186,6 +186,7 @@ def test_clipping_a_scan_model_equals_clipping_the_loop_model():
   assert mixed >= 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("clip_mode", ["per_tensor", "global"])
 def test_optimizer_step_on_a_scan_model_equals_the_loop_model(clip_mode):
   """Clipping, Adam and weight decay together: the scan layout's update is the loop layout's,

@@ -112,6 +112,7 @@ def _run_until_step(workdir, step, *args, limit=300):
 
 # --- 1. keep_checkpoints=0 ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_keep_checkpoints_zero_is_refused_and_one_keeps_the_final_checkpoint(tmp_path):
   config = smoke.get_config()
   config.keep_checkpoints = 0
@@ -128,6 +129,7 @@ def test_keep_checkpoints_zero_is_refused_and_one_keeps_the_final_checkpoint(tmp
 
 # --- 2. a save that fails -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_checkpoint_directory_removed_during_the_run_stops_it_in_seconds(tmp_path):
   """The checkpoints folder is taken away and a file put in its place while the run saves every
   step: one line naming the folder and the cause, exit code 1, within seconds."""
@@ -172,6 +174,7 @@ def _can_mount(tmp_path) -> bool:
   return ok
 
 
+@pytest.mark.slow
 def test_read_only_checkpoint_disk_keeps_the_last_complete_checkpoint(tmp_path):
   """Orbax's own save hits a read-only disk (a bind mount, turned read-only just before the save
   of step 4): one line naming the folder and the cause, exit code 1 in seconds (not Orbax's
@@ -195,6 +198,7 @@ def test_read_only_checkpoint_disk_keeps_the_last_complete_checkpoint(tmp_path):
 
 # --- 3. a restart with another config -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_run_on_a_workdir_in_use_is_refused_in_one_line(tmp_path):
   """Two runs started on one workdir would interleave their metrics and checkpoints: the second
   is refused, naming the first; the lock goes with the process that held it."""
@@ -220,6 +224,7 @@ def test_a_second_run_on_a_workdir_in_use_is_refused_in_one_line(tmp_path):
   checkpoint.hold_workdir(workdir)   # the same process again (an in-process resume): it holds it
 
 
+@pytest.mark.slow
 def test_restart_with_another_config_is_compared_before_anything_is_written(trained, tmp_path):
   workdir = _copy(trained, tmp_path)
   original = (workdir / "config.json").read_bytes()
@@ -269,6 +274,7 @@ def _poisoned_run(monkeypatch, workdir, at_step, **fields):
   return str(failure.value)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_says_what_the_checkpoints_hold(tmp_path, monkeypatch):
   message = _poisoned_run(monkeypatch, tmp_path / "a", 3, checkpoint_every=1, keep_checkpoints=10)
   assert "Non-finite loss or gradient at step 3" in message
@@ -285,6 +291,7 @@ def test_non_finite_loss_says_what_the_checkpoints_hold(tmp_path, monkeypatch):
   assert checkpoint.checkpoint_steps(tmp_path / "b") == []
 
 
+@pytest.mark.slow
 def test_restore_step_resumes_from_an_earlier_checkpoint(trained, tmp_path):
   """--restore_step=2: later checkpoints set aside (not deleted), steps 3 and 4 taken again to
   the same state, and each step logged once in metrics.jsonl."""
@@ -345,13 +352,20 @@ def test_schedules_longer_than_the_run_are_config_errors(caplog):
   assert "k=20 exceeds the 8 train features" in caplog.text
 
 
+@pytest.mark.slow
 def test_main_refuses_a_typo_and_a_warmup_longer_than_the_run_in_one_line(tmp_path):
+  """The training command's exit path, in real processes: a typo in an override and a bad value
+  end in one line and exit code 1 before anything compiles or is written; --verbose shows the
+  traceback."""
   code, out, _ = _main(tmp_path / "w", "--config.optim.wramup_epochs=1")
   _one_line_failure(code, out, "--config.optim.wramup_epochs", "no field 'wramup_epochs'",
                     'did you mean "warmup_epochs"')
-  code, out, seconds = _main(tmp_path / "w", "--config.optim.warmup_epochs=1.0")
-  _one_line_failure(code, out, "optim.warmup_epochs=1.0 is 3750 steps")
+  code, out, _ = _main(tmp_path / "w", "--config.model.patch_size=0", "--verbose")
+  assert code == 1 and "Traceback" in out and "model.patch_size=0 must be > 0" in out
   assert "compiled the train step" not in out and not (tmp_path / "w").exists()
+  _fails_in_one_line(tmp_path / "w", "optim.warmup_epochs=1.0 is 3750 steps",
+                     optim__warmup_epochs=1.0)
+  assert not (tmp_path / "w").exists()
 
 
 # --- 6. a corrupt latest checkpoint ----------------------------------------------------------------
@@ -397,6 +411,7 @@ CORRUPTIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
 def test_corrupt_latest_checkpoint_falls_back_with_a_warning(trained, tmp_path, corruption,
                                                              caplog):
@@ -422,6 +437,7 @@ def test_no_readable_checkpoint_is_one_sentence_naming_the_files(trained, tmp_pa
     _restore(workdir)
 
 
+@pytest.mark.slow
 def test_training_resumes_past_a_corrupt_checkpoint_and_sets_it_aside(trained, tmp_path):
   workdir = _copy(trained, tmp_path)
   _flip_stored_array(workdir / "checkpoints" / "4" / "state")
@@ -435,27 +451,38 @@ def test_training_resumes_past_a_corrupt_checkpoint_and_sets_it_aside(trained, t
 
 # --- 7. every command's expected failures: one line, exit code 1 -----------------------------------
 
+def _fails_in_one_line(workdir, *words, **fields):
+  """The smoke run under `fields` (dotted) stops before training with an expected error whose
+  line (`reporting.error_line`, what the command prints) holds `words`. In process: the
+  command's own exit path (code 1, no traceback) is tested once, by the typo test below."""
+  config = smoke.get_config()
+  for field, value in fields.items():
+    configuration.set_field(config, field.replace("__", "."), value)
+  with pytest.raises(reporting.expected_errors()) as failure:
+    train.train_and_evaluate(config, str(workdir))
+  line = reporting.error_line(failure.value)
+  assert "\n" not in line, line
+  for word in words:
+    assert word in line, line
+  return line
+
+
 def test_main_fails_in_one_line_on_data_and_workdir_mistakes(tmp_path):
   empty = tmp_path / "empty"
   (empty / "train").mkdir(parents=True)
   blocker = tmp_path / "a_file"
   blocker.write_text("x")
-  cases = [
-      (("--config.data.data_dir=/nonexistent/fmnist",), "Fashion-MNIST directory not found"),
-      (("--config.data.source=folder", f"--config.data.data_dir={empty}"),
-       "holds no .jpg/.jpeg/.png files"),
-      (("--config.data.source=tfds", "--config.data.name=no_such_dataset_xyz",
-        f"--config.data.data_dir={tmp_path}"), "Unknown TFDS dataset 'no_such_dataset_xyz'"),
-  ]
-  for args, words in cases:
-    code, out, _ = _main(tmp_path / "w", *args)
-    _one_line_failure(code, out, words)
-  code, out, _ = _main(blocker / "w")
-  _one_line_failure(code, out, f"Cannot write to {blocker / 'w'}")
-  code, out, _ = _main(tmp_path / "w", "--config.model.patch_size=0", "--verbose")
-  assert code == 1 and "Traceback" in out and "model.patch_size=0 must be > 0" in out
+  _fails_in_one_line(tmp_path / "w", "Fashion-MNIST directory not found",
+                     data__data_dir="/nonexistent/fmnist")
+  _fails_in_one_line(tmp_path / "w", "holds no .jpg/.jpeg/.png files",
+                     data__source="folder", data__data_dir=str(empty))
+  _fails_in_one_line(tmp_path / "w", "Unknown TFDS dataset 'no_such_dataset_xyz'",
+                     data__source="tfds", data__name="no_such_dataset_xyz",
+                     data__data_dir=str(tmp_path))
+  _fails_in_one_line(blocker / "w", f"Cannot write to {blocker / 'w'}")
 
 
+@pytest.mark.slow
 def test_evaluation_commands_fail_in_one_line_without_a_run(tmp_path, trained):
   missing = tmp_path / "missing"
   no_checkpoints = tmp_path / "no_checkpoints"
@@ -479,6 +506,7 @@ def test_evaluation_commands_fail_in_one_line_without_a_run(tmp_path, trained):
   assert not (no_checkpoints / "checkpoints").exists()  # evaluation creates nothing
 
 
+@pytest.mark.slow
 def test_weight_commands_fail_in_one_line(tmp_path, trained):
   module = "sove_jax.interop.torch_weights"
   code, out, _ = _run(module, "export", f"--workdir={tmp_path / 'missing'}",
@@ -498,6 +526,7 @@ def test_weight_commands_fail_in_one_line(tmp_path, trained):
 
 # --- 8. records --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigkill_and_resume_log_each_step_once(tmp_path):
   """A run killed (SIGKILL) with an asynchronous save in flight and steps logged that its last
   complete checkpoint does not hold: the restart resumes from the last complete checkpoint, takes
@@ -521,6 +550,7 @@ def test_sigkill_and_resume_log_each_step_once(tmp_path):
 
 # --- issue: a workdir in a bucket ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_gs_workdir_trains_resumes_and_evaluates_on_a_fake_bucket(tmp_path):
   """--workdir=gs://bucket/run end to end: Orbax's arrays through tensorstore's GCS driver,
   everything else through epath, to a fake bucket (sove_jax/rehearsal/fake_gcs.py); nothing is

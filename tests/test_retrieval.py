@@ -199,6 +199,7 @@ def test_multiscale_resizes_the_whole_image_as_torch_interpolate():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_multiscale_descriptor_averages_the_cls_of_the_rescaled_whole_image():
   model = vit.ViT(width=16, depth=1, num_heads=2, patch_size=8, image_size=16,
                   dtype=jnp.float32, rngs=nnx.Rngs(0))

@@ -339,6 +339,7 @@ def test_a_stage_added_later_runs_on_finished_runs_only(fake):
   assert "| B | 2/2 | 60.50 ± 0.71 | 65.50 ± 0.71 | 65.00 |" in md, md
 
 
+@pytest.mark.slow
 def test_undecided_claims_get_more_seeds(fake):
   """A > D by 10 points is decided at 3 seeds; C against D (equal) is not, so both get seeds 3
   and 4 (and the report's A > D uses D's 5); the report marks each claim."""
@@ -386,6 +387,7 @@ def test_tables_hold_mean_and_sample_std_per_group(fake):
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+@pytest.mark.slow
 def test_sweep_runs_every_rate_then_the_best(fake):
   spec = dict(config="configs/smoke.py", seeds=[0, 1, 2], sweep_seeds=1,
               arms=[dict(name="SOVE", group="Table 7", base_lrs=[5e-4, 1e-3, 3e-3]),

@@ -378,6 +378,7 @@ def test_forward_matches_pytorch_reference(tiny, h, w, masked):
 
 # ------------------------------------------------------------------ in the SOVE network
 
+@pytest.mark.slow
 def test_network_calls_as_the_step_does(images):
   """The step's three calls: masked student globals, unmasked teacher globals, student locals
   ([CLS] only). The [CLS] embedding is the head of the pooled token; patch embeddings are one
@@ -411,6 +412,7 @@ def test_determinism_and_drop_path(tiny, images):
   np.testing.assert_array_equal(run(no_drop, images, key=key), run(tiny, images))
 
 
+@pytest.mark.slow
 def test_remat_same_gradients(images):
   plain, remat = _random_swin(1), _random_swin(1, remat=True)
 
@@ -505,6 +507,7 @@ def test_init_and_bad_options():
 
 # --- the evaluations read a Swin's tokens on its own grid -----------------------------------------
 
+@pytest.mark.slow
 def test_patch_features_of_a_swin_land_on_its_token_grid(tiny):
   """A Swin's final tokens sit one per `stride` pixels (here 2 x 2 x 2 = 8), not one per patch:
   a 24 x 32 image gives a 3 x 4 grid whose cell (r, c) is token 1 + 4 r + c. (Reshaped by the

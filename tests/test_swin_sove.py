@@ -109,6 +109,7 @@ def _leaf(tree, path):
   return np.asarray(tree)
 
 
+@pytest.mark.slow
 def test_sove_trains_a_swin_and_the_evaluators_read_it(tmp_path, monkeypatch):
   """`train_and_evaluate` on Fashion-MNIST with the Swin, masks from the pipeline at the final
   grid: every step's loss is finite, every backbone tensor the loss reaches moves (the mask

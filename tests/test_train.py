@@ -79,6 +79,7 @@ def _steps(config, devices, num_steps=3):
   return jax.device_get(st), jax.device_get(metrics)
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device_step_and_compiles_once():
   """Three steps on one device and on eight agree; each setup traces its step once only
   (chex.assert_max_traces), so the donated state's types stay fixed from step to step."""
@@ -96,6 +97,7 @@ def test_sharded_step_equals_single_device_step_and_compiles_once():
   assert 0.0 <= m1["agreement"] <= 1.0
 
 
+@pytest.mark.slow
 def test_fsdp_shards_parameters():
   config = smoke.get_config()
   config.mesh.fsdp, config.mesh.shard_params = 4, True
@@ -156,6 +158,7 @@ def test_main_rejects_bad_config_before_compiling(tmp_path):
   assert time.time() - t0 < 60
 
 
+@pytest.mark.slow
 def test_resume_in_new_process_is_bitwise_exact(tmp_path):
   straight, split = tmp_path / "straight", tmp_path / "split"
   code, out = _run(straight, "--config.total_steps=6")
@@ -175,6 +178,7 @@ def test_resume_in_new_process_is_bitwise_exact(tmp_path):
   assert data_a == data_b
 
 
+@pytest.mark.slow
 def test_device_augmentation_trains_and_resumes_bitwise_exact(tmp_path):
   """data.augment = "device": Fashion-MNIST lives on the devices, the step cuts the views from
   the state's key and draws the masks; a run split in two processes ends in the straight run's
@@ -195,6 +199,7 @@ def test_device_augmentation_trains_and_resumes_bitwise_exact(tmp_path):
   assert data_a == data_b == {"process_count": 1, "processes": [{"epoch": 0, "position": 64}]}
 
 
+@pytest.mark.slow
 def test_device_mode_step_cuts_the_views_and_draws_the_masks_from_the_state_key():
   """The device-mode step on Fashion-MNIST indices is the host-mode step on the views that
   `views.make` cuts from the same images, and the masks `masks.draw` draws, with keys folded off
@@ -296,6 +301,7 @@ def test_a_second_ctrl_c_aborts_at_once_without_saving(tmp_path):
   assert checkpoint.checkpoint_steps(str(tmp_path)) == []
 
 
+@pytest.mark.slow
 def test_main_end_to_end_on_image_folder(tmp_path):
   """A tiny JPEG/PNG folder dataset, its views cut on the device from 32 x 32 canvases (the
   40 x 36 images downscaled to fit): train, checkpoint, metrics and TensorBoard files."""
@@ -400,6 +406,7 @@ def test_distributed_initialization_uses_the_flags_or_jax_cluster_detection(monk
     main._initialize_distributed(hosts_config)
 
 
+@pytest.mark.slow
 def test_keep_period_keeps_every_nth_checkpoint_for_good(tmp_path):
   config = smoke.get_config()
   config.total_steps, config.checkpoint_every = 7, 1
