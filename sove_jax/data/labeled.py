@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from sove_jax.data import augment, sources, stream
+from sove_jax.data import augment, indexed, sources, stream
 from sove_jax.data.sources import EncodedSource  # noqa: F401  (what `subset` makes of TFDS)
 
 _FLIP = 1  # which draw of an example's key
@@ -39,6 +39,8 @@ def _in_order(source: sources.TfdsSource) -> tf.data.Dataset:
 
 def split_labels(source) -> np.ndarray:
   """int32 labels of every example of a source, in split order (a TFDS split is read once)."""
+  if isinstance(source, indexed.ArrayRecordSource):
+    return source.labels()
   if isinstance(source, sources.TfdsSource):
     labels = source.host_records(0, 1, drop_remainder=False).map(lambda image, label: label)
     return np.fromiter(labels.as_numpy_iterator(), np.int32, count=len(source))
@@ -137,7 +139,7 @@ class LabeledTrainInput(stream.TrainStream):
     """This process's batches of `epoch` from `position` on."""
     b, src, d = self.batch_size, self.source, self.config
     ds, head = self.records(epoch, position)
-    if isinstance(src, sources.TfdsSource):
+    if self.encoded_records:  # TFDS: the records hold the encoded images
       ds = stream.ordered_map(ds, head, self._stage("_crop_example"))
     else:
       ds = stream.ordered_map(ds, head)

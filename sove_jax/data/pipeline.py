@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from sove_jax import configuration
-from sove_jax.data import augment, masking, sources, stream
+from sove_jax.data import augment, indexed, masking, sources, stream
 from sove_jax.data.order import host_order, merge_states  # noqa: F401  (the trainer's API)
 from sove_jax.data.stream import InputFailed, epoch_shape, processes  # noqa: F401  (as above)
 
@@ -331,6 +331,7 @@ class EvalInput:
     self.num_batches = -(-per_process // self.batch_size)
     self.num_skipped = 0  # examples of the last pass that did not decode (this process)
     self._dataset = None  # built once, iterated afresh by every pass
+    self._gates = [indexed.Gate()] if isinstance(source, indexed.ArrayRecordSource) else []
 
   def _indices(self) -> np.ndarray:
     return np.array_split(np.arange(self.num_examples), self.process_count)[self.process_index]
@@ -361,11 +362,16 @@ class EvalInput:
         ds = src.host_records(self.process_index, self.process_count, drop_remainder=False,
                               max_examples=self._max_examples)
         ds = stream.ordered_map(ds, lambda image, label: {"bytes": image, "label": label})
+      elif isinstance(src, indexed.ArrayRecordSource):  # one read per batch of indices
+        gate = self._gates[0]
+        ds = stream.ordered_map(
+            tf.data.Dataset.from_tensor_slices(self._indices()).batch(b),
+            lambda i: dict(zip(("bytes", "label"), src.read(i, gate)))).unbatch()
       else:
         tables = self._tables
         ds = stream.ordered_map(tf.data.Dataset.from_tensor_slices(self._indices()),
-                  lambda i: {"bytes": tf.io.read_file(tf.gather(tables["path"], i)),
-                             "label": tf.gather(tables["label"], i)})
+                                lambda i: {"bytes": tf.io.read_file(tf.gather(tables["path"], i)),
+                                           "label": tf.gather(tables["label"], i)})
 
       def prepare(example):
         image = augment.eval_view(stream.decode(example)["image"], d.eval_resize, d.eval_crop)
@@ -380,9 +386,13 @@ class EvalInput:
     if self._dataset is None:
       self._dataset = self.dataset()
     valid = 0
-    for batch in self._dataset.as_numpy_iterator():
-      valid += int(batch["valid"].sum())
-      yield batch
+    batches = indexed.GatedIterator(self._dataset, self._gates)
+    try:
+      for batch in batches:
+        valid += int(batch["valid"].sum())
+        yield batch
+    finally:
+      batches.close()  # also when the consumer stops early
     if not isinstance(self.source, sources.TfdsSource):
       self.num_skipped = len(self._indices()) - valid
       if self.num_skipped:

@@ -4,9 +4,9 @@ that need ImageNet's file sizes and formats but not its pictures (nothing is dow
 `write(root, images=N, classes=K)` writes N training JPEGs (and N // 10 test ones) of K classes
 three ways, all holding the same JPEG bytes:
 
-    ROOT/folder/{train,test}/class_000/000000.jpg ...        data.source="folder", data_dir=ROOT/folder
-    ROOT/tfds_tfrecord/synthetic_imagenet/1.0.0/...           data.source="tfds", data.name=
-    ROOT/tfds_array_record/synthetic_imagenet/1.0.0/...       "synthetic_imagenet", data_dir=...
+    ROOT/folder/{train,test}/class_000/000000.jpg ...   data.source="folder", data_dir=ROOT/folder
+    ROOT/tfds_tfrecord/synthetic_imagenet/1.0.0/...      data.source="tfds", data.name=
+    ROOT/tfds_array_record/synthetic_imagenet/1.0.0/...  "synthetic_imagenet", data_dir=...
 
 The TFDS datasets are prepared by `SyntheticImagenet`, a TFDS builder that reads the folder
 (`tfds build` of ImageNet reads its tar files the same way): one in TFRecord files, read as a
@@ -208,8 +208,8 @@ def prepare_tfds(folder: str, data_dir: str, file_format: str) -> str:
   """Prepares the TFDS dataset from the folder in `data_dir`, in "tfrecord" or "array_record"
   files; returns its directory."""
   builder = SyntheticImagenet(folder=folder, data_dir=data_dir, file_format=file_format)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(download_mode=tfds.GenerateMode.REUSE_DATASET_IF_EXISTS))
+  reuse = tfds.GenerateMode.REUSE_DATASET_IF_EXISTS
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=reuse))
   return str(builder.data_dir)
 
 
