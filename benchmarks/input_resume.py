@@ -14,7 +14,10 @@ each image into a 512 canvas) and "host" (the host makes the views). One process
 (source, mode) one warm input is made, then each repeat restores the state at the position
 (`TrainInput.set_state`, which drops the running pipeline) and times until `next()` returns the
 first batch. Files are in the page cache after the first repeat (a bucket would make the stream's
-re-read cost more, not less); the min and median of the repeats are reported.
+re-read cost more, not less); the min and median of the repeats are reported. The stream's
+shuffle buffer is scaled to the set (default images // 16, as the configs' 10,000 records are to
+ImageNet's 160,000 a host on 8 hosts): a buffer as large as the split is filled, the whole split
+read, before the first batch at any position, which would hide the cost of the position.
 
     python benchmarks/input_resume.py                          # 3000 images, positions 0 and 90%
     python benchmarks/input_resume.py --images 5000 --repeats 7 --data /tmp/synthetic
@@ -37,13 +40,14 @@ SOURCES = ("tfrecord", "array_record", "folder")
 CANVAS = 512
 
 
-def data_config(kind: str, dirs: dict, mode: str):
+def data_config(kind: str, dirs: dict, mode: str, shuffle_buffer: int):
   d = vits.get_config().data
   if kind == "folder":
     d.update(source="folder", data_dir=dirs["folder"])
   else:
     d.update(source="tfds", name=synthetic.NAME, data_dir=dirs[kind])
-  d.update(augment=mode, canvas_size=CANVAS if mode == "device" else 0, threads=0)
+  d.update(augment=mode, canvas_size=CANVAS if mode == "device" else 0, threads=0,
+           shuffle_buffer=shuffle_buffer)
   return d
 
 
@@ -78,7 +82,12 @@ def main():
   parser.add_argument("--sources", default=",".join(SOURCES), help=f"some of {SOURCES}")
   parser.add_argument("--modes", default="device,host", help="data.augment values")
   parser.add_argument("--positions", default="0,0.9", help="fractions of the epoch")
-  parser.add_argument("--batch", type=int, default=32, help="the (one process's) batch")
+  parser.add_argument("--batch", type=int, default=16, help="the (one process's) batch")
+  parser.add_argument("--shuffle_buffer", type=int, default=0,
+                      help="the TFRecord stream's shuffle buffer (default images // 16: the "
+                      "ratio of the configs' 10,000 to ImageNet's 160,000 records per host on 8 "
+                      "hosts; a buffer as large as the split would be filled, read whole, "
+                      "before the first batch at any position)")
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
   kinds, modes = args.sources.split(","), args.modes.split(",")
@@ -101,8 +110,9 @@ def main():
     rows = []
     for kind in kinds:
       for mode in modes:
-        result = measure(data_config(kind, dirs, mode), batch=args.batch, positions=positions,
-                         repeats=args.repeats)
+        buffer = args.shuffle_buffer or max(args.images // 16, 1)
+        result = measure(data_config(kind, dirs, mode, buffer), batch=args.batch,
+                         positions=positions, repeats=args.repeats)
         for fraction, (times, position) in result.items():
           rows.append((kind, mode, fraction, position, times))
         print(f"measured {kind}, {mode}", file=sys.stderr, flush=True)
@@ -110,7 +120,8 @@ def main():
   print(f"\ninput resume, paper recipe (2 x 224 + 10 x 96, canvas {CANVAS} in device mode), one "
         f"process, batch {args.batch}, {count} training JPEGs ({nbytes / count / 1e3:.0f} kB "
         f"each), {os.cpu_count()} CPUs, host allocator {allocator.in_use()}; seconds from "
-        f"set_state to the first batch, {args.repeats} repeats\n")
+        f"set_state to the first batch, {args.repeats} repeats; TFRecord shuffle buffer "
+        f"{args.shuffle_buffer or max(args.images // 16, 1)}\n")
   print("| source | data.augment | position in the epoch | records read again | min s | "
         "median s |")
   print("|---|---|---|---|---|---|")

@@ -1,14 +1,16 @@
 """Train and evaluation input: tf.data pipelines on each host, host batches -> global jax.Arrays.
 
-Training stream (docs/method.md §9). Each epoch has a fixed order per process, derived from
-(seed, epoch): sources read by index get a global permutation of which process p takes every
-P-th entry (disjoint, N // P each); a TFDS stream gives each process a contiguous 1/P of the split,
-shuffles its files and a buffer of records. Every random draw of an example or batch is a
-stateless function of (seed, process, epoch, position in the epoch), so the stream depends on
-nothing else, and the iterator state is just (epoch, position): a restored run rebuilds the epoch
-and skips `position` indices (or undecoded records) instead of replaying batches. A checkpoint
-holds every process's state (`merge_states`); sources read by index restore it on another
-number of processes too (sove_jax/data/order.py).
+Training stream (docs/method.md §9, docs/input.md; the epoch loop and state are
+`stream.TrainStream`'s). Each epoch has a fixed order per process, derived from (seed, epoch):
+sources read by index get a global permutation of which process p takes every P-th entry
+(disjoint, N // P each; TFDS ArrayRecord computes it per position, sove_jax/data/indexed.py); a
+TFDS TFRecord stream gives each process a contiguous 1/P of the split, shuffles its files and a
+buffer of records. Every random draw of an example or batch is a stateless function of (seed,
+process, epoch, position in the epoch), so the stream depends on nothing else, and the iterator
+state is just (epoch, position): a restored run rebuilds the epoch from `position` (a stream
+skips that many records, reading them) instead of replaying batches. A checkpoint holds every
+process's state (`merge_states`); sources read by index restore it on another number of
+processes too (sove_jax/data/order.py).
 
 Per host, data.augment = "host": read -> decode -> crop + flip (per example when images differ
 in size; per batch from memory) -> batch (drop_remainder) -> color/gray/blur/solarize +
