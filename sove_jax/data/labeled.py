@@ -11,10 +11,10 @@ two global and N local ones, and no photometric ops or masks. Evaluation uses
 `pipeline.eval_input` (resize + center crop) unchanged.
 
 Subsets are indices into the train split in the order `pipeline.eval_input` reads it. Sources
-read by index (arrays, folders) are subset by index. A TFDS split is a stream of records, so
-its subset is read once into host memory (encoded, as in the files) and then read by index like
-a folder; a whole TFDS split is streamed as pretraining streams it (files and a buffer
-shuffled per epoch, each process its contiguous share).
+read by index (arrays, folders, TFDS ArrayRecord) are subset by index. A TFDS TFRecord split is
+a stream of records, so its subset is read once into host memory (encoded, as in the files) and
+then read by index like a folder; a whole TFRecord split is streamed as pretraining streams it
+(files and a buffer shuffled per epoch, each process its contiguous share).
 
 Randomness is stateless, a function of (seed, process, epoch, position), so the stream of an
 epoch depends on nothing else and a run restarted at an epoch boundary (`epoch`) or from
