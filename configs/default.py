@@ -100,6 +100,8 @@ def get_config():
   d.mask_ratio = 0.3          # paper: 0.3 block; random option: 0.7
   d.mask_ratio_var = 0.0      # ratio drawn uniformly in ratio +- var per image
   d.mask_min_patches = 0      # smallest block, in patches (0: the type's own, see above)
+  d.mask_prob = 1.0           # chance a global crop is masked at all (iBOT's official 0.5)
+  d.mask_start_epoch = 0      # no crop masked before this epoch (iBOT's pred_start_epoch)
   d.image_key = "image"       # TFDS feature holding the image
   d.label_key = "label"       # TFDS feature holding the label ("" = none; labels become -1)
   d.shuffle_buffer = 10_000   # tfds records in the shuffle buffer (folders/arrays: whole epochs)
@@ -203,9 +205,27 @@ def get_config():
   c.profile = False           # trace 5 steps (after the first) with jax.profiler into the workdir
   c.checkpoint_every = 500    # steps between asynchronous checkpoints (and at the end)
   c.keep_checkpoints = 3
+  c.keep_period = 0           # > 0: checkpoints whose step is a multiple are kept for good
+                              # (a multiple of checkpoint_every; 0: only the last few are kept)
+  c.prefetch_to_device = 2    # batches put on the devices ahead, on a thread, while the step
+                              # runs (sove_jax/feed.py); 0: between steps, on the main thread
   c.knn_every = 500           # steps between k-NN monitor evaluations (0: never)
   c.knn_k = (10, 20, 100, 200)
   c.knn_temperature = 0.07
+  c.knn_train_split = "train-minival"  # monitor: its memory and its queries, the validation
+  c.knn_eval_split = "minival"         # split (data.minival_*), never the test split
   c.knn_train_examples = 10_000  # monitor: train-set memory size (-1: the whole split)
   c.knn_eval_examples = 2_000    # monitor: evaluated examples (-1: the whole split)
+
+  # --- hosts: how long one process of a multi-process run waits for the others (sove_jax/hosts.py)
+  # None of these changes a result; a restart may change them freely.
+  c.hosts = h = ml_collections.ConfigDict()
+  h.stall_timeout_s = 90.0    # no step done for this long: the watchdog asks every process where
+                              # it is, names those that do not answer, and exits (code 1)
+  h.slow_timeout_s = 1800.0   # the same for start-up (compilation, restore), saves, k-NN monitor
+  h.answer_s = 15.0           # how long a stuck process waits for the others' answers
+  h.heartbeat_timeout_s = 300.0  # JAX's heartbeat: a process silent this long ends the job
+                              # (jax.distributed.initialize); sent every half of it, so at least
+                              # twice stall_timeout_s + answer_s + 10 s
+  h.shutdown_timeout_s = 60.0  # how long a process that ends waits for the others to end too
   return c

@@ -13,11 +13,10 @@ tokens, 8192 prototypes after a 2048-2048-256 MLP, the prototype norm trained
 [CLS] and patches, each warmed up from 0.04 over 30 epochs, student 0.1, both centers at
 momentum 0.9; loss weights 1 and 1; EMA momentum 0.996 -> 1; AdamW at 5e-4 x batch / 256 (batch
 1024) after 10 warm-up epochs, weight decay 0.04 -> 0.4, clipping at 3; 2 global crops of
-224 px and 10 local crops of 96 px, scales (0.25, 1) and (0.05, 0.25); block masks.
-
-One difference: iBOT draws each image's mask ratio as 0 or uniform in 0.3 +- 0.2 (half the
-images unmasked, `--pred_ratio 0 0.3 --pred_ratio_var 0 0.2`); our pipeline masks every image,
-at a ratio uniform in 0.3 +- 0.2.
+224 px and 10 local crops of 96 px, scales (0.25, 1) and (0.05, 0.25); block masks, each
+global crop's ratio 0 or uniform in 0.3 +- 0.2 with equal chance (`--pred_ratio 0 0.3
+--pred_ratio_var 0 0.2`): `data.mask_prob = 0.5`, ratio 0.3, var 0.2. iBOT's Swin-T/14 recipe
+starts masking at epoch 50 (`--pred_start_epoch 50`): `data.mask_start_epoch = 50`.
 """
 from sove_jax import configuration
 
@@ -29,6 +28,7 @@ def get_config():
   c.method = "ibot"
   c.data.global_scale, c.data.local_scale = (0.25, 1.0), (0.05, 0.25)
   c.data.mask_type, c.data.mask_ratio, c.data.mask_ratio_var = "block", 0.3, 0.2
+  c.data.mask_prob = 0.5  # half the global crops unmasked, as --pred_ratio 0 0.3
   b = c.baseline
   b.num_prototypes, b.norm_last_layer = 8192, False
   b.student_temp, b.teacher_temp, b.teacher_patch_temp = 0.1, 0.07, 0.07

@@ -196,12 +196,14 @@ class _OrbaxErrors(python_logging.Handler):
 
 
 class Checkpointer:
-  """Saves when asked and keeps the last `keep`; restores the latest readable checkpoint.
+  """Saves when asked and keeps the last `keep`, and for good every checkpoint whose step is a
+  multiple of `keep_period` (0: none; an 800-epoch run keeps its middle to evaluate later);
+  restores the latest readable checkpoint.
 
   `read_only` (evaluation) neither creates nor changes anything in the workdir.
   """
 
-  def __init__(self, workdir, *, keep: int = 1, asynchronous: bool = True,
+  def __init__(self, workdir, *, keep: int = 1, keep_period: int = 0, asynchronous: bool = True,
                read_only: bool = False, save_every: int | None = None):
     del save_every  # the trainer decides when to save (`train.itstime`)
     self.workdir = workdir_path(workdir)
@@ -212,7 +214,8 @@ class Checkpointer:
     # Read-only use creates nothing and never saves (Orbax's own read_only mode would say so
     # in two warnings on every evaluation).
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max(int(keep), 1), create=not read_only, save_root_metadata=not read_only,
+        max_to_keep=max(int(keep), 1), keep_period=int(keep_period) or None,
+        create=not read_only, save_root_metadata=not read_only,
         enable_async_checkpointing=asynchronous)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
     self._errors = _OrbaxErrors()
@@ -361,10 +364,6 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001
       self._fail(self._saving, f"{self.directory}: {cause(e)}")
 
-  def reached_preemption(self, step: int) -> bool:
-    """True when the JAX preemption service says every host should save now (TPU pods)."""
-    return self.manager.reached_preemption(step)
-
   def wait(self):
     """Waits for the save in flight, polling so that a failure is reported in seconds."""
     while self.manager.is_saving_in_progress():
@@ -482,14 +481,15 @@ def _jsonable(value):
 
 
 def _set_field(config, field: str, value):
+  """One accepted change: the field set, or removed when its new value is None."""
+  from sove_jax import configuration
+  if value is not None:
+    configuration.set_field(config, field, value, create=True, check_type=False)
+    return
   *sections, name = field.split(".")
-  node = config
-  for section in sections:
-    if section not in node:
-      node[section] = ml_collections.ConfigDict()
-    node = node[section]
-  if value is None and name in node:
-    del node[name]
-  elif value is not None:
-    with node.ignore_type():
-      node[name] = value
+  try:
+    parent = configuration.get_field(config, ".".join(sections)) if sections else config
+  except KeyError:
+    return
+  if name in parent:
+    del parent[name]

@@ -76,6 +76,91 @@ def load(path: str):
   return sibling(pathlib.Path(path).stem, of=str(path)).get_config()
 
 
+# --- dotted fields and command-line overrides ---------------------------------------------------
+
+
+def get_field(config, field: str):
+  """The value of the dotted field `field` ("sove.num_anchors") of a ConfigDict.
+
+  KeyError names the whole field when a part of it is missing.
+  """
+  node = config
+  for part in field.split("."):
+    try:
+      node = node[part]
+    except (KeyError, AttributeError, TypeError):
+      raise KeyError(f"config has no field {field!r}") from None
+  return node
+
+
+def set_field(config, field: str, value, *, create: bool = False, check_type: bool = True):
+  """Sets the dotted field `field` of a ConfigDict to `value`.
+
+  `create`: missing sections and fields are made (a config restored from an older run);
+  otherwise a missing one raises KeyError naming the field. `check_type=False` accepts a value of
+  another type than the field's (ConfigDict refuses that by default).
+  """
+  *sections, name = field.split(".")
+  node = config
+  for section in sections:
+    if section not in node:
+      if not create:
+        raise KeyError(f"config has no field {field!r}")
+      import ml_collections
+      node[section] = ml_collections.ConfigDict()
+    node = node[section]
+  if name not in node and not create:
+    raise KeyError(f"config has no field {field!r}")
+  if check_type:
+    node[name] = value
+  else:
+    with node.ignore_type():
+      node[name] = value
+
+
+def _literal(value) -> str:
+  if isinstance(value, (tuple, list)):
+    return "(" + ",".join(_literal(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+  return repr(value)   # bool True/False, int, float (shortest round trip), str quoted
+
+
+def override(field: str, value) -> str:
+  """`--config.FIELD=VALUE`, the command-line override that sets `field` to `value`.
+
+  VALUE is what ml_collections' config flags parse back to `value`: a string as it is, any
+  other value as a Python literal (True/False, 0.002, (0.3,1.0), ('embed','fsdp')), which its
+  boolean, number and tuple parsers all read (booleans: absl also reads true/false).
+  """
+  text = value if isinstance(value, str) else _literal(value)
+  return f"--config.{field}={text}"
+
+
+def parse_override(text: str) -> tuple[str, str]:
+  """(field, value text) of `--config.FIELD=VALUE` (the leading `--` optional); ValueError
+  for any other text."""
+  body = text[2:] if text.startswith("--") else text
+  field, sep, value = body.partition("=")
+  parts = field.split(".")
+  if (not sep or parts[0] != "config" or len(parts) < 2
+      or not all(p.isidentifier() for p in parts[1:])):
+    raise ValueError(f"{text!r} is not of the form --config.FIELD=VALUE")
+  return ".".join(parts[1:]), value
+
+
+def apply_overrides(config, overrides):
+  """`config` with the `--config.FIELD=VALUE` strings applied by ml_collections' own parser,
+  exactly as `python -m sove_jax.main --config=... OVERRIDES` would (a new ConfigDict)."""
+  from absl import flags
+  from ml_collections import config_flags
+  import ml_collections
+  argv = ["overrides", *overrides]
+  values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_dict("config", ml_collections.ConfigDict(config.to_dict()),
+                                           flag_values=values, sys_argv=argv)
+  values(argv)
+  return holder.value
+
+
 def _require(ok: bool, message: str):
   if not ok:
     raise ConfigError(message)
@@ -157,6 +242,9 @@ def validate_data(d, *, patch_size: int, global_batch_size: int, process_count: 
   low, high = d.mask_ratio - d.mask_ratio_var, d.mask_ratio + d.mask_ratio_var
   _require(d.mask_ratio_var >= 0 and low >= 0 and high <= 1,
            f"data.mask_ratio +- data.mask_ratio_var must stay in [0, 1], got [{low}, {high}].")
+  _probability(d.mask_prob, "mask_prob")
+  _require(isinstance(d.mask_start_epoch, int) and d.mask_start_epoch >= 0,
+           f"data.mask_start_epoch={d.mask_start_epoch!r} must be a whole number of epochs >= 0.")
   side = d.global_size // stride
   num_patches = side * side
   _require(0 <= d.mask_min_patches <= num_patches,
@@ -314,7 +402,9 @@ def validate_baseline(baseline_config, *, method: str):
 # --- run control ---------------------------------------------------------------------------------
 
 # Fields that belong to one launch, not to the run: a restart may change them freely.
-PER_LAUNCH = ("run_steps", "profile")
+# Fields of one launch, not of the run: a restart may change them without --allow_config_change
+# (a field ending in "." names a whole block).
+PER_LAUNCH = ("run_steps", "profile", "prefetch_to_device", "keep_period", "hosts.")
 
 
 def validate_run_control(config):
@@ -328,6 +418,26 @@ def validate_run_control(config):
            ">= 0 (0: only at the end and on preemption).")
   _require(config.keep_checkpoints >= 1, f"keep_checkpoints={config.keep_checkpoints} must be "
            ">= 1: with 0 every checkpoint, the final one included, would be deleted.")
+  _require(config.keep_period >= 0, f"keep_period={config.keep_period} must be >= 0 (0: keep "
+           "only the last keep_checkpoints).")
+  _require(config.keep_period == 0 or config.checkpoint_every == 0
+           or config.keep_period % config.checkpoint_every == 0,
+           f"keep_period={config.keep_period} must be a multiple of checkpoint_every="
+           f"{config.checkpoint_every}, or no checkpoint would ever be kept for good.")
+  _require(config.prefetch_to_device >= 0, f"prefetch_to_device={config.prefetch_to_device} "
+           "must be >= 0 (0: batches are put on the devices between steps).")
+  h = config.hosts
+  for field in ("stall_timeout_s", "slow_timeout_s", "answer_s", "heartbeat_timeout_s",
+                "shutdown_timeout_s"):
+    _require(h[field] > 0, f"hosts.{field}={h[field]} must be > 0 seconds.")
+  # JAX's agents send a heartbeat every half of its timeout, so a silent process can be declared
+  # dead half a timeout after it stopped: the watchdog (stall, then the roll call) must be done
+  # by then.
+  _require(h.stall_timeout_s + h.answer_s + 10 <= h.heartbeat_timeout_s / 2,
+           f"hosts.heartbeat_timeout_s={h.heartbeat_timeout_s} must be at least twice "
+           f"hosts.stall_timeout_s + hosts.answer_s + 10 s (= {h.stall_timeout_s + h.answer_s + 10}"
+           " s), so that the watchdog names a lost process before JAX's heartbeat ends every "
+           "process without naming it.")
   _require(config.knn_every >= 0, f"knn_every={config.knn_every} must be >= 0 (0: never).")
   ks = tuple(config.knn_k)
   _require(len(ks) > 0 and all(int(k) == k and k >= 1 for k in ks),
@@ -367,11 +477,34 @@ def _plain(value):
   return tuple(_plain(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
+
+
+def with_new_fields(stored, default=None):
+  """`stored` (a run's config.json) with every field it lacks taken from the default config:
+  fields added to the code since the run started. A new field's default keeps the behaviour
+  the code had before it existed (the project's rule), so a run started before it resumes
+  unchanged instead of being refused as "configured otherwise"."""
+  if default is None:
+    if not DEFAULT_CONFIG.is_file():
+      return stored
+    default = load(str(DEFAULT_CONFIG))
+  out = stored.copy_and_resolve_references()
+  for field, value in _flat(default).items():
+    try:
+      get_field(out, field)
+    except KeyError:
+      set_field(out, field, get_field(default, field), create=True)
+  return out
+
+
 def changed_fields(old, new, *, ignore=PER_LAUNCH) -> dict:
   """{dotted field: (old value, new value)} where two configs differ (None: absent)."""
   a, b = _flat(old), _flat(new)
+  def ignored(k):
+    return k in ignore or any(i.endswith(".") and k.startswith(i) for i in ignore)
   return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-          if k not in ignore and a.get(k) != b.get(k)}
+          if not ignored(k) and a.get(k) != b.get(k)}
 
 
 def describe_changes(changes: dict) -> str:

@@ -75,20 +75,24 @@ def _parse_flags(argv):
     sys.exit(1)
 
 
-def _initialize_distributed():
+def _initialize_distributed(hosts_config):
   """jax.distributed for multi-process runs. With the flags: that job (on CPU, collectives over
   gloo). Without: JAX's own cluster detection (SLURM, Cloud TPU pods, Open MPI, Kubernetes);
-  where it finds no cluster, this is a single-process run."""
+  where it finds no cluster, this is a single-process run. The config's `hosts` block sets how
+  long a silent process is waited for (heartbeat) and how long an ending one waits for the
+  others."""
   import jax
+  timeouts = dict(heartbeat_timeout_seconds=int(hosts_config.heartbeat_timeout_s),
+                  shutdown_timeout_seconds=int(hosts_config.shutdown_timeout_s))
   if _COORDINATOR.value or _NUM_PROCESSES.value:
     if os.environ.get("JAX_PLATFORMS", "") == "cpu":
       jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU cross-process
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+                               process_id=_PROCESS_ID.value, **timeouts)
     return
   try:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeouts)
   except ValueError as e:
     if "coordinator_address" not in str(e):  # a cluster was found but could not be joined
       raise
@@ -101,7 +105,7 @@ def _main(argv):
   from sove_jax import allocator, train
   logging.info("Host memory allocator: %s.", allocator.in_use())
   config = _CONFIG.value
-  _initialize_distributed()
+  _initialize_distributed(config.hosts)
   if _COMPILE_ONLY.value:
     _, report = train.compile_only(config)
     logging.info("%s", report)

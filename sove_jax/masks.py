@@ -24,6 +24,7 @@ from sove_jax.configuration import EXACT_MIN_PATCHES, MASK_TYPES
 
 ASPECT = (0.3, 1 / 0.3)  # BEiT's block aspect range, both block rules
 ATTEMPTS = 10            # tries per block (a round of the authors' rule)
+KEEP_STREAM = 0x6b656570  # the draw that keeps a crop's mask when data.mask_prob < 1
 
 
 def official_min_patches(grid: tuple[int, int]) -> int:
@@ -39,12 +40,14 @@ class MaskRecipe:
   ratio: float
   ratio_var: float = 0.0
   min_patches: int = 0  # 0: the type's own smallest block
+  prob: float = 1.0     # chance that a crop is masked at all (iBOT's official recipe: 0.5)
+  start_epoch: int = 0  # no crop is masked before this epoch (iBOT's pred_start_epoch)
 
   @classmethod
   def from_config(cls, data_config, grid: int) -> MaskRecipe:
     d = data_config
     return cls((grid, grid), d.mask_type, float(d.mask_ratio), float(d.mask_ratio_var),
-               int(d.mask_min_patches))
+               int(d.mask_min_patches), float(d.mask_prob), int(d.mask_start_epoch))
 
 
 def _rectangles(u, room, lo, grid):
@@ -145,10 +148,14 @@ def random_mask(key, count, grid):
   return (rank < count).reshape(grid)
 
 
-def draw(key, shape: tuple[int, ...], recipe: MaskRecipe, sharding=None) -> jax.Array:
+def draw(key, shape: tuple[int, ...], recipe: MaskRecipe, sharding=None,
+         epoch=None) -> jax.Array:
   """Independent masks, bool [*shape, h * w], from a JAX key. Mask i (in row-major order of
   `shape`) draws its ratio uniformly in ratio +- ratio_var, from fold_in(key, i): it depends on
-  the key and i only. `sharding` (of an array of `shape`) splits the loops over the devices."""
+  the key and i only. With `recipe.prob` < 1 a mask is kept with that probability and is empty
+  otherwise (its own draw, so the kept masks are those of prob 1). `epoch` (an integer, traced
+  or not): before `recipe.start_epoch` every mask is empty; None means past the start.
+  `sharding` (of an array of `shape`) splits the loops over the devices."""
   if recipe.mask_type not in MASK_TYPES:
     raise ValueError(f"mask_type must be one of {MASK_TYPES}, not {recipe.mask_type!r}")
   grid = recipe.grid
@@ -167,11 +174,18 @@ def draw(key, shape: tuple[int, ...], recipe: MaskRecipe, sharding=None) -> jax.
     u = jax.random.uniform(key_ratio)
     high = (recipe.ratio + recipe.ratio_var * (2.0 * u - 1.0)) * num_patches
     count = jnp.floor(high + 0.5).astype(jnp.int32)  # configuration.masked_count, traced
-    return rule(key_mask, high, count).reshape(num_patches)
+    mask = rule(key_mask, high, count).reshape(num_patches)
+    if recipe.prob < 1.0:
+      keep = jax.random.uniform(jax.random.fold_in(key_ratio, KEEP_STREAM)) < recipe.prob
+      mask = mask & keep
+    return mask
 
   index = jnp.arange(math.prod(shape), dtype=jnp.int32).reshape(shape)
   if sharding is not None:
     index = jax.lax.with_sharding_constraint(index, sharding)
   for _ in shape:
     one = jax.vmap(one)
-  return one(index)
+  drawn = one(index)
+  if epoch is not None and recipe.start_epoch > 0:
+    drawn = drawn & (jnp.asarray(epoch) >= recipe.start_epoch)
+  return drawn

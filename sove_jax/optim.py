@@ -26,6 +26,7 @@ class Schedules(NamedTuple):
   teacher_temp: Schedule
   teacher_patch_temp: Schedule | None = None  # iBOT's patch targets; None for the others
   frozen_last_layer_steps: int = 0  # DINO, iBOT: steps the prototype layer is held still
+  steps_per_epoch: int = 1          # what an epoch is in steps (the masks' start epoch)
 
 
 def cosine(start: float, end: float, steps: int) -> Schedule:
@@ -55,7 +56,8 @@ def make_schedules(config, steps_per_epoch: int, total_steps: int) -> Schedules:
           init_value=0.0, peak_value=peak_lr, warmup_steps=warmup, decay_steps=total_steps,
           end_value=o.min_lr),
       weight_decay=cosine(o.weight_decay, o.weight_decay_end, total_steps),
-      ema_momentum=cosine(o.ema_momentum, o.ema_momentum_end, total_steps))
+      ema_momentum=cosine(o.ema_momentum, o.ema_momentum_end, total_steps),
+      steps_per_epoch=max(int(steps_per_epoch), 1))
   method = config.get("method", "sove")
   if method == "sove":
     s = config.sove

@@ -87,9 +87,9 @@ def configure_console(verbose: bool = False):
 def expected_errors() -> tuple:
   """What a user can cause or fix (bad config, data or paths, storage, a diverged run, a
   missing package): one line and exit code 1. Anything else is a bug: its traceback shows."""
-  from sove_jax import checkpoint, configuration
-  expected = (configuration.ConfigError, checkpoint.CheckpointError, FloatingPointError,
-              ValueError, OSError, ImportError)
+  from sove_jax import checkpoint, configuration, hosts
+  expected = (configuration.ConfigError, checkpoint.CheckpointError, hosts.RunStopped,
+              FloatingPointError, ValueError, OSError, ImportError)
   tf = sys.modules.get("tensorflow")
   if tf is not None:
     expected += (tf.errors.OpError,)
@@ -139,6 +139,12 @@ def command(main):
       return main(argv)
     except expected_errors() as e:
       fail(e, verbose=verbose)
+    except KeyboardInterrupt as e:  # a second Ctrl-C (sove_jax.hosts.StopSignals): one line
+      if verbose:
+        logging.error("Traceback of the interruption below:", exc_info=e)
+      logging.error("%s", str(e) or "interrupted")
+      logging.flush()
+      sys.exit(130)
 
   return run
 

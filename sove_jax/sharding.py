@@ -39,6 +39,13 @@ def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
                        devices=devices)
 
 
+def batch_mesh(devices=None) -> jax.sharding.Mesh:
+  """A 1-D "data" mesh over `devices` (default all): evaluation shards its batches and the k-NN
+  memory over it, whatever mesh the run was trained on."""
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
+
+
 def batch_sharding(mesh) -> NamedSharding:
   """Leading (batch) axis split over every device."""
   return NamedSharding(mesh, P(BATCH_AXES))

@@ -82,6 +82,22 @@ def make_init(config, tx, image_size: int):
   return init
 
 
+def init_for(config, image_size: int | None = None):
+  """`make_init` without a training's schedules: the initial state as a run with `config`
+  starts it (what the random-init baseline evaluates), its structure what every checkpoint of
+  such a run holds. The optimizer state's shapes and initial values do not depend on the
+  schedules, so any will do."""
+  from sove_jax import optim
+  tx = optim.make_optimizer(config, optim.make_schedules(config, 1, 1))
+  return make_init(config, tx, image_size or config.data.global_size)
+
+
+def abstract(config, image_size: int | None = None):
+  """The state's shapes and dtypes under `config`, nothing allocated (evaluation restores into
+  it, a restart compares configs by it)."""
+  return jax.eval_shape(init_for(config, image_size), jax.random.PRNGKey(0))
+
+
 def layout(config, tx, mesh, image_size: int) -> Layout:
   """Shapes and shardings of the state, without allocating it."""
   graphdef, abstract_params = network.abstract_network(config.model, image_size,

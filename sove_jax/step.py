@@ -42,7 +42,8 @@ MASKS_STREAM = 0x6d61736b
 
 
 def device_views(batch: dict, state_key, recipe: views.Recipe,
-                 mask_recipe: masks.MaskRecipe | None = None, mask_sharding=None) -> dict:
+                 mask_recipe: masks.MaskRecipe | None = None, mask_sharding=None,
+                 epoch=None) -> dict:
   """data.augment = "device": the batch with its views cut, and its masks drawn, on the device.
 
   `batch` holds "canvas" uint8 [B, C, C, ch] and "size" int32 [B, 2] (decoded images fitted
@@ -51,7 +52,8 @@ def device_views(batch: dict, state_key, recipe: views.Recipe,
   `mask_recipe` and no "mask" in the batch, "mask" bool [B, 2, L] is drawn (`masks.draw`; its
   work split over the devices by `mask_sharding`, the batch's). Their keys come from the
   state's key, as every random draw of the step: a resumed run cuts the same views and masks.
-  A batch of views made on the host passes through.
+  `epoch` (traced): the masks' start epoch applies (`masks.draw`). A batch of views made on the
+  host passes through.
   """
   if "global" in batch:
     return batch
@@ -59,7 +61,7 @@ def device_views(batch: dict, state_key, recipe: views.Recipe,
   if mask_recipe is not None and "mask" not in batch:
     b = batch["index" if "index" in batch else "size"].shape[0]
     batch["mask"] = masks.draw(jax.random.fold_in(state_key, MASKS_STREAM), (b, 2), mask_recipe,
-                               sharding=mask_sharding)
+                               sharding=mask_sharding, epoch=epoch)
   if "index" in batch:
     images = batch.pop("images")
     canvases = jnp.take(images, batch.pop("index"), axis=0)
@@ -266,7 +268,9 @@ def make_train_step(config, graphdef, tx, schedules: optim.Schedules, *, anchor_
 
   def step(state, batch):
     # data.augment = "device"; else as it is
-    batch = device_views(batch, state.key, recipe, mask_recipe, anchor_sharding)
+    epoch = (state.step // schedules.steps_per_epoch
+             if mask_recipe is not None and mask_recipe.start_epoch else None)
+    batch = device_views(batch, state.key, recipe, mask_recipe, anchor_sharding, epoch)
     new_key, key = jax.random.split(state.key)
     key_drop_global, key_drop_local, key_cls, key_patch, key_enqueue = jax.random.split(key, 5)
     step_number = state.step

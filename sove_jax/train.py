@@ -7,17 +7,19 @@ SIGTERM (preemption), and stops with the step number on a non-finite loss. When 
 thing happens (logging, the k-NN monitor, checkpoints, preemption, the finiteness check) is
 decided by `itstime`; progress (steps/s, ETA) and the optional profile are CLU periodic actions.
 """
-import signal
+import json
 import time
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 
-from sove_jax import checkpoint, configuration, optim, reporting, sharding
+from sove_jax import checkpoint, configuration, hosts, optim, reporting, sharding
+from sove_jax import feed as feed_lib
 from sove_jax import state as state_lib
 from sove_jax import step as step_lib
 from sove_jax.models import network
@@ -33,13 +35,14 @@ def total_steps(config, steps_per_epoch: int) -> int:
   return max(1, int(round(config.num_epochs * steps_per_epoch)))
 
 
-def batch_shapes(config, mesh, resident: dict | None = None):
+def batch_shapes(config, mesh, resident: dict | None = None, host_flags: bool = False):
   """Abstract global batch (ShapeDtypeStructs with the batch sharding), for AOT compilation.
 
-  By data.augment: "host", the views and masks; "device", uint8 canvases and their sizes, or,
-  from an in-memory source, indices into its images on the device: `resident` (arrays or shapes,
-  from `pipeline.device_resident`; by default `resident_shapes`), passed whole to every step,
-  replicated (the step cuts the views and draws the masks).
+  `host_flags`: the int32 column of every host's flags the trainer's step takes
+  (`hosts.agreeing`). By data.augment: "host", the views and masks; "device", uint8 canvases
+  and their sizes, or, from an in-memory source, indices into its images on the device:
+  `resident` (arrays or shapes, from `pipeline.device_resident`; by default `resident_shapes`),
+  passed whole to every step, replicated (the step cuts the views and draws the masks).
   """
   d, b = config.data, config.batch_size
   g, l, c = d.global_size, d.local_size, d.canvas_size
@@ -56,6 +59,8 @@ def batch_shapes(config, mesh, resident: dict | None = None):
   else:
     spec["canvas"] = ((b, c, c, 3), jnp.uint8)
     spec["size"] = ((b, 2), jnp.int32)
+  if host_flags:
+    spec["host_flags"] = ((b,), jnp.int32)
   sh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   out = {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh) for k, (shape, dt) in spec.items()}
   for k, v in (resident or {}).items():
@@ -85,10 +90,11 @@ class Setup(NamedTuple):
 
 
 def build(config, mesh, steps_per_epoch: int, *, make_step=step_lib.make_train_step,
-          resident: dict | None = None) -> Setup:
+          resident: dict | None = None, host_flags: bool = False) -> Setup:
   """The optimizer, schedules, state layout and the jitted step. `make_step` builds the step
   function (benchmarks pass other steps through the same shardings); `resident`: see
-  `batch_shapes`."""
+  `batch_shapes`; `host_flags`: the step takes every host's flags in the batch and returns
+  them reduced with its metrics (`hosts.agreeing`; the trainer's step)."""
   num_steps = total_steps(config, steps_per_epoch)
   schedules = optim.make_schedules(config, steps_per_epoch, num_steps)
   tx = optim.make_optimizer(config, schedules)
@@ -96,7 +102,9 @@ def build(config, mesh, steps_per_epoch: int, *, make_step=step_lib.make_train_s
   layout = state_lib.layout(config, tx, mesh, image_size)
   step_fn = make_step(config, layout.graphdef, tx, schedules,
                       anchor_sharding=sharding.batch_sharding(mesh))
-  batch = batch_shapes(config, mesh, resident)
+  if host_flags:
+    step_fn = hosts.agreeing(step_fn)
+  batch = batch_shapes(config, mesh, resident, host_flags=host_flags)
   batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
   jitted = jax.jit(step_fn, in_shardings=(layout.shardings, batch_shardings),
                    out_shardings=(layout.shardings, sharding.replicated(mesh)), donate_argnums=0)
@@ -136,21 +144,6 @@ def compile_only(config, steps_per_epoch: int = 1000):
   return compiled, "\n".join(lines)
 
 
-class _Preemption:
-  """SIGTERM sets a flag; the loop saves at the next step boundary and returns."""
-
-  def __init__(self):
-    self.requested = False
-    self._old = signal.signal(signal.SIGTERM, self._handler)
-
-  def _handler(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._old)
-
-
 def itstime(step: int, every: int, last: int | None = None) -> bool:
   """Whether periodic work is due after `step`: every `every` steps (0 or less: never) and at
   step `last`. Every cadence of the loop is decided here."""
@@ -178,10 +171,7 @@ def _largest_parameter(params):
 def _state_signature(config):
   """The train state's tree structure and every leaf's (shape, dtype): what a checkpoint must
   match to be restored under `config`."""
-  tx = optim.make_optimizer(config, optim.make_schedules(config, 1, 1))
-  abstract = jax.eval_shape(state_lib.make_init(config, tx, config.data.global_size),
-                            jax.random.PRNGKey(0))
-  leaves, treedef = jax.tree.flatten(abstract)
+  leaves, treedef = jax.tree.flatten(state_lib.abstract(config))
   return treedef, [(x.shape, x.dtype) for x in leaves]
 
 
@@ -192,13 +182,9 @@ def _unrestorable(stored, config, changes: dict) -> list:
   fields = []
   for field in changes:
     trial = ml_collections.ConfigDict(stored.to_dict())
-    *sections, name = field.split(".")
-    node = trial
-    for section in sections:
-      node = node[section]
     try:
-      with node.ignore_type():
-        node[name] = _get(config, field)
+      configuration.set_field(trial, field, configuration.get_field(config, field),
+                              create=True, check_type=False)
       same = _state_signature(trial) == reference
     except Exception:  # noqa: BLE001  a field that breaks the state on its own changes it
       same = False
@@ -209,13 +195,6 @@ def _unrestorable(stored, config, changes: dict) -> list:
   return fields
 
 
-def _get(config, field: str):
-  node = config
-  for name in field.split("."):
-    node = node[name]
-  return node
-
-
 def _check_continuation(config, workdir, *, allow_config_change: bool):
   """Compares `config` with the run already in `workdir` (before anything is written) and
   returns the accepted changes ({} for a new run or the same config). Raises ConfigError for a
@@ -224,7 +203,7 @@ def _check_continuation(config, workdir, *, allow_config_change: bool):
   wd = checkpoint.workdir_path(workdir)
   if not (wd / checkpoint.CONFIG_FILE).exists():
     return {}
-  stored = checkpoint.read_config(wd)
+  stored = configuration.with_new_fields(checkpoint.read_config(wd))
   changes = configuration.changed_fields(stored, config)
   if not changes:
     return {}
@@ -282,7 +261,25 @@ def train_and_evaluate(config, workdir: str, *, restore_step: int | None = None,
   `restore_step` resumes from that checkpoint instead of the latest (later ones are set aside);
   `allow_config_change` lets a restart continue under a config that differs from the run's in
   fields the checkpoints can be restored under (the change is recorded in the workdir).
+
+  SIGTERM and a first Ctrl-C save at the next step boundary (in a multi-process run, the same
+  step on every process, `hosts`) and return; a second Ctrl-C aborts. With several processes a
+  watchdog bounds every wait for the others (`hosts.Watchdog`).
   """
+  signals = hosts.StopSignals()
+  watchdog = hosts.Watchdog(config.hosts) if jax.process_count() > 1 else None
+  try:
+    return _train(config, workdir, signals, watchdog, restore_step=restore_step,
+                  allow_config_change=allow_config_change)
+  finally:
+    signals.restore()
+    if watchdog is not None:
+      watchdog.close()
+
+
+def _train(config, workdir, signals: hosts.StopSignals, watchdog: hosts.Watchdog | None, *,
+           restore_step: int | None, allow_config_change: bool) -> dict:
+  multi = jax.process_count() > 1
   mesh = validated_mesh(config)
   changes = _check_continuation(config, workdir, allow_config_change=allow_config_change)
   from clu import periodic_actions
@@ -296,7 +293,7 @@ def train_and_evaluate(config, workdir: str, *, restore_step: int | None = None,
                                   token_stride=network.token_stride(config.model))
   # Device mode from an in-memory source: its images, placed once, join every batch.
   resident = pipeline.device_resident(train_in, sharding.replicated(mesh))
-  setup = build(config, mesh, train_in.steps_per_epoch, resident=resident)
+  setup = build(config, mesh, train_in.steps_per_epoch, resident=resident, host_flags=True)
   num_steps = setup.total_steps
   configuration.validate_schedule(config, steps_per_epoch=train_in.steps_per_epoch,
                                   total_steps=num_steps)
@@ -304,7 +301,7 @@ def train_and_evaluate(config, workdir: str, *, restore_step: int | None = None,
   if jax.process_index() == 0:
     checkpoint.check_writable(wd)
     checkpoint.hold_workdir(wd)   # one training run per workdir
-  ckpt = checkpoint.Checkpointer(wd, keep=config.keep_checkpoints)
+  ckpt = checkpoint.Checkpointer(wd, keep=config.keep_checkpoints, keep_period=config.keep_period)
   try:
     restored = ckpt.restore(state_lib.abstract_with_shardings(setup.layout), step=restore_step)
     if restored is None:
@@ -339,7 +336,11 @@ def train_and_evaluate(config, workdir: str, *, restore_step: int | None = None,
         reporting.say(f"continuing step {restored.step} with a changed config: "
                       f"{configuration.describe_changes(changes)} (recorded in "
                       f"{wd / checkpoint.CHANGES_FILE})")
-      reporting.say(f"resumed from step {restored.step} of {num_steps}")
+      if multi:  # every process, with its own input position (each has its own stream)
+        logging.info("resumed from step %d of %d; process %d's input at %s", restored.step,
+                     num_steps, jax.process_index(), train_in.get_state())
+      else:
+        reporting.say(f"resumed from step {restored.step} of {num_steps}")
   except BaseException:
     ckpt.close()
     raise
@@ -360,16 +361,43 @@ def train_and_evaluate(config, workdir: str, *, restore_step: int | None = None,
       every_secs=None, on_steps=(stop_at,))
   profile = _profiler(config, wd, start, stop_at)
   window = reporting.Window(last=step_lib.SCHEDULE_METRICS)
+  if watchdog is not None:
+    watchdog.beat(start, "compilation", slow=True)
   train_step = _compiled_everywhere(setup, config, mesh)
-  preemption = _Preemption()
+  sent = {k: v for k, v in setup.batch.items() if k not in resident and k != "host_flags"}
+  feed = feed_lib.Feed(train_in, batch_sharding, depth=config.prefetch_to_device,
+                       local_shapes=feed_lib.local_shapes(sent, jax.process_count()),
+                       stop_signals=signals, raise_input_errors=not multi)
+  rows_per_host = config.batch_size // jax.process_count()
+  input_state = train_in.get_state()  # the position after the last batch a step consumed
   last, pending = {}, None
+  agreed = hosts.Agreed(0, 0, hosts._NO_PROCESS, rows_per_host)
+
+  def read(pending):
+    """A step's metrics on the host; its reduced host flags join `agreed` first (a host's failed
+    input, whose zeros may well make the loss non-finite, is what every host reports), then the
+    loss and gradient are verified finite."""
+    nonlocal agreed
+    step, metrics = pending
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    agreed = agreed.joined(hosts.Agreed.from_metrics(host, rows_per_host))
+    if agreed.input_failed:
+      raise _input_failure(feed, agreed, step, ckpt)
+    return _verified(step, host)
+
   try:
+    if watchdog is not None:
+      watchdog.beat(start, "first step", slow=True)
     for step in range(start + 1, stop_at + 1):
-      batch = pipeline.to_global(next(train_in), batch_sharding) | resident
-      state, metrics = train_step(state, batch)
-      # The previous step's metrics are read only now, so the host never stalls the device.
+      item = next(feed)
+      state, metrics = train_step(state, item.batch | resident)
+      input_state = item.input_state
+      # The previous step's metrics are read only now, so the host never stalls the device;
+      # with them come every host's flags, the same on every host (`hosts`).
       if pending is not None:
-        window.add(_verified(*pending))
+        window.add(read(pending))
+        if watchdog is not None:
+          watchdog.beat(step - 1)
       pending = (step, metrics)
       progress(step)
       if profile is not None:
@@ -379,11 +407,13 @@ def train_and_evaluate(config, workdir: str, *, restore_step: int | None = None,
       log_due = itstime(step, config.log_every, stop_at)
       monitor_due = monitor is not None and itstime(step, config.knn_every, num_steps)
       save_due = itstime(step, config.checkpoint_every, stop_at)
-      preempted = preemption.requested or ckpt.reached_preemption(step)
-      if not (log_due or monitor_due or save_due or preempted):
+      # One process stops on its own signal; several stop on what they all read.
+      stop = agreed.stop if multi else signals.reason is not None
+      if not (log_due or monitor_due or save_due or stop):
         continue
-      window.add(_verified(*pending))  # only verified states are reported or saved
+      window.add(read(pending))  # only verified states are reported or saved
       pending = None
+      stop = agreed.stop if multi else signals.reason is not None
       scalars = {}
       if log_due:
         scalars = window.pop()
@@ -392,6 +422,8 @@ def train_and_evaluate(config, workdir: str, *, restore_step: int | None = None,
           scalars["perf/images_per_sec"] = scalars["perf/steps_per_sec"] * config.batch_size
         reporting.say(reporting.progress_line(step, num_steps, scalars))
       if monitor_due:
+        if watchdog is not None:
+          watchdog.beat(step, "k-NN monitor", slow=True)
         with progress.timed("k-NN monitor"):
           knn_scalars = monitor(state)
         reporting.say(reporting.knn_line(step, knn_scalars))
@@ -399,21 +431,65 @@ def train_and_evaluate(config, workdir: str, *, restore_step: int | None = None,
       if scalars:
         writer.write_scalars(step, scalars)
         last = scalars
-      if save_due or preempted:
-        ckpt.save(step, state, train_in.get_state(),
+      if save_due or stop:
+        if watchdog is not None:
+          watchdog.beat(step, "checkpoint save", slow=True)
+        ckpt.save(step, state, _input_states(input_state),
                   notes={"largest_parameter": float(_largest_parameter(state.student))})
-      if preempted:
+      if stop:
         ckpt.wait()
-        reporting.say(f"preempted: saved step {step}, exiting")
+        why = f"{agreed.signals()} on {agreed.who()}" if multi else signals.reason
+        logging.info("stopped (%s): saved step %d, exiting", why, step)  # every process says so
         break
+      if watchdog is not None:
+        watchdog.beat(step)
+    else:
+      if multi:
+        logging.info("process %d trained to step %d", jax.process_index(), stop_at)
     ckpt.wait()
     return last
   except NonFiniteLoss as e:
     raise NonFiniteLoss(_nonfinite_report(e.args[0], ckpt)) from None
+  except (hosts.RunStopped, configuration.ConfigError):
+    raise  # every process stops alike, each with its line
+  except BaseException as e:
+    if multi:  # the others would wait for this process: name who answers, then end now
+      hosts.abandon(e, jax.process_index(), jax.process_count(), config.hosts.answer_s)
+    raise
   finally:
+    feed.close()
     ckpt.close()
     writer.close()
-    preemption.restore()
+
+
+def _input_failure(feed, agreed: hosts.Agreed, step: int, ckpt) -> "hosts.RunStopped":
+  """The error every process raises after a host's input failed: this host's own error, or
+  which process failed; no save (the step took a host's zeros), the last checkpoint named."""
+  steps = checkpoint.checkpoint_steps(ckpt.workdir)
+  kept = (f"the last checkpoint is step {steps[-1]}" if steps else "no checkpoint was saved")
+  if feed.error is not None:
+    return hosts.RunStopped(f"The input of process {jax.process_index()} failed: "
+                            f"{reporting.error_line(feed.error)} Every process stops after step "
+                            f"{step}; {kept}.")
+  return hosts.RunStopped(f"The input of {agreed.who()} failed (its log says why): every "
+                          f"process stops after step {step}; {kept}.")
+
+
+def _input_states(state: dict) -> dict:
+  """What a checkpoint holds of the input: every process's position (`pipeline.merge_states`),
+  gathered from all processes (a small allgather of their JSON, at save steps only)."""
+  from jax.experimental import multihost_utils
+
+  from sove_jax.data import pipeline
+  if jax.process_count() == 1:
+    return pipeline.merge_states([state])
+  text = json.dumps(state).encode()
+  size = int(multihost_utils.process_allgather(np.int32(len(text))).max())
+  padded = np.zeros(size, np.uint8)
+  padded[:len(text)] = np.frombuffer(text, np.uint8)
+  gathered = multihost_utils.process_allgather(padded)
+  return pipeline.merge_states([json.loads(bytes(row).rstrip(b"\0").decode())
+                                for row in np.asarray(gathered)])
 
 
 def _compiled_everywhere(setup: Setup, config, mesh):
@@ -426,7 +502,8 @@ def _compiled_everywhere(setup: Setup, config, mesh):
   reporting.say(f"compiled the train step in {time.time() - t0:.1f} s")
   if jax.process_count() > 1:
     from orbax.checkpoint import multihost
-    multihost.get_barrier_sync_fn()(key="sove_jax_train_step_compiled", timeout_ms=3_600_000)
+    multihost.get_barrier_sync_fn()(key="sove_jax_train_step_compiled",
+                                     timeout_ms=int(config.hosts.slow_timeout_s * 1000))
   return compiled
 
 
@@ -449,12 +526,14 @@ def _profiler(config, workdir, start: int, stop_at: int):
 
 
 def knn_inputs(config, mesh, pipeline):
-  """The monitor's (train-memory, evaluation) batches: config's splits and example counts."""
+  """The monitor's (train-memory, evaluation) batches: the config's monitor splits (by default
+  the validation split, carved from the train split, so that nothing chosen by watching the
+  monitor has seen the test split) and example counts."""
   eval_batch = max(config.batch_size, mesh.devices.size)
-  train_batches = pipeline.eval_input(config.data, split=config.data.train_split,
+  train_batches = pipeline.eval_input(config.data, split=config.knn_train_split,
                                       global_batch_size=eval_batch,
                                       max_examples=config.knn_train_examples)
-  eval_batches = pipeline.eval_input(config.data, split=config.data.eval_split,
+  eval_batches = pipeline.eval_input(config.data, split=config.knn_eval_split,
                                      global_batch_size=eval_batch,
                                      max_examples=config.knn_eval_examples)
   return train_batches, eval_batches
@@ -462,21 +541,19 @@ def knn_inputs(config, mesh, pipeline):
 
 def knn_monitor(config, mesh, pipeline, graphdef):
   """run(state) -> {"knn/top1_k{k}": %}: k-NN of the teacher backbone's global representation
-  ([CLS], or the mean patch token with `model.global_pool="mean_patch"`) on the
-  train -> eval splits; `run(apply_fn=f)` scores features `f(images)` instead (baselines)."""
+  ([CLS], or the mean patch token with `model.global_pool="mean_patch"`) on the monitor's
+  memory -> query splits (`knn_train_split`, `knn_eval_split`); `run(apply_fn=f)` scores
+  features `f(images)` instead (baselines)."""
   from flax import nnx
 
-  from sove_jax.evaluate import knn
-  from sove_jax.models import network
+  from sove_jax.evaluate import features, knn
 
   train_batches, eval_batches = knn_inputs(config, mesh, pipeline)
   pool = config.model.global_pool
 
   @jax.jit
-  def embed(teacher_params, images):
-    backbone = nnx.merge(graphdef, teacher_params).backbone
-    feature = network.global_pool(backbone(images), pool)
-    return feature / jnp.linalg.norm(feature, axis=-1, keepdims=True)
+  def embed(teacher_params, images):  # the evaluator's features, so its figures are the same
+    return features.knn_features(nnx.merge(graphdef, teacher_params).backbone, images, pool)
 
   def run(state=None, *, apply_fn=None):
     fn = apply_fn or (lambda images: embed(state.teacher, images))

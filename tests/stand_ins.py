@@ -18,8 +18,9 @@ class MeanColorViT(nnx.Module):
     self.scale = nnx.Param(jnp.ones(()))
 
   def __call__(self, images, mask=None, *, key=None, return_blocks=0):
-    b, h, w, c = images.shape
     p = self.patch_size
+    images = images[:, :images.shape[1] // p * p, :images.shape[2] // p * p]  # as a ViT's VALID conv
+    b, h, w, c = images.shape
     x = images.reshape(b, h // p, p, w // p, p, c).mean(axis=(2, 4)).reshape(b, -1, c)
     x = x * self.scale[...]
     return jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1)

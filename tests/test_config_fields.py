@@ -13,6 +13,7 @@ them: none may add a field the default does not declare.
 from __future__ import annotations
 
 import ast
+import json
 import glob
 import importlib
 import os
@@ -44,6 +45,11 @@ def _fields(config, prefix=""):
 
 
 LEAVES, SECTIONS = _fields(default.get_config())
+# The fine-tuning config (configs/finetune.py) is the other config of the project: in the
+# fine-tuning module, `config` and `c` are it, and `<x>_config` (run_config) the training run's.
+FINETUNE_LEAVES, FINETUNE_SECTIONS = _fields(
+    importlib.import_module("configs.finetune").get_config())
+FINETUNE_MODULE = os.path.join("sove_jax", "evaluate", "finetune.py")
 METHODS = {name for name in dir(ml_collections.ConfigDict) if not name.startswith("_")}
 
 
@@ -54,8 +60,13 @@ def _join(section: str, name: str) -> str:
 class _Scan:
   """Collects (path, "read" | "write", where) for every config field access in one module."""
 
-  def __init__(self, filename: str):
+  def __init__(self, filename: str, leaves=LEAVES, sections=SECTIONS, roots=ROOT_NAMES,
+               suffix_roots: bool = True, calls: bool = True):
+    """`roots`: parameter names holding a whole config of this schema (`leaves`, `sections`);
+    `suffix_roots`: `<section>_config` parameters too; `calls`: a `get_config()` result too."""
     self.filename = filename
+    self.leaves, self.sections, self.roots = leaves, sections, roots
+    self.suffix_roots, self.calls = suffix_roots, calls
     self.accesses: list[tuple[str, str, str]] = []
 
   # -- what an expression is ------------------------------------------------------------------
@@ -72,19 +83,18 @@ class _Scan:
       return self._child(self.section(node.value, env), self.names(node.slice, env))
     if isinstance(node, ast.Call):
       func = node.func
-      if (isinstance(func, ast.Attribute) and func.attr == "get_config") or (
-          isinstance(func, ast.Name) and func.id == "get_config"):
+      if self.calls and ((isinstance(func, ast.Attribute) and func.attr == "get_config") or (
+          isinstance(func, ast.Name) and func.id == "get_config")):
         return ""  # a config file's get_config()
       target, names = self._call_field(node, env)
       return self._child(target, names)
     return None
 
-  @staticmethod
-  def _child(section, names):
+  def _child(self, section, names):
     if section is None or len(names) != 1:
       return None
     path = _join(section, names[0])
-    return path if path in SECTIONS else None
+    return path if path in self.sections else None
 
   @staticmethod
   def names(node, env) -> list[str]:
@@ -110,11 +120,11 @@ class _Scan:
     args = fn.args
     for a in args.posonlyargs + args.args + args.kwonlyargs:
       name = a.arg
-      if name in ROOT_NAMES:
+      if name in self.roots:
         env[name] = ""
-      elif name.endswith("_config"):
+      elif name.endswith("_config") and self.suffix_roots:
         section = name[:-len("_config")]
-        env[name] = section if section in SECTIONS else ""
+        env[name] = section if section in self.sections else ""
       else:
         env.pop(name, None)  # a parameter shadows an outer alias
     return env
@@ -168,9 +178,9 @@ class _Scan:
   def record(self, section, names, kind, node):
     for name in names:
       path = _join(section, name)
-      if path in SECTIONS:
+      if path in self.sections:
         continue
-      if name in METHODS and path not in LEAVES:
+      if name in METHODS and path not in self.leaves:
         continue  # a ConfigDict method (update, get, to_dict, ...), not a field
       self.accesses.append((path, kind, f"{self.filename}:{node.lineno}"))
 
@@ -222,36 +232,76 @@ class _Scan:
             self.record(section, [k.arg for k in node.keywords if k.arg], "write", node)
       stack.extend(ast.iter_child_nodes(node))
 
+  # class name -> its `self.x` config aliases, for subclasses (filled by a first pass over the
+  # code: a base such as data/stream.py's TrainStream sets `self.config` for its subclasses).
+  class_envs: dict = {}
+
   def visit_class(self, cls, env):
-    """`self.x = <config>` in any method makes `self.x` config in every method."""
+    """`self.x = <config>` in any method makes `self.x` config in every method, and in the
+    methods of subclasses."""
     class_env = dict(env)
+    for base in cls.bases:
+      name = base.attr if isinstance(base, ast.Attribute) else getattr(base, "id", None)
+      class_env.update(self.class_envs.get((id(self.leaves), name), {}))
     for _ in range(2):
       for fn in cls.body:
         if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
           scope = self.bind(fn.body, self.params_env(fn, class_env))
           class_env.update({k: v for k, v in scope.items()
                             if isinstance(k, str) and k.startswith("self.")})
+    self.class_envs.setdefault((id(self.leaves), cls.name), {}).update(
+        {k: v for k, v in class_env.items() if isinstance(k, str) and k.startswith("self.")})
     self.visit(cls.body, class_env)
 
 
+def _scan(rel, tree, module_roots=MODULE_ROOTS, **schema):
+  scan = _Scan(rel, **schema)
+  scan.visit(tree.body, {name: "" for name in module_roots})
+  return scan.accesses
+
+
 def _scan_code():
-  accesses = []
+  """Every access to the training config's fields (and, in the fine-tuning module, to the
+  fine-tuning config's, returned second)."""
+  trees = []
   for folder in SCANNED:
     for path in sorted(glob.glob(os.path.join(ROOT, folder, "**", "*.py"), recursive=True)):
-      rel = os.path.relpath(path, ROOT)
       with open(path, encoding="utf-8") as f:
-        tree = ast.parse(f.read(), filename=rel)
-      scan = _Scan(rel)
-      scan.visit(tree.body, {name: "" for name in MODULE_ROOTS})
-      accesses += scan.accesses
-  return accesses
+        trees.append((os.path.relpath(path, ROOT), ast.parse(f.read(), filename=path)))
+  for _ in range(2):  # the first pass learns every class's config attributes (`class_envs`)
+    accesses, finetune = [], []
+    for rel, tree in trees:
+      if rel != FINETUNE_MODULE:
+        accesses += _scan(rel, tree)
+        continue
+      # run_config: the training run's; config and c: the fine-tuning config.
+      accesses += _scan(rel, tree, module_roots=(), roots=(), calls=False)
+      finetune += _scan(rel, tree, module_roots=("config", "c"), leaves=FINETUNE_LEAVES,
+                        sections=FINETUNE_SECTIONS, suffix_roots=False)
+  return accesses, finetune
 
 
 @pytest.fixture(scope="module")
-def accesses():
-  found = _scan_code()
+def scanned():
+  found, finetune = _scan_code()
   assert len({p for p, kind, _ in found if kind == "read"}) > 50  # the scan does see the code
-  return found
+  assert len({p for p, kind, _ in finetune if kind == "read"}) > 15
+  return found, finetune
+
+
+@pytest.fixture(scope="module")
+def accesses(scanned):
+  return scanned[0]
+
+
+def test_every_fine_tuning_field_is_declared_and_read(scanned):
+  """The same two checks for configs/finetune.py and the fine-tuning module."""
+  finetune = scanned[1]
+  undeclared = sorted(f"{path} ({where})" for path, _, where in finetune
+                      if path not in FINETUNE_LEAVES)
+  assert not undeclared, "Fine-tuning fields not in configs/finetune.py:\n" + "\n".join(undeclared)
+  unread = sorted(FINETUNE_LEAVES - {path for path, kind, _ in finetune if kind == "read"})
+  assert not unread, f"Declared in configs/finetune.py but read nowhere: {unread}"
 
 
 def test_every_field_the_code_uses_is_declared_in_the_default_config(accesses):
@@ -270,7 +320,7 @@ def test_every_declared_field_is_read_by_the_code(accesses):
 @pytest.mark.parametrize("name", sorted(
     os.path.splitext(os.path.basename(p))[0]
     for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-    if not os.path.basename(p).startswith("_")))
+    if not os.path.basename(p).startswith("_") and os.path.basename(p) != "finetune.py"))
 def test_config_files_only_set_declared_fields(name):
   module = importlib.import_module(f"configs.{name}")
   leaves, sections = _fields(module.get_config())
@@ -333,3 +383,20 @@ def test_model_variant_sets_the_size_and_positive_fields_replace_it():
   c.model.num_heads = -1
   with pytest.raises(configuration.ConfigError, match="model.num_heads=-1 must be >= 0"):
     configuration.validate(c, num_devices=8)
+
+
+def test_a_run_started_before_a_field_existed_resumes_under_its_default(tmp_path):
+  """config.json written before a field was added lacks it: the field's default (the old
+  behaviour) fills it, and the restart is not refused as "configured otherwise"."""
+  from configs import smoke
+  from sove_jax import checkpoint, configuration
+  config = smoke.get_config()
+  checkpoint.write_config(config, tmp_path)
+  stored = json.loads((tmp_path / "config.json").read_text())
+  del stored["data"]["mask_prob"], stored["hosts"]
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  old = checkpoint.read_config(tmp_path)
+  assert configuration.changed_fields(old, config, ignore=()) != {}
+  filled = configuration.with_new_fields(old)
+  assert filled.data.mask_prob == 1.0 and filled.hosts.stall_timeout_s > 0
+  assert configuration.changed_fields(filled, config) == {}

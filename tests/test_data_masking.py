@@ -260,3 +260,90 @@ def test_block_masks_on_the_default_4x4_grid(where):
   pieces = [_components(x) for x in m.reshape(n, *grid)]
   assert 1.3 < np.mean([len(x) for x in pieces]) < 1.6
   assert min(min(x) for x in pieces) == 1
+
+
+# ----------------------------------------------------------------------------- iBOT's recipe
+
+
+def draw_kept(where, seed, n, mask_type, prob, epoch=None, start=0) -> np.ndarray:
+  """Masks of the default 4 x 4 grid at ratio 0.3 +- 0.2 (iBOT's), kept with `prob`."""
+  grid = (4, 4)
+  if where == "host":
+    return masking.masks(seed, n, grid, mask_type, 0.3, 0.2, prob=prob, start_epoch=start,
+                         epoch=epoch).numpy()
+  key = jax.random.fold_in(jax.random.key(seed[0]), seed[1])
+  recipe = device_masks.MaskRecipe(grid, mask_type, 0.3, 0.2, prob=prob, start_epoch=start)
+  return np.asarray(jax.jit(device_masks.draw, static_argnums=(1, 2))(key, (n,), recipe,
+                                                                      None, epoch))
+
+
+@WHERE
+@pytest.mark.parametrize("mask_type", ["block", "random"])
+def test_a_crop_is_masked_with_the_recipes_probability(where, mask_type):
+  """iBOT's official masking (--pred_ratio 0 0.3 --pred_ratio_var 0 0.2): about half the crops
+  unmasked, the others masked as with probability 1 (the same masks: the keep is its own draw)."""
+  n = 4000
+  kept = draw_kept(where, [3, 9], n, mask_type, 0.5)
+  every = draw_kept(where, [3, 9], n, mask_type, 1.0)
+  # Each mask is the one of probability 1 or empty; of the crops masked at probability 1 (the
+  # authors' blocks may place none at ratio 0.1: 1.6 patches), a binomial half is kept.
+  same = (kept == every).all(1)
+  assert (same | ~kept.any(1)).all()
+  drawn = every.any(1)
+  assert drawn.mean() > 0.9
+  kept_share = kept.any(1)[drawn].mean()
+  assert abs(kept_share - 0.5) < 4 * math.sqrt(0.25 / drawn.sum())
+  quarter = draw_kept(where, [4, 1], n, mask_type, 0.25).any(1)
+  assert abs(quarter.mean() / drawn.mean() - 0.25) < 4 * math.sqrt(0.25 * 0.75 / n) / 0.9
+
+
+@WHERE
+def test_no_crop_is_masked_before_the_start_epoch(where):
+  early = draw_kept(where, [5, 2], 64, "block", 1.0, epoch=49, start=50)
+  late = draw_kept(where, [5, 2], 64, "block", 1.0, epoch=50, start=50)
+  assert not early.any() and late.any(1).all()
+  np.testing.assert_array_equal(late, draw_kept(where, [5, 2], 64, "block", 1.0))
+
+
+def test_probability_one_draws_the_masks_of_before():
+  """data.mask_prob = 1 (every config but iBOT's official one) takes no extra draw: the masks
+  are bit for bit those of the generator without the probability."""
+  host = masking._masks([1, 2], 32, (4, 4), "block", 0.3, 0.0, 0, device_masks.ASPECT,
+                        device_masks.ATTEMPTS).numpy()
+  np.testing.assert_array_equal(masking.masks([1, 2], 32, (4, 4), "block", 0.3).numpy(), host)
+
+
+def test_mask_probability_and_start_are_checked():
+  from configs import default
+  c = default.get_config()
+  c.data.mask_prob = 1.5
+  with pytest.raises(configuration.ConfigError, match="data.mask_prob must be a probability"):
+    configuration.validate_data(c.data, patch_size=7, global_batch_size=8)
+  c.data.mask_prob, c.data.mask_start_epoch = 0.5, -1
+  with pytest.raises(configuration.ConfigError, match="mask_start_epoch=-1 must be a whole"):
+    configuration.validate_data(c.data, patch_size=7, global_batch_size=8)
+  c.data.mask_start_epoch = 2
+  for augment in ("host", "device"):  # the step knows the epoch too (the schedules' epoch)
+    c.data.augment = augment
+    configuration.validate_data(c.data, patch_size=7, global_batch_size=8)
+
+
+def test_the_training_input_masks_crops_as_the_config_says():
+  """data.mask_prob and data.mask_start_epoch reach both generators: the host pipeline's
+  batches (no crop masked in epoch 0, about half of them after) and the device's recipe."""
+  from configs import default
+  from sove_jax.data import pipeline, sources
+  images = np.random.default_rng(0).integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
+  d = default.get_config().data
+  d.update(global_size=16, local_size=8, num_local=0, eval_resize=16, eval_crop=16, prefetch=1,
+           mask_prob=0.5, mask_ratio_var=0.2, mask_start_epoch=1)
+  configuration.validate_data(d, patch_size=4, global_batch_size=32)
+  train = pipeline.TrainInput(sources.ArraySource(images, np.arange(64), name="arrays"), d,
+                              patch_size=4, global_batch_size=32, seed=0, process_index=0,
+                              process_count=1)
+  first = np.concatenate([next(train)["mask"] for _ in range(2)])   # epoch 0: 2 batches
+  later = np.concatenate([next(train)["mask"] for _ in range(8)])   # epochs 1 to 4
+  assert not first.any()
+  assert abs(later.any(-1).mean() - 0.5) < 4 * math.sqrt(0.25 / later[..., 0].size)
+  recipe = device_masks.MaskRecipe.from_config(d, 4)
+  assert (recipe.prob, recipe.start_epoch) == (0.5, 1)

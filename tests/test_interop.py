@@ -1,4 +1,5 @@
-"""Weights to and from PyTorch (sove_jax/interop/torch_weights.py).
+"""Weights to and from PyTorch (sove_jax/interop/): the DINO layout, weight files, and released
+weights (DINO's, iBOT's and the authors' key layouts, in files written here) evaluated.
 
 The parity reference is a PyTorch ViT forward written here from the DINO layout alone (it shares
 no code with the exporter), so a wrong transpose or reshape in the export shows up as a wrong
@@ -18,7 +19,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sove_jax.interop import released
 from sove_jax.interop import torch_weights as tw
+from sove_jax.interop import weight_files as wf
 from sove_jax.models.vit import create_vit
 
 try:
@@ -230,12 +233,12 @@ def test_scan_and_loop_layouts_export_the_same_state_dict(model):
 
 @needs_torch
 def test_round_trip_through_pth_and_safetensors_files(tmp_path, model, state_dict):
-  tw.save_pth(state_dict, str(tmp_path / "w.pth"))
-  tw.save_safetensors(state_dict, str(tmp_path / "w.safetensors"), metadata={"step": 7})
+  wf.save_pth(state_dict, str(tmp_path / "w.pth"))
+  wf.save_safetensors(state_dict, str(tmp_path / "w.safetensors"), metadata={"step": 7})
   loaded = torch.load(tmp_path / "w.pth", weights_only=True)  # what a PyTorch user does
   assert list(loaded) == list(state_dict)
   assert all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 for v in loaded.values())
-  assert tw.safetensors_metadata(str(tmp_path / "w.safetensors")) == {"step": "7"}
+  assert wf.safetensors_metadata(str(tmp_path / "w.safetensors")) == {"step": "7"}
   for name in ("w.pth", "w.safetensors"):
     target = _vit(9)
     tw.import_weights(str(tmp_path / name), target)
@@ -249,7 +252,7 @@ def test_safetensors_bytes_follow_the_format(tmp_path):
   arrays = {"b": np.arange(6, dtype=np.float32).reshape(2, 3) - 2.5,
             "a": np.array([1.5, -2.25], ml_dtypes.bfloat16), "c": np.zeros((0, 4), np.float32)}
   path = str(tmp_path / "x.safetensors")
-  tw.save_safetensors(arrays, path, metadata={"k": "v"})
+  wf.save_safetensors(arrays, path, metadata={"k": "v"})
   raw = open(path, "rb").read()
   (n,) = struct.unpack("<Q", raw[:8])
   assert (8 + n) % 8 == 0
@@ -259,14 +262,14 @@ def test_safetensors_bytes_follow_the_format(tmp_path):
   assert header["a"]["dtype"] == "BF16" and header["c"]["shape"] == [0, 4]
   begin, end = header["b"]["data_offsets"]
   assert raw[8 + n + begin:8 + n + end] == arrays["b"].astype("<f4").tobytes()
-  loaded = tw.load_safetensors(path)
+  loaded = wf.load_safetensors(path)
   for k, v in arrays.items():
     assert loaded[k].dtype == v.dtype and loaded[k].shape == v.shape
     np.testing.assert_array_equal(loaded[k].view(np.uint8), v.view(np.uint8))
   with open(path, "r+b") as f:  # a truncated file is refused, not read short
     f.truncate(len(raw) - 4)
   with pytest.raises(ValueError, match="not a readable safetensors file"):
-    tw.load_safetensors(path)
+    wf.load_safetensors(path)
 
 
 # ------------------------------------------------------------------ importing PyTorch checkpoints
@@ -347,8 +350,8 @@ class _NotATensor:
 def test_pth_with_arbitrary_objects_needs_trust(tmp_path, state_dict):
   torch.save({"teacher": _as_torch(state_dict), "extra": _NotATensor()}, tmp_path / "x.pth")
   with pytest.raises(ValueError, match="trusted=True"):
-    tw.load_pth(str(tmp_path / "x.pth"))
-  loaded = tw.load_pth(str(tmp_path / "x.pth"), trusted=True)
+    wf.load_pth(str(tmp_path / "x.pth"))
+  loaded = wf.load_pth(str(tmp_path / "x.pth"), trusted=True)
   np.testing.assert_array_equal(loaded["teacher"]["norm.bias"], state_dict["norm.bias"])
 
 
@@ -381,21 +384,21 @@ def workdir(tmp_path_factory):
 
 
 @needs_torch
-def test_export_cli_on_workdir_and_import_cli(workdir, tmp_path, capsys):
+def test_export_and_import_commands(workdir, tmp_path, capsys):
   path, states = workdir
   out = str(tmp_path / "teacher.safetensors")
-  tw.main(["export", f"--workdir={path}", f"--out={out}"])  # latest step, teacher
+  tw.export_command(workdir=path, out=out)  # latest step, teacher
   summary = json.loads(capsys.readouterr().out)
   assert summary["step"] == 2 and summary["which"] == "teacher"
   want = tw.to_torch_state_dict(states[2].teacher)
-  got = tw.load_safetensors(out)
+  got = wf.load_safetensors(out)
   assert got.keys() == want.keys()
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-  assert tw.safetensors_metadata(out)["step"] == "2"
+  assert wf.safetensors_metadata(out)["step"] == "2"
 
   pth = str(tmp_path / "student.pth")
-  tw.main(["export", f"--workdir={path}", f"--out={pth}", "--step=1", "--which=student"])
+  tw.export_command(workdir=path, out=pth, step=1, which="student")
   got = torch.load(pth, weights_only=True)
   want = tw.to_torch_state_dict(states[1].student)
   assert not np.array_equal(want["norm.weight"], tw.to_torch_state_dict(states[1].teacher)[
@@ -404,13 +407,180 @@ def test_export_cli_on_workdir_and_import_cli(workdir, tmp_path, capsys):
     np.testing.assert_array_equal(got[k].numpy(), want[k], err_msg=k)
 
   capsys.readouterr()
-  tw.main(["import", f"--checkpoint={out}", "--variant=ti", "--width=32", "--depth=2",
-           "--num_heads=2", "--patch_size=7", "--image_size=28"])
+  tiny = dict(variant="ti", width=32, depth=2, num_heads=2, patch_size=7, image_size=28)
+  tw.import_command(checkpoint=out, **tiny)
   report = capsys.readouterr().out
   assert f"Loaded {len(want)} backbone tensors" in report and "finite=True" in report
-  with pytest.raises(SystemExit, match="missing key blocks.2"):
-    tw.main(["import", f"--checkpoint={out}", "--variant=ti", "--width=32", "--depth=3",
-             "--num_heads=2", "--patch_size=7", "--image_size=28"])
+  with pytest.raises(ValueError, match="missing key blocks.2"):
+    tw.import_command(checkpoint=out, **{**tiny, "depth": 3})
+
+
+@pytest.mark.slow
+def test_weights_command_line_parses_absl_flags(workdir, tmp_path):
+  """One real process: `export` then `import` with absl flags, and a usage error in one line."""
+  import subprocess
+  import sys
+  path, _ = workdir
+  out = str(tmp_path / "t.safetensors")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = lambda *args: subprocess.run([sys.executable, "-m", "sove_jax.interop.torch_weights",
+                                      *args], capture_output=True, text=True, cwd=root,
+                                     timeout=300)
+  done = run("export", f"--workdir={path}", f"--out={out}", "--nomask_token")
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert json.loads(done.stdout)["step"] == 2 and "masked_embed" not in wf.load_safetensors(out)
+  done = run("import", f"--checkpoint={out}", "--variant=ti", "--width=32", "--depth=2",
+             "--num_heads=2", "--patch_size=7", "--image_size=28")
+  assert done.returncode == 0 and "Loaded 30 backbone tensors" in done.stdout, done.stderr
+  done = run("convert", f"--checkpoint={out}")
+  assert done.returncode == 1 and "Give one command, export or import" in done.stderr
+
+
+# ------------------------------------------------------------------ released weights
+
+ARCH = dict(patch_size=16, image_size=32, dtype=jnp.float32)  # DINO's vit_tiny, at 32 px
+
+
+def _released_vit(seed):
+  return _vit(seed, **ARCH, width=192, depth=12, num_heads=3)
+
+
+def _head(prefix, hidden=48, dim=192, seed=0):
+  """A projection head's tensors as DINO, iBOT and the authors store them (head.mlp.0 first)."""
+  g = torch.Generator().manual_seed(seed)
+  head = {"mlp.0.weight": torch.randn(hidden, dim, generator=g),
+          "mlp.0.bias": torch.randn(hidden, generator=g),
+          "mlp.2.weight": torch.randn(hidden, hidden, generator=g),
+          "mlp.4.weight": torch.randn(8, hidden, generator=g)}
+  return {f"{prefix}head.{k}": v for k, v in head.items()}
+
+
+def _layouts(teacher, student):
+  """file name -> (object torch.save writes, checkpoint_key, has the mask token, has a head):
+  each official layout, made here (nothing can be downloaded)."""
+  t = lambda m, prefix="", mask=True: _as_torch(tw.to_torch_state_dict(m, mask_token=mask),
+                                                prefix)
+  return {
+      # DINO's released backbone (dino_deitsmall16_pretrain.pth): flat, no prefix, no head.
+      "dino_backbone.pth": (t(teacher, mask=False), "teacher", False, False),
+      # DINO's full checkpoint: teacher under MultiCropWrapper, student under DDP, with heads.
+      "dino_full.pth": ({"teacher": {**t(teacher, "backbone.", mask=False), **_head("")},
+                         "student": {**t(student, "module.backbone.", mask=False),
+                                     **_head("module.", seed=1)},
+                         "epoch": 100, "args": argparse.Namespace(arch="vit_tiny")},
+                        "teacher", False, True),
+      # iBOT's checkpoint_teacher.pth: {"state_dict": backbone with masked_embed}.
+      "ibot_teacher.pth": ({"state_dict": t(teacher)}, "teacher", True, False),
+      # iBOT's full checkpoint: a head with last_layer2 beside the backbone's masked_embed.
+      "ibot_full.pth": ({"teacher": {**t(teacher, "backbone."), **_head(""),
+                                     "head.last_layer2.weight_g": torch.ones(8, 1)},
+                         "student": {**t(student, "module.backbone."), **_head("module.", seed=1)},
+                         "ibot_loss": {"center": torch.zeros(1, 8)}}, "teacher", True, True),
+      # The authors' SOVE checkpoint.pth: iBOTHead (mlp only) and the memory banks beside.
+      "sop_full.pth": ({"teacher": {**t(teacher, "backbone."), **_head("")},
+                        "student": {**t(student, "module.backbone."), **_head("module.", seed=1)},
+                        "class_memory_bank": {"queue": torch.zeros(16, 8)},
+                        "patch_memory_bank": {"queue": torch.zeros(16, 8)}, "epoch": 3},
+                       "teacher", True, True),
+      "sop_student.pth": ({"student": {**t(student, "module.backbone."),
+                                       **_head("module.", seed=1)}, "teacher": {}},
+                          "student", True, True),
+  }
+
+
+@needs_torch
+def test_released_weights_load_in_every_official_layout(tmp_path):
+  """DINO's, iBOT's and the authors' files, .pth and .safetensors: the backbone of the chosen
+  entry bit for bit, the head's first layer where the file holds a head; then, for a flat and a
+  nested file, the whole backbone with the patch and image size read from the tensors and the
+  evaluation config of the paper's ImageNet runs."""
+  teacher, student = _released_vit(31), _released_vit(32)
+  want_tensors = {"teacher": tw.to_torch_state_dict(teacher),
+                  "student": tw.to_torch_state_dict(student)}
+  for name, (obj, key, mask, has_head) in _layouts(teacher, student).items():
+    torch.save(obj, tmp_path / name)
+    raw = wf.load_weights_file(str(tmp_path / name))
+    tensors, ignored, _ = wf.select_backbone(raw, checkpoint_key=key)
+    want = {k: v for k, v in want_tensors[key].items() if mask or k != tw.MASK_KEY}
+    assert tensors.keys() == want.keys(), name
+    for k in want:
+      np.testing.assert_array_equal(tensors[k], want[k], err_msg=f"{name}: {k}")
+    assert all(k.split("head.", 1)[0] in ("", "module.") for k in ignored), name
+    layer = wf.select_head_layer(raw, checkpoint_key=key)
+    if has_head:
+      g = torch.Generator().manual_seed(1 if key == "student" else 0)
+      np.testing.assert_array_equal(layer["kernel"], torch.randn(48, 192, generator=g).numpy().T)
+      assert layer["bias"].shape == (48,)
+    else:
+      assert layer is None, name
+  for name in ("dino_full.pth", "ibot_teacher.pth"):
+    loaded = released.load_released(str(tmp_path / name), arch="vit_tiny")
+    config, model = loaded
+    got, want = _params(model), _params(teacher)
+    if name.startswith("dino"):  # DINO trains no mask token
+      got.pop("mask_token"), want.pop("mask_token")
+    _assert_bitwise_equal(got, want)
+    assert loaded.step is None and loaded.source == str(tmp_path / name)
+    assert (config.model.variant, config.model.patch_size, config.data.global_size) == (
+        "ti", 16, 32)
+    assert model.pos_interpolation == "dino" and config.data.eval_crop == 32
+    assert (loaded.head_layer is not None) == name.startswith("dino")
+  # The same backbone from a .safetensors file (flat, as `export` writes it).
+  wf.save_safetensors(tw.to_torch_state_dict(teacher), str(tmp_path / "t.safetensors"))
+  tensors, _, _ = wf.select_backbone(wf.load_weights_file(str(tmp_path / "t.safetensors")))
+  assert released.trained_sizes(tensors) == (16, 32)
+  with pytest.raises(ValueError, match="--arch='swin_tiny' is not a released ViT"):
+    released.load_released(str(tmp_path / "t.safetensors"), arch="swin_tiny")
+  with pytest.raises(ValueError, match=r"width 192 and depth 12 \(vit_tiny\), not vit_small "
+                                       r"\(width 384, depth 12\): pass --arch=vit_tiny\.$"):
+    released.load_released(str(tmp_path / "t.safetensors"), arch="vit_small")
+
+
+@needs_torch
+def test_released_weights_are_evaluated_like_a_workdir(tmp_path):
+  """`--weights=FILE --arch` through the spine: k-NN of the released teacher on made data, the
+  record naming the file, the architecture and the entry, and no step; results beside the
+  file in a folder named after it."""
+  from sove_jax.evaluate import knn, protocol
+  teacher = _released_vit(41)
+  path = tmp_path / "dino_full.pth"
+  torch.save(_layouts(teacher, _released_vit(42))["dino_full.pth"][0], path)
+  source = protocol.Source(weights=str(path), arch="vit_tiny")
+  source.check()
+  assert source.out_dir() == str(tmp_path / "dino_full")
+  rng = np.random.default_rng(0)
+  split = lambda n: (rng.normal(size=(n, 32, 32, 3)).astype(np.float32), np.arange(n) % 3)
+  data = {"train": split(24), "validation": split(8)}  # the ImageNet config's splits
+
+  def input_fn(data_config, *, split, global_batch_size, max_examples=-1, **_):
+    x, y = data[split]
+    return [{"image": x, "label": y.astype(np.int32), "valid": np.ones(len(y), bool)}]
+
+  protocol.run(knn.PROTOCOL, load=source.load, options=dict(input_fn=input_fn, ks=(1, 5),
+                                                             batch_size=8),
+               out_dir=source.out_dir(), source=source.describe())
+  record = json.loads((tmp_path / "dino_full" / "knn.json").read_text())
+  assert record["weights"] == str(path) and record["arch"] == "vit_tiny"
+  assert record["checkpoint_key"] == "teacher" and record["step"] is None
+  feats = np.asarray(teacher(data["train"][0])[:, 0], np.float64)
+  feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+  test = np.asarray(teacher(data["validation"][0])[:, 0], np.float64)
+  test /= np.linalg.norm(test, axis=1, keepdims=True)
+  nearest = data["train"][1][np.argmax(test @ feats.T, axis=1)]
+  assert record["top1"]["full"]["1"] == pytest.approx(100 * np.mean(nearest == data["validation"][1]))
+
+
+def test_backbone_sources_fail_in_one_sentence(tmp_path):
+  from sove_jax import configuration
+  from sove_jax.evaluate import protocol
+  cases = [(dict(), "--workdir=DIR"), (dict(workdir="w", weights="x.pth"), "not both"),
+           (dict(weights="x.pth"), "--weights needs --arch"),
+           (dict(weights="x.pth", arch="vit_small", step=3), "--step names a checkpoint")]
+  for fields, words in cases:
+    with pytest.raises(configuration.ConfigError, match=words):
+      protocol.Source(**fields).check()
+  with pytest.raises(FileNotFoundError, match="No weights file"):
+    protocol.Source(weights=str(tmp_path / "none.pth"), arch="vit_small").check()
 
 
 def test_package_imports_without_torch():
@@ -423,3 +593,35 @@ def test_package_imports_without_torch():
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, cwd=root)
   assert result.returncode == 0 and "masked_embed" in result.stdout, result.stderr
+
+
+@needs_torch
+@pytest.mark.slow
+def test_weights_flags_of_an_evaluation_command(tmp_path):
+  """One real process: `python -m sove_jax.evaluate.knn --weights=FILE --arch=vit_tiny` on an
+  image folder; the record beside the file names the weights, and bad flags fail in one line."""
+  import subprocess
+  import sys
+
+  from sove_jax.data import sources
+  path = tmp_path / "dino_vittiny.pth"
+  torch.save(_as_torch(tw.to_torch_state_dict(_released_vit(51), mask_token=False)), path)
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 16), ("test", 8)):
+    sources.write_image_folder(str(tmp_path / "data"), split,
+                               rng.integers(0, 256, (n, 40, 40, 3)).astype(np.uint8),
+                               np.arange(n) % 2)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = lambda *args: subprocess.run(
+      [sys.executable, "-m", "sove_jax.evaluate.knn", *args], capture_output=True, text=True,
+      cwd=root, timeout=600)
+  done = run(f"--weights={path}", "--arch=vit_tiny", "--dataset=folder",
+             f"--data_dir={tmp_path / 'data'}", "--train_split=train", "--eval_split=test",
+             "--batch_size=8", "--ks=1,5", "--baselines=none")
+  assert done.returncode == 0, done.stderr[-3000:]
+  record = json.loads((tmp_path / "dino_vittiny" / "knn.json").read_text())
+  assert record["weights"] == str(path) and record["step"] is None
+  assert set(record["top1"]["full"]) == {"1", "5"}
+  done = run(f"--weights={path}", "--dataset=folder")
+  errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+  assert done.returncode == 1 and len(errors) == 1 and "--weights needs --arch" in errors[0]

@@ -1,13 +1,14 @@
 """PCA pictures of patch features: the components against a float64 eigen-decomposition, the
 picture's layout and determinism, two regions told apart, and background removal."""
 import json
+import logging
 
 import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
-from sove_jax.evaluate import pca
+from sove_jax.evaluate import pca, protocol
 from stand_ins import MEAN, STD, MeanColorViT
 
 
@@ -39,15 +40,19 @@ def two_region_image(rng, size=32):
   return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
-def test_two_regions_and_layout(tmp_path, capsys):
+def run(tmp_path, **options):
+  return protocol.run(pca.PROTOCOL, load=lambda: (run_config(), MeanColorViT()),
+                      options=options, out_dir=str(tmp_path))
+
+
+def test_two_regions_and_layout(tmp_path, caplog):
   rng = np.random.default_rng(0)
   paths = []
   for i in range(2):
     paths.append(str(tmp_path / f"{i}.png"))
     Image.fromarray(two_region_image(rng)).save(paths[-1])
-  load = lambda workdir, step, which: (run_config(), MeanColorViT())
-  summary = pca.evaluate_checkpoint(str(tmp_path), load_backbone=load, images=paths,
-                                    batch_size=8)
+  with caplog.at_level(logging.INFO):
+    summary = run(tmp_path, images=paths, batch_size=8)
   picture = np.asarray(Image.open(tmp_path / "pca.png"))
   # image_size defaults to twice the training crop: 32 px, an 8 x 8 grid of 4-px patches.
   assert picture.shape == (2 * 32 + pca.GAP, 2 * 32 + pca.GAP, 3)
@@ -61,11 +66,11 @@ def test_two_regions_and_layout(tmp_path, capsys):
     assert left.max() < right.min() or right.max() < left.min()
   assert abs(int(red[0, 0]) - int(red[32 + pca.GAP, 0])) < 40
   record = json.loads((tmp_path / "pca.json").read_text())
-  assert record["images"] == paths and "explained variance" in capsys.readouterr().out
+  assert record["images"] == paths and "explained variance" in caplog.text
+  assert record["protocol"] == "pca_dinov2" and record["step"] == "latest"
 
   # Deterministic: the same picture again, byte for byte.
-  pca.evaluate_checkpoint(str(tmp_path), load_backbone=load, images=paths, batch_size=8,
-                          out=str(tmp_path / "again.png"))
+  run(tmp_path, images=paths, batch_size=8, out=str(tmp_path / "again.png"))
   assert (tmp_path / "again.png").read_bytes() == (tmp_path / "pca.png").read_bytes()
 
 

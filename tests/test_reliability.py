@@ -251,11 +251,11 @@ def test_restart_with_another_config_is_compared_before_anything_is_written(trai
 # --- 4. after a non-finite loss -------------------------------------------------------------------
 
 def _poisoned_run(monkeypatch, workdir, at_step, **fields):
-  from sove_jax.data import pipeline
+  from sove_jax import feed
   config = smoke.get_config()
   config.total_steps = 6
   config.update(fields)
-  real, calls = pipeline.to_global, {"n": 0}
+  real, calls = feed.to_global, {"n": 0}
 
   def poisoned(batch, sh):
     calls["n"] += 1
@@ -263,7 +263,7 @@ def _poisoned_run(monkeypatch, workdir, at_step, **fields):
       batch = dict(batch, **{"global": np.full_like(batch["global"], np.nan)})
     return real(batch, sh)
 
-  monkeypatch.setattr(pipeline, "to_global", poisoned)
+  monkeypatch.setattr(feed, "to_global", poisoned)
   with pytest.raises(train.NonFiniteLoss) as failure:
     train.train_and_evaluate(config, str(workdir))
   return str(failure.value)
@@ -513,16 +513,15 @@ def test_sigkill_and_resume_log_each_step_once(tmp_path):
 
 def test_gs_workdir_trains_resumes_and_evaluates_on_a_fake_bucket(tmp_path):
   """--workdir=gs://bucket/run end to end: Orbax's arrays through tensorstore's GCS driver,
-  everything else through epath, to a fake bucket (tests/fake_gcs.py); nothing is written to a
-  local path named after the URL."""
-  sys.path.insert(0, str(ROOT / "tests"))
-  import fake_gcs
+  everything else through epath, to a fake bucket (sove_jax/rehearsal/fake_gcs.py); nothing is
+  written to a local path named after the URL."""
+  from sove_jax.rehearsal import fake_gcs
   bucket = tmp_path / "bucket"
   (bucket / "bkt").mkdir(parents=True)
   cwd_before = set(os.listdir(ROOT))
   with fake_gcs.FakeGcsServer(bucket) as server:
     env = dict(os.environ, **server.env)
-    boot = ("tests/fake_gcs.py", str(bucket))
+    boot = ("-m", "sove_jax.rehearsal.fake_gcs", str(bucket))
 
     def run(module, *args):
       code, out, _ = _run(None, module, *args, env=env, prefix=boot)

@@ -501,3 +501,44 @@ def test_init_and_bad_options():
     create_swin("x", rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="no classifier"):
     create_swin(rngs=nnx.Rngs(0), **{**TINY, "num_classes": 0}).classify(jnp.ones((1, 24, 24, 3)))
+
+
+# --- the evaluations read a Swin's tokens on its own grid -----------------------------------------
+
+def test_patch_features_of_a_swin_land_on_its_token_grid(tiny):
+  """A Swin's final tokens sit one per `stride` pixels (here 2 x 2 x 2 = 8), not one per patch:
+  a 24 x 32 image gives a 3 x 4 grid whose cell (r, c) is token 1 + 4 r + c. (Reshaped by the
+  patch size, as before, the 12 tokens cannot fill a 12 x 16 grid.)"""
+  from sove_jax import sharding
+  from sove_jax.evaluate import images as images_lib
+  assert images_lib.token_stride(tiny) == tiny.stride == 8
+  x = np.random.default_rng(0).normal(size=(2, 24, 32, 3)).astype(np.float32)
+  mesh = sharding.batch_mesh(jax.devices()[:1])
+  grid = np.asarray(images_lib.patch_features(tiny, mesh=mesh, normalize=False)(x))
+  tokens = np.asarray(tiny(x))
+  assert grid.shape == (2, 3, 4, tiny.width)
+  for r in range(3):
+    for c in range(4):
+      np.testing.assert_allclose(grid[:, r, c], tokens[:, 1 + 4 * r + c], rtol=1e-5, atol=1e-6)
+  # An image that is not a multiple of the stride is cut to whole strides first.
+  cut = np.asarray(images_lib.patch_features(tiny, mesh=mesh, normalize=False)(
+      np.pad(x, ((0, 0), (0, 5), (0, 7), (0, 0)))))
+  np.testing.assert_allclose(cut, grid, rtol=1e-5, atol=1e-6)
+
+
+def test_pca_and_video_of_a_swin_use_its_stride(tiny, tmp_path):
+  """The PCA picture draws one block per token of stride 8; propagated label maps upsample by it."""
+  import ml_collections
+  from PIL import Image
+
+  from sove_jax.evaluate import pca, video
+  path = tmp_path / "a.png"
+  Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40, 3), np.uint8)).save(path)
+  config = ml_collections.ConfigDict({"data": {"mean": (0.5,) * 3, "std": (0.25,) * 3,
+                                               "global_size": 24}})
+  canvas, summary = pca.pca_picture(config, tiny, [path], image_size=36, batch_size=8)
+  assert summary["image_size"] == 32 and summary["grid"] == [4, 4]
+  assert canvas.shape == (32, 2 * 32 + pca.GAP, 3)
+  soft = jnp.zeros((3, 4, 2)).at[1, 2, 1].set(1.0)
+  labels = np.asarray(video.label_map(soft, tiny.stride))
+  assert labels.shape == (24, 32) and labels[12, 20] == 1 and labels[0, 0] == 0

@@ -3,6 +3,7 @@
 Runs that must be separate processes (resume in a new process, SIGKILL, SIGTERM, main end to
 end) go through `python -m sove_jax.main`; they inherit the 8 fake CPU devices of the session.
 """
+import dataclasses
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import time
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -155,10 +157,10 @@ def test_main_rejects_bad_config_before_compiling(tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-  from sove_jax.data import pipeline
+  from sove_jax import feed
   config = smoke.get_config()
   config.total_steps, config.checkpoint_every = 6, 1
-  real = pipeline.to_global
+  real = feed.to_global
   calls = {"n": 0}
 
   def poisoned(batch, sh):
@@ -167,7 +169,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monke
       batch = dict(batch, **{"global": np.full_like(batch["global"], np.nan)})
     return real(batch, sh)
 
-  monkeypatch.setattr(pipeline, "to_global", poisoned)
+  monkeypatch.setattr(feed, "to_global", poisoned)
   with pytest.raises(train.NonFiniteLoss, match="at step 3"):
     train.train_and_evaluate(config, str(tmp_path))
   ck = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=10)
@@ -214,7 +216,7 @@ def test_device_augmentation_trains_and_resumes_bitwise_exact(tmp_path):
   a, data_a = _restore(straight, 4)
   b, data_b = _restore(split, 4)
   _assert_trees_equal(a, b)
-  assert data_a == data_b == {"epoch": 0, "position": 64, "process_count": 1}
+  assert data_a == data_b == {"process_count": 1, "processes": [{"epoch": 0, "position": 64}]}
 
 
 def test_device_mode_step_cuts_the_views_and_draws_the_masks_from_the_state_key():
@@ -278,22 +280,44 @@ def test_device_mode_step_cuts_the_views_and_draws_the_masks_from_the_state_key(
   assert not np.asarray(kept["mask"]).any()
 
 
-def test_sigterm_saves_at_step_boundary_and_exits_zero(tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_at_step_boundary_and_exits_zero(tmp_path, signum):
+  """SIGTERM (preemption) or a first Ctrl-C: the step in progress ends, is saved, exit 0."""
   proc = _main(tmp_path, "--config.total_steps=100000", "--config.checkpoint_every=100000")
   lines = []
   for line in proc.stdout:
     lines.append(line)
     if _STEP_LINE.search(line):
-      proc.send_signal(signal.SIGTERM)
+      proc.send_signal(signum)
       break
   out, _ = proc.communicate(timeout=120)
   out = "".join(lines) + out
   assert proc.returncode == 0, out
-  assert "preempted: saved step" in out
-  saved_step = int(re.search(r"preempted: saved step (\d+)", out).group(1))
+  name = signal.Signals(signum).name
+  saved_step = int(re.search(rf"stopped \({name}\): saved step (\d+)", out).group(1))
   ck = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=10)
   assert ck.latest_step() == saved_step
   ck.close()
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_aborts_at_once_without_saving(tmp_path):
+  proc = _main(tmp_path, "--config.total_steps=100000", "--config.checkpoint_every=100000",
+               "--config.log_every=100000")
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if "new run:" in line:  # before the first step: no step can be saved
+      proc.send_signal(signal.SIGINT)
+    if "SIGINT received" in line:
+      proc.send_signal(signal.SIGINT)
+      break
+  out, _ = proc.communicate(timeout=120)
+  out = "".join(lines) + out
+  assert proc.returncode == 130, out
+  assert "second SIGINT: aborted without saving" in out and "Traceback" not in out
+  assert checkpoint.checkpoint_steps(str(tmp_path)) == []
 
 
 def test_sigkill_during_async_save_restarts_from_last_complete(tmp_path):
@@ -396,24 +420,65 @@ def test_distributed_initialization_uses_the_flags_or_jax_cluster_detection(monk
   from sove_jax import main
   calls = []
 
+  timeouts = dict(heartbeat_timeout_seconds=300, shutdown_timeout_seconds=60)
+
   def initialize(**kwargs):
     calls.append(kwargs)
-    if not kwargs:  # what jax.distributed.initialize() says where it detects no cluster
+    if kwargs == timeouts:  # what jax.distributed.initialize() says where it detects no cluster
       raise ValueError("coordinator_address should be defined.")
 
   monkeypatch.setattr(jax.distributed, "initialize", initialize)
   monkeypatch.setenv("JAX_PLATFORMS", "")  # not the CPU-only gloo set-up in this process
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-  main._initialize_distributed()
-  assert calls == [{}]
+  hosts_config = smoke.get_config().hosts  # the config's hosts block sets JAX's timeouts
+  main._initialize_distributed(hosts_config)
+  assert calls == [timeouts]
   with flagsaver.flagsaver(coordinator_address="host:1234", num_processes=2, process_id=1):
-    main._initialize_distributed()
-  assert calls[-1] == dict(coordinator_address="host:1234", num_processes=2, process_id=1)
+    main._initialize_distributed(hosts_config)
+  assert calls[-1] == dict(coordinator_address="host:1234", num_processes=2, process_id=1,
+                           **timeouts)
 
   def unreachable(**kwargs):
     raise ValueError("Number of processes must be defined.")
 
   monkeypatch.setattr(jax.distributed, "initialize", unreachable)
   with pytest.raises(ValueError, match="Number of processes"):
-    main._initialize_distributed()
+    main._initialize_distributed(hosts_config)
+
+
+def test_keep_period_keeps_every_nth_checkpoint_for_good(tmp_path):
+  config = smoke.get_config()
+  config.total_steps, config.checkpoint_every = 7, 1
+  config.keep_checkpoints, config.keep_period = 2, 3
+  train.train_and_evaluate(config, str(tmp_path))
+  # The last two, and every multiple of 3 before them.
+  assert checkpoint.checkpoint_steps(str(tmp_path)) == [3, 6, 7]
+  config.keep_period = 2  # any period is a multiple of a checkpoint every step
+  configuration.validate_run_control(config)
+  config.checkpoint_every, config.keep_period = 4, 6
+  with pytest.raises(configuration.ConfigError, match="keep_period=6 must be a multiple"):
+    configuration.validate_run_control(config)
+
+
+def test_the_device_step_masks_no_crop_before_the_masks_start_epoch():
+  """data.mask_start_epoch in device mode: the step counts epochs by the schedules'
+  steps_per_epoch; before the start every mask is empty, from it on the masks are those drawn
+  without a start."""
+  config = smoke.get_config()
+  config.data.update(augment="device", mask_start_epoch=1)
+  config.data.num_local = 0
+  schedules = optim.make_schedules(config, steps_per_epoch=10, total_steps=30)
+  assert schedules.steps_per_epoch == 10
+  recipe, mask_recipe = views.Recipe.from_config(config.data), step_lib.masks_for(config)
+  images = np.random.default_rng(0).integers(0, 255, (32, 28, 28, 1), np.uint8)
+  batch = {"index": np.arange(16, dtype=np.int32), "images": images,
+           "label": np.zeros(16, np.int32)}
+  key = jax.random.PRNGKey(3)
+  cut = jax.jit(step_lib.device_views, static_argnums=(2, 3))
+  before = cut(batch, key, recipe, mask_recipe, None, jnp.int32(9 // 10))  # step 9: epoch 0
+  after = cut(batch, key, recipe, mask_recipe, None, jnp.int32(10 // 10))  # step 10: epoch 1
+  unstarted = cut(batch, key, recipe, dataclasses.replace(mask_recipe, start_epoch=0))
+  assert not np.asarray(before["mask"]).any()
+  assert np.asarray(after["mask"]).any()
+  np.testing.assert_array_equal(np.asarray(after["mask"]), np.asarray(unstarted["mask"]))

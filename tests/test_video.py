@@ -5,6 +5,7 @@ The stand-in backbone's patch tokens are each patch's mean standardised color, s
 red square matches red patches: what propagation has to do is follow them from frame to frame.
 """
 import json
+import logging
 
 import jax.numpy as jnp
 import ml_collections
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sove_jax.evaluate import images, video
+from sove_jax.evaluate import images, protocol, video
 from stand_ins import MEAN, STD, MeanColorViT
 
 
@@ -186,13 +187,15 @@ def write_davis(root, frames=10, sequence="shapes"):
   return truth, palette
 
 
-def test_propagation_tracks_moving_shapes(tmp_path, capsys):
+def test_propagation_tracks_moving_shapes(tmp_path, caplog):
   truth, palette = write_davis(tmp_path / "davis")
   config = ml_collections.ConfigDict({"data": {"mean": MEAN, "std": STD}})
-  results = video.evaluate_checkpoint(
-      str(tmp_path), load_backbone=lambda workdir, step, which: (config, MeanColorViT()),
-      data_dir=str(tmp_path / "davis"), frame_size=48, n_last_frames=3, topk=5, radius=4,
-      temperature=0.1, batch_size=8, output_dir=str(tmp_path / "masks"))
+  with caplog.at_level(logging.INFO):
+    results = protocol.run(
+        video.PROTOCOL, load=lambda: (config, MeanColorViT()), out_dir=str(tmp_path),
+        options=dict(data_dir=str(tmp_path / "davis"), frame_size=48, n_last_frames=3, topk=5,
+                     radius=4, temperature=0.1, batch_size=8,
+                     output_dir=str(tmp_path / "masks")))
   assert results["J-Mean"] > 70 and results["F-Mean"] > 70, results
   assert results["J&F-Mean"] == pytest.approx((results["J-Mean"] + results["F-Mean"]) / 2)
   assert results["sequences"]["shapes"]["objects"] == 2
@@ -211,15 +214,16 @@ def test_propagation_tracks_moving_shapes(tmp_path, capsys):
 
   record = json.loads((tmp_path / "video.json").read_text())
   assert record["J&F-Mean"] == pytest.approx(results["J&F-Mean"]) and record["radius"] == 4
-  assert "J&F-Mean" in capsys.readouterr().out
+  assert record["protocol"] == "video_dino" and "J&F-Mean" in caplog.text
 
 
 def test_bad_settings_and_data_fail_before_loading(tmp_path):
   def never(*args, **kwargs):
     raise AssertionError("the checkpoint was loaded before the input was checked")
 
+  run = lambda **options: protocol.run(video.PROTOCOL, load=never, options=options,
+                                      out_dir=str(tmp_path))
   with pytest.raises(ValueError, match="topk >= 1"):
-    video.evaluate_checkpoint(str(tmp_path), load_backbone=never, data_dir=str(tmp_path),
-                              topk=0)
+    run(data_dir=str(tmp_path), topk=0)
   with pytest.raises(FileNotFoundError, match="DAVIS-2017 folder"):
-    video.evaluate_checkpoint(str(tmp_path), load_backbone=never, data_dir=str(tmp_path))
+    run(data_dir=str(tmp_path))

@@ -82,7 +82,8 @@ class LabeledTrainInput(stream.TrainStream):
 
   def __init__(self, source, data_config, *, size: int, scale, ratio, flip: bool,
                global_batch_size: int, seed: int, process_index: int, process_count: int,
-               start_epoch: int = 0):
+               start_epoch: int = 0, augment=None):
+    self.augment = augment  # randaugment.TrainAugment, or None
     super().__init__(source, data_config, global_batch_size=global_batch_size, seed=seed,
                      process_index=process_index, process_count=process_count,
                      hint="use a smaller --batch_size")
@@ -99,11 +100,15 @@ class LabeledTrainInput(stream.TrainStream):
       return None
     return tf.random.stateless_uniform(shape, augment.fold(key, _FLIP)) < 0.5
 
-  def _finish(self, image):
-    """[..., S, S, C] in [0, 1] -> normalized 3-channel float32."""
+  def _finish(self, image, key):
+    """[..., S, S, C] in [0, 1] -> normalized 3-channel float32, through `augment`'s
+    (randaugment.TrainAugment) ops before and after the normalization when there is one."""
     if image.shape[-1] == 1:
       image = tf.tile(image, [1] * (image.shape.rank - 1) + [3])
-    return augment.normalize(image, self.config.mean, self.config.std)
+    if self.augment is not None:
+      image = self.augment.before_normalize(image, key)
+    image = augment.normalize(image, self.config.mean, self.config.std)
+    return image if self.augment is None else self.augment.after_normalize(image, key)
 
   # Stages: functions of one element (example or batch) that carry their epoch and position,
   # traced once and reused by every epoch.
@@ -118,7 +123,8 @@ class LabeledTrainInput(stream.TrainStream):
     views = augment.resized_crops(images, boxes, self.size,
                                   flip=self._flips(key, [self.batch_size, 1]))
     return {"epoch": element["epoch"], "position": element["position"],
-            "image": self._finish(views[:, 0]), "label": tf.gather(self.tables["label"], index)}
+            "image": self._finish(views[:, 0], key),
+            "label": tf.gather(self.tables["label"], index)}
 
   def _crop_example(self, element):
     """One decoded image of any size -> its crop."""
@@ -128,7 +134,7 @@ class LabeledTrainInput(stream.TrainStream):
                                   self.ratio)
     view = augment.resized_crop(image, box, self.size, self._flips(key, []))
     return {"epoch": element["epoch"], "position": element["position"],
-            "image": self._finish(view), "label": element["label"]}
+            "image": self._finish(view, key), "label": element["label"]}
 
   def _stage(self, name):
     if name not in self._stages:
@@ -153,9 +159,10 @@ class LabeledTrainInput(stream.TrainStream):
 
 def labeled_train_input(data_config, *, split: str, indices=None, size: int, scale, ratio,
                         flip: bool, global_batch_size: int, seed: int, start_epoch: int = 0,
-                        process_index: int | None = None,
-                        process_count: int | None = None) -> LabeledTrainInput:
-  """The fine-tuning stream of `split` (or of its examples `indices`) for this process."""
+                        process_index: int | None = None, process_count: int | None = None,
+                        augment=None) -> LabeledTrainInput:
+  """The fine-tuning stream of `split` (or of its examples `indices`) for this process;
+  `augment` (randaugment.TrainAugment) adds RandAugment and random erasing to the crops."""
   process_index, process_count = stream.processes(process_index, process_count)
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(f"The global batch {global_batch_size} must be a positive multiple of the "
@@ -166,4 +173,4 @@ def labeled_train_input(data_config, *, split: str, indices=None, size: int, sca
   return LabeledTrainInput(source, data_config, size=size, scale=scale, ratio=ratio, flip=flip,
                            global_batch_size=global_batch_size, seed=seed,
                            process_index=process_index, process_count=process_count,
-                           start_epoch=start_epoch)
+                           start_epoch=start_epoch, augment=augment)

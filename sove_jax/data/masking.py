@@ -21,6 +21,10 @@ be placed) one by one onto the edge of the mask, so the count is exact and every
 piece holds at least `min_patches` patches.
 
 "random" masks exactly `round(ratio * L)` patches drawn uniformly.
+
+Whatever the rule, a crop is masked at all with probability `prob` (iBOT's official recipe,
+`--pred_ratio 0 0.3 --pred_ratio_var 0 0.2`, picks ratio 0 for half of its crops: prob 0.5),
+and no crop is masked before the epoch `start_epoch` (iBOT's `--pred_start_epoch`).
 """
 from __future__ import annotations
 
@@ -152,12 +156,25 @@ def _grow(seed, mask, missing):
 
 def masks(seed, n: int, grid: tuple[int, int], mask_type: str, ratio: float, ratio_var: float = 0.0,
           min_patches: int = 0, aspect: tuple[float, float] = ASPECT,
-          attempts: int = ATTEMPTS) -> tf.Tensor:
+          attempts: int = ATTEMPTS, *, prob: float = 1.0, start_epoch: int = 0,
+          epoch=None) -> tf.Tensor:
   """`n` independent masks, bool [n, h * w], from a stateless seed (int [2]).
 
   `min_patches`: the smallest block; 0 takes the type's own ((min(h, w) // 3) ** 2 for "block",
-  EXACT_MIN_PATCHES for "block_exact"); "random" ignores it.
+  EXACT_MIN_PATCHES for "block_exact"); "random" ignores it. `prob`: each mask is kept with
+  this probability, else empty (its own draw: the kept masks are those of prob 1). `epoch`
+  (int, a tensor or not): before `start_epoch` every mask is empty; None means past the start.
   """
+  mask = _masks(seed, n, grid, mask_type, ratio, ratio_var, min_patches, aspect, attempts)
+  if prob < 1.0:
+    mask &= (tf.random.stateless_uniform([n], fold(seed, 5)) < prob)[:, None]
+  if epoch is not None and start_epoch > 0:
+    mask &= tf.cast(epoch, tf.int64) >= start_epoch
+  return mask
+
+
+def _masks(seed, n, grid, mask_type, ratio, ratio_var, min_patches, aspect, attempts):
+  """`masks` before the probability and the start: every mask drawn by its rule."""
   if mask_type not in MASK_TYPES:
     raise ValueError(f"mask_type must be one of {MASK_TYPES}, not {mask_type!r}")
   h, w = grid

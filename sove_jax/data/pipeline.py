@@ -239,7 +239,8 @@ class TrainInput(stream.TrainStream):
     d, b, grid = self.config, self.batch_size, self.grid
     key = self._key(batch["epoch"][0], batch["position"][0], _MASK)
     mask = masking.masks(key, 2 * b, (grid, grid), d.mask_type, d.mask_ratio, d.mask_ratio_var,
-                         d.mask_min_patches)
+                         d.mask_min_patches, prob=d.mask_prob, start_epoch=d.mask_start_epoch,
+                         epoch=batch["epoch"][0])
     return {**batch, "mask": tf.reshape(mask, [b, 2, grid * grid])}
 
   def _stage_fns(self) -> list[tuple[str, object, bool]]:

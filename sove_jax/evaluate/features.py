@@ -1,10 +1,10 @@
 """Frozen-backbone features for the evaluation protocols (docs/method.md §12).
 
 Evaluation runs the teacher backbone once over a split and keeps the features on the host:
-k-NN and the linear probe then work on arrays, not on images. This module holds what both
-CLIs share: which features a backbone gives (`cls_features`, `probe_features`), how a split is
-run through it on the mesh (`extract_features`), and how a checkpoint's data config is pointed
-at another dataset (`define_flags`, `override_data`).
+k-NN and the linear probe then work on arrays, not on images. This module holds which features a
+backbone gives (`knn_features`, the one definition the trainer's k-NN monitor shares;
+`cls_features`, `probe_features`) and how a split is run through it on the mesh
+(`extract_features`).
 """
 import functools
 import time
@@ -17,24 +17,28 @@ from flax import nnx
 
 from sove_jax import reporting
 from sove_jax.models import network
+from sove_jax.models.head import l2_normalize
 from sove_jax.models.network import GLOBAL_POOLS
 
 PROBE_CONVENTIONS = ("last4_cls", "cls_meanpatch")
 
 
-def l2_normalize(x, axis=-1):
-  """x / max(||x||, 1e-12), as torch.nn.functional.normalize (the DINO k-NN)."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, 1e-12)
+def knn_features(backbone, images, pool: str = "cls"):
+  """float32 [B, D]: the k-NN features of `images` [B, H, W, 3], the backbone's global
+  representation (`pool`: its final-LayerNorm [CLS], or the mean of its patch tokens) divided by
+  max(norm, 1e-12), as torch's `normalize` in DINO's k-NN. A pure function of the module, for
+  use inside a jitted function: `evaluate.knn` and the trainer's k-NN monitor both call it, so
+  the monitor's figures are the evaluator's."""
+  return l2_normalize(network.global_pool(backbone(images), pool))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _backbone_features(graphdef, convention, last_blocks, state, images):
   """One jitted forward for every backbone of a structure; parameters are arguments, not
-  constants, so a new teacher (the monitor, every N steps) reuses the compiled function."""
+  constants, so another backbone of the same structure reuses the compiled function."""
   model = nnx.merge(graphdef, state)
-  if convention in GLOBAL_POOLS:  # the k-NN features: the run's global representation
-    return l2_normalize(network.global_pool(model(images), convention).astype(jnp.float32))
+  if convention in GLOBAL_POOLS:
+    return knn_features(model, images, convention)
   if convention == "last4_cls":
     _, blocks = model(images, return_blocks=last_blocks)
     return jnp.concatenate([b[:, 0] for b in blocks], axis=-1).astype(jnp.float32)
@@ -56,22 +60,6 @@ def pixel_features():
   return _pixel_features
 
 
-BASELINES = ("random_init", "pixels")
-BASELINE_NAMES = {"random_init": "random init", "pixels": "raw pixels"}
-
-
-def baseline(name, config):
-  """(model, apply_fn) of a baseline evaluated beside a run's trained network on the same data:
-  "random_init" is the run's network before its first step (model set, apply_fn None: the
-  evaluator's own features), "pixels" the raw pixels (model None, apply_fn pixel_features)."""
-  if name == "random_init":
-    from sove_jax.evaluate import backbone
-    return backbone.random_backbone(config), None
-  if name == "pixels":
-    return None, pixel_features()
-  raise ValueError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
-
-
 def _apply_fn(model, convention, mesh):
   # "last4_cls" on a backbone shallower than 4 blocks (smoke runs) takes all its blocks.
   last_blocks = min(4, getattr(model, "depth", 4))
@@ -91,8 +79,8 @@ def _apply_fn(model, convention, mesh):
 
 
 def cls_features(model, *, mesh=None, pool: str = "cls"):
-  """images -> the k-NN features: the L2-normalized [CLS] of the final LayerNorm output, or
-  with `pool="mean_patch"` the mean of its patch tokens (a run trained with
+  """images -> `knn_features` of `model` (jitted; parameters placed on `mesh`): the
+  L2-normalized [CLS], or with `pool="mean_patch"` the mean patch token (a run trained with
   `model.global_pool="mean_patch"`, whose [CLS] token no loss trained)."""
   if pool not in GLOBAL_POOLS:
     raise ValueError(f"pool must be one of {GLOBAL_POOLS}, got {pool!r}")
@@ -120,14 +108,6 @@ def default_probe_convention(model_config):
   if model_config.get("global_pool", "cls") == "mean_patch":
     return "cls_meanpatch"
   return "cls_meanpatch" if model_config.variant in ("b", "l") else "last4_cls"
-
-
-def batch_mesh(devices=None):
-  """A 1-D "data" mesh over `devices` (default all) for sharding evaluation batches and the
-  k-NN memory."""
-  devices = jax.devices() if devices is None else list(devices)
-  return jax.make_mesh((len(devices),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
 @functools.lru_cache(maxsize=None)
@@ -211,32 +191,10 @@ class _Progress:
     reporting.say(f"{line} ({self.images / (now - self.start):,.0f} images/s per process)")
 
 
-def override_data(data_config, *, dataset=None, data_dir=None, train_split=None,
-                  eval_split=None):
-  """A copy of the run's data config pointed at another dataset.
-
-  `dataset`: "fashion_mnist" or "folder" set the source; "tfds:NAME" or a bare TFDS name set
-  source "tfds" and that name. Empty/None arguments keep the run's values.
-  """
-  data = ml_collections.ConfigDict(data_config.to_dict())
-  if dataset:
-    if dataset in ("fashion_mnist", "folder"):
-      data.source, data.name = dataset, ""
-    else:
-      data.source, data.name = "tfds", dataset.removeprefix("tfds:")
-  if data_dir:
-    data.data_dir = data_dir
-  if train_split:
-    data.train_split = train_split
-  if eval_split:
-    data.eval_split = eval_split
-  return data
-
-
 def split_features(apply_fn, input_fn, data_config, *, split, batch_size, sharding,
                    max_examples=-1):
   """Features and labels of one split, through the data package's `eval_input`-like
-  `input_fn` (passed in, so that TensorFlow is imported only by the CLIs)."""
+  `input_fn` (passed in, so that TensorFlow is imported only by the commands)."""
   batches = input_fn(data_config, split=split, global_batch_size=batch_size,
                      max_examples=max_examples)
   return extract_features(apply_fn, batches, sharding=sharding, name=f"features of {split}")
@@ -251,36 +209,3 @@ def train_and_eval_features(apply_fn, input_fn, data_config, *, batch_size, shar
   test = split_features(apply_fn, input_fn, data_config, split=data_config.eval_split,
                         batch_size=batch_size, sharding=sharding, max_examples=max_eval_examples)
   return train, test, int(max(train[1].max(), test[1].max())) + 1
-
-
-def define_flags(flags):
-  """The flags both evaluation CLIs share: which checkpoint, which data."""
-  flags.DEFINE_string("workdir", None, "Training run directory (checkpoints, config).",
-                      required=True)
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-  reporting.define_verbose_flag(flags)
-  flags.DEFINE_string("dataset", "", "Dataset override: fashion_mnist | folder | tfds:NAME "
-                      "(or a bare TFDS name). Default: the run's data config.")
-  flags.DEFINE_string("data_dir", "", "Override of config.data.data_dir.")
-  flags.DEFINE_string("train_split", "", "Override of config.data.train_split.")
-  flags.DEFINE_string("eval_split", "", "Override of config.data.eval_split.")
-  flags.DEFINE_integer("batch_size", 0, "Global evaluation batch (default config.batch_size); "
-                       "a multiple of the device count.")
-  flags.DEFINE_integer("max_train_examples", -1, "Use the first N train examples only (-1: the "
-                       "whole split), for quick checks.")
-  flags.DEFINE_integer("max_eval_examples", -1, "Evaluate the first N examples only (-1: the "
-                       "whole split), for quick checks.")
-
-
-def flag_arguments(flag_values) -> dict:
-  """`evaluate_checkpoint`'s shared arguments from the flags of `define_flags`, with the real
-  checkpoint loader and input (TensorFlow enters the CLI process here)."""
-  from sove_jax.data import pipeline
-  from sove_jax.evaluate import backbone
-
-  f = flag_values
-  return dict(workdir=f.workdir, load_backbone=backbone.load_backbone,
-              input_fn=pipeline.eval_input, step=f.step, dataset=f.dataset,
-              data_dir=f.data_dir, train_split=f.train_split, eval_split=f.eval_split,
-              batch_size=f.batch_size or None, max_train_examples=f.max_train_examples,
-              max_eval_examples=f.max_eval_examples)

@@ -21,7 +21,7 @@ from etils import epath
 from flax import nnx
 from PIL import Image
 
-from sove_jax import reporting
+from sove_jax import sharding as sharding_lib
 from sove_jax.evaluate import features as features_lib
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,13 @@ def to_array(image: Image.Image, mean, std) -> np.ndarray:
   """float32 [H, W, 3]: pixels in [0, 1] standardised with the run's `data.mean` / `data.std`."""
   x = np.asarray(image, np.float32) / 255.0
   return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def token_stride(model) -> int:
+  """Input pixels per output token, per side: a ViT's patch size; a Swin's patch size doubled by
+  each patch merging (Swin-T, patch 4: 32). Patch features sit on the grid of this stride, not of
+  the patch size."""
+  return int(getattr(model, "stride", model.patch_size))
 
 
 def patch_multiple(width: int, height: int, patch: int) -> tuple[int, int]:
@@ -182,7 +189,7 @@ def map_images(apply_fn: Callable, items: Sequence, *, load: Callable, shape_of:
   (default 8 per device; a multiple of the device count), sharded over the "data" axis of
   `mesh`; each process loads only its own rows. With a `description`, progress is logged.
   """
-  mesh = features_lib.batch_mesh() if mesh is None else mesh
+  mesh = sharding_lib.batch_mesh() if mesh is None else mesh
   devices = mesh.devices.size
   batch_size = batch_size or 8 * devices
   if batch_size % devices:
@@ -205,16 +212,19 @@ def _tokens(graphdef, state, images):
 
 
 def patch_features(model, *, mesh, normalize: bool = True):
-  """images [b, H, W, 3] -> the last block's patch tokens (after the final LayerNorm) as
-  [b, H/p, W/p, D], L2-normalized per patch when `normalize`; [CLS] dropped. Images whose
-  sides are not multiples of the patch size are cropped to whole patches first."""
+  """images [b, H, W, 3] -> the final tokens (after the final LayerNorm; [CLS] or the Swin's
+  pooled token dropped) on their grid, [b, H/s, W/s, D] for the token stride s
+  (`token_stride`), L2-normalized per token when `normalize`. Images whose sides are not
+  multiples of the stride are cropped to whole strides first."""
   graphdef, state = replicated_state(model, mesh)
-  patch = model.patch_size
+  stride = token_stride(model)
 
   def apply(images):
     b, h, w, _ = images.shape
-    gh, gw = h // patch, w // patch
-    tokens = _tokens(graphdef, state, images[:, :gh * patch, :gw * patch])
+    gh, gw = h // stride, w // stride
+    tokens = _tokens(graphdef, state, images[:, :gh * stride, :gw * stride])
+    if tokens.shape[1] != 1 + gh * gw:
+      raise ValueError(f"{tokens.shape[1] - 1} tokens for a {gh}x{gw} grid of stride {stride}")
     grid = tokens[:, 1:].reshape(b, gh, gw, -1)
     return _normalized(grid) if normalize else grid
 
@@ -222,16 +232,3 @@ def patch_features(model, *, mesh, normalize: bool = True):
 
 
 _normalized = jax.jit(features_lib.l2_normalize)
-
-
-
-def define_backbone_flags(flags):
-  """The flags shared by the evaluations that read their own image files (retrieval, video,
-  PCA): which checkpoint and the global batch. Their data flags are their own: the TFDS and
-  folder splits of `features.define_flags` do not apply to these datasets."""
-  flags.DEFINE_string("workdir", None, "Training run directory (checkpoints, config).",
-                      required=True)
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-  reporting.define_verbose_flag(flags)
-  flags.DEFINE_integer("batch_size", 0, "Global batch of images (default 8 per device); a "
-                       "multiple of the device count.")

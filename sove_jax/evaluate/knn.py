@@ -5,7 +5,12 @@ in chunks. Each device takes the top-k of its shard for a chunk, the candidates 
 merged, so neither a train-by-test matrix nor the whole memory sits on one device. One top-k with
 the largest k serves every k. Votes are `exp(sim / T)` per neighbor, summed per class.
 
-Evaluate a run's latest teacher checkpoint:
+The reported figure uses the train split as the memory and the test split as queries (DINO's
+protocol: nothing is tuned on it). `--select_split=minival` adds the validation figure (memory:
+train-minival, queries: minival), the one to choose settings by. `--lowshot` adds k-NN with 1%
+and 10% of the train labels (Table A.1): SimCLRv2's split files with `--lowshot_split_1pct` and
+`--lowshot_split_10pct` (one image name per line), else class-balanced random subsets, which the
+record names as such.
 
     python -m sove_jax.evaluate.knn --workdir=runs/default [--dataset=tfds:imagenet2012] [--lowshot]
 """
@@ -16,9 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from etils import epath
 
+from sove_jax import sharding as sharding_lib
 from sove_jax.evaluate import features as features_lib
+from sove_jax.evaluate import protocol, splits
 
 DEFAULT_KS = (10, 20, 100, 200)
 LOWSHOT_FRACTIONS = (0.01, 0.1)
@@ -103,7 +109,7 @@ def knn_predict(train_features, train_labels, test_features, *, ks=DEFAULT_KS, t
     raise ValueError("empty k-NN memory")
   if num_classes is None:
     num_classes = int(train_labels.max()) + 1
-  mesh = features_lib.batch_mesh() if mesh is None else mesh
+  mesh = sharding_lib.batch_mesh() if mesh is None else mesh
   shards = mesh.devices.size
   rows = -(-len(train_features) // shards) * shards
   ks = tuple(int(k) for k in ks)
@@ -146,28 +152,6 @@ def knn_classify(train_features, train_labels, test_features, test_labels, *, ks
   return {int(k): float(100.0 * np.mean(p == test_labels)) for k, p in zip(ks, preds)}
 
 
-def class_balanced_subset(labels, fraction, seed=0):
-  """Sorted indices of a deterministic low-shot subset: per class, round(fraction * count)
-  examples (at least 1), drawn without replacement with `seed`."""
-  if not 0.0 < fraction <= 1.0:
-    raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-  labels = np.asarray(labels)
-  rng = np.random.default_rng(seed)
-  picked = []
-  for c in np.unique(labels):
-    members = np.flatnonzero(labels == c)
-    take = max(1, int(round(fraction * len(members))))
-    picked.append(rng.choice(members, size=take, replace=False))
-  return np.sort(np.concatenate(picked))
-
-
-def read_split_file(path):
-  """Indices of a low-shot split file: one integer index (into the train split, in the order
-  the evaluation input gives it) per line; blank lines and '#' comments are skipped."""
-  lines = (line.split("#", 1)[0].strip() for line in epath.Path(path).read_text().splitlines())
-  return np.array([int(line) for line in lines if line], np.int64)
-
-
 def knn_monitor(apply_fn, train_batches, eval_batches, *, ks=DEFAULT_KS, temperature=0.07,
                 num_classes=None, sharding=None):
   """k-NN accuracy for the training log: {"knn/top1_k{k}": acc}. `apply_fn` is e.g.
@@ -185,20 +169,22 @@ def knn_monitor(apply_fn, train_batches, eval_batches, *, ks=DEFAULT_KS, tempera
 
 def evaluate_knn(config, model, *, input_fn, dataset=None, data_dir=None, train_split=None,
                  eval_split=None, batch_size=None, ks=None, temperature=None, lowshot=False,
-                 lowshot_splits=None, max_train_examples=-1, max_eval_examples=-1, mesh=None,
-                 apply_fn=None):
-  """k-NN (and optionally low-shot k-NN) of `model`'s [CLS] on a run's data (the mean patch
-  token for a run trained with `model.global_pool="mean_patch"`).
+                 lowshot_splits=None, select_split="", select_train_split="",
+                 max_train_examples=-1, max_eval_examples=-1, mesh=None, apply_fn=None):
+  """k-NN (and optionally low-shot and validation k-NN) of `model`'s `features.knn_features`
+  ([CLS], or the mean patch token for a run trained with `model.global_pool="mean_patch"`).
 
   `input_fn` is the data package's `eval_input` (or a stand-in). `lowshot_splits` maps a
-  fraction to a split file; fractions without one use `class_balanced_subset`. `apply_fn`
-  replaces the model's features (`features.pixel_features()`: the raw-pixel baseline).
-  Returns {"full": {k: acc}, "1%": {...}, "10%": {...}} (low-shot keys when asked).
+  fraction to a split file (`splits.split_indices`: image names or indices); fractions without
+  one use `splits.class_balanced_subset`. `select_split` (e.g. "minival") adds the figure
+  "validation": queries from that split, memory `select_train_split` (default
+  "train-minival"). `apply_fn` replaces the model's features (`features.pixel_features()`).
+  Returns {"full": {k: acc}, "1%": ..., "10%": ..., "validation": ...} (the keys asked for).
   """
-  mesh = features_lib.batch_mesh() if mesh is None else mesh
+  mesh = sharding_lib.batch_mesh() if mesh is None else mesh
   sharding = jax.NamedSharding(mesh, jax.P(tuple(mesh.axis_names)))
-  data = features_lib.override_data(config.data, dataset=dataset, data_dir=data_dir,
-                                    train_split=train_split, eval_split=eval_split)
+  data = splits.override_data(config.data, dataset=dataset, data_dir=data_dir,
+                              train_split=train_split, eval_split=eval_split)
   batch_size = batch_size or config.batch_size
   ks = tuple(config.knn_k if ks is None else ks)
   temperature = config.knn_temperature if temperature is None else temperature
@@ -213,78 +199,135 @@ def evaluate_knn(config, model, *, input_fn, dataset=None, data_dir=None, train_
   results = {"full": run(train_f, train_y)}
   if lowshot:
     lowshot_splits = lowshot_splits or {}
+    names = lambda: splits.example_names(data, data.train_split)
     for fraction in LOWSHOT_FRACTIONS:
-      path = lowshot_splits.get(fraction)
-      idx = read_split_file(path) if path else class_balanced_subset(train_y, fraction)
+      idx, _ = splits.label_subset(train_y, split_file=lowshot_splits.get(fraction, ""),
+                                   fraction=fraction, names=names)
       results[f"{fraction:.0%}"] = run(train_f[idx], train_y[idx])
+  if select_split:
+    memory = select_train_split or splits.train_without(select_split, data.train_split)
+    mem_f, mem_y = features_lib.split_features(
+        apply_fn, input_fn, data, split=memory, batch_size=batch_size, sharding=sharding,
+        max_examples=max_train_examples)
+    val_f, val_y = features_lib.split_features(
+        apply_fn, input_fn, data, split=select_split, batch_size=batch_size, sharding=sharding,
+        max_examples=max_eval_examples)
+    results["validation"] = knn_classify(
+        mem_f, mem_y, val_f, val_y, ks=ks, temperature=temperature, mesh=mesh,
+        num_classes=max(num_classes, int(max(mem_y.max(), val_y.max())) + 1))
   return results
 
 
-def format_table(results, ks, baselines=None):
-  """Rows per label subset, columns per k; each baseline's row under the trained one."""
-  baselines = baselines or {}
-  lines = ["k-NN top-1 (%)" + " " * 18 + "".join(f"{'k=' + str(k):>8}" for k in ks)]
+def format_table(results, ks, baselines=None, names=None):
+  """Rows per label subset (and the validation figure), columns per k; each baseline's row under
+  the trained one. `names` relabels subsets (e.g. "validation (minival, memory train-minival)")."""
+  baselines, names = baselines or {}, names or {}
+  rows = []
   for subset, acc in results.items():
-    rows = [("trained", acc)] + [(features_lib.BASELINE_NAMES[b], r[subset])
-                                 for b, r in baselines.items()]
-    for who, a in rows:
-      lines.append(f"{subset + ', ' + who:<32}" + "".join(f"{a[k]:8.2f}" for k in ks))
+    rows += [(f"{names.get(subset, subset)}, {who}", a) for who, a in
+             [("trained", acc)] + [(protocol.BASELINE_NAMES[b], r[subset])
+                                   for b, r in baselines.items()]]
+  width = max(32, 2 + max(len(label) for label, _ in rows))
+  lines = [f"{'k-NN top-1 (%)':<{width}}" + "".join(f"{'k=' + str(k):>8}" for k in ks)]
+  lines += [f"{label:<{width}}" + "".join(f"{a[k]:8.2f}" for k in ks) for label, a in rows]
   return "\n".join(lines)
 
 
-def evaluate_checkpoint(workdir, *, load_backbone, input_fn, step=None, baselines=(), **kwargs):
-  """Loads the teacher of `workdir` (latest or `step`), runs `evaluate_knn` on it and on each
-  of `baselines` (features.BASELINES) with the same splits, prints them side by side and writes
-  `knn.json` into the workdir (process 0). Returns the trained network's results."""
-  loaded = load_backbone(workdir, step=step, which="teacher")
+# --- the protocol ---------------------------------------------------------------------------------
+
+def _evaluate(loaded, out_dir, **options):
+  """`evaluate_knn` of a loaded backbone, with the splits and settings it used."""
+  del out_dir
   config, model = loaded
-  step = getattr(loaded, "step", step)  # the checkpoint read (backbone.LoadedBackbone)
-  results = evaluate_knn(config, model, input_fn=input_fn, **kwargs)
-  base = {}
-  for name in baselines:
-    other, apply_fn = features_lib.baseline(name, config)
-    base[name] = evaluate_knn(config, other, input_fn=input_fn, apply_fn=apply_fn, **kwargs)
-  ks = tuple(kwargs.get("ks") or config.knn_k)
-  if jax.process_index() == 0:
-    logging.info("k-NN of %s:\n%s", workdir, format_table(results, ks, base))
-    as_json = lambda res: {name: {str(k): v for k, v in acc.items()} for name, acc in res.items()}
-    record = {"step": "latest" if step is None else step,
-              "temperature": kwargs.get("temperature") or config.knn_temperature,
-              "top1": as_json(results),
-              "baselines": {b: as_json(r) for b, r in base.items()}}
-    (epath.Path(workdir) / "knn.json").write_text(json.dumps(record, indent=2))
-  return results
+  data = splits.override_data(config.data, dataset=options.get("dataset"),
+                              train_split=options.get("train_split"),
+                              eval_split=options.get("eval_split"))
+  select = options.get("select_split", "")
+  return {"top1": evaluate_knn(config, model, **options),
+          "ks": tuple(options.get("ks") or config.knn_k),
+          "temperature": options.get("temperature") or config.knn_temperature,
+          "memory": data.train_split, "reported_on": data.eval_split,
+          "selected_on": select or None,
+          "validation_memory": (options.get("select_train_split")
+                                or splits.train_without(select, data.train_split)) if select
+                               else None}
 
 
-def main(argv):
-  del argv
-  from absl import flags
-  f = flags.FLAGS
-  splits = {0.01: f.lowshot_split_1pct, 0.1: f.lowshot_split_10pct}
-  evaluate_checkpoint(
-      **features_lib.flag_arguments(f), ks=[int(k) for k in f.ks] if f.ks else None,
-      temperature=f.temperature, lowshot=f.lowshot,
-      lowshot_splits={k: v for k, v in splits.items() if v},
-      baselines=tuple(b for b in f.baselines if b != "none"))
+def _names(results) -> dict:
+  names = {"full": f"{results['reported_on']} (memory {results['memory']})"}
+  if results["selected_on"]:
+    names["validation"] = (f"validation {results['selected_on']} (memory "
+                           f"{results['validation_memory']})")
+  return names
 
 
-def _define_flags():
-  from absl import flags
-  features_lib.define_flags(flags)
+def _table(results, baselines):
+  return format_table(results["top1"], results["ks"],
+                      {b: r["top1"] for b, r in baselines.items()}, _names(results))
+
+
+def _as_json(acc):
+  return {str(k): v for k, v in acc.items()}
+
+
+def _baseline_record(results, options):
+  """A baseline's top-1 per subset and k, as the trained network's "top1"."""
+  del options
+  return {name: _as_json(acc) for name, acc in results["top1"].items()}
+
+
+def _record(results, options):
+  as_json = _as_json
+  top1 = {name: as_json(acc) for name, acc in results["top1"].items() if name != "validation"}
+  record = {"protocol": "knn", "temperature": results["temperature"],
+            "memory": results["memory"], "reported_on": results["reported_on"],
+            "selected_on": results["selected_on"], "top1": top1}
+  if "validation" in results["top1"]:
+    record["validation"] = {"split": results["selected_on"],
+                            "memory": results["validation_memory"],
+                            "top1": as_json(results["top1"]["validation"])}
+  if options.get("lowshot"):
+    files = options.get("lowshot_splits") or {}
+    record["lowshot_labels"] = {f"{fr:.0%}": splits.describe_labels(files.get(fr, ""), fr)
+                                for fr in LOWSHOT_FRACTIONS}
+  return record
+
+
+def _check(options):
+  for fraction, path in (options.get("lowshot_splits") or {}).items():
+    splits.check_split_file(path, f"--lowshot_split_{fraction:.0%}".replace("%", "pct"))
+
+
+def _options(f) -> dict:
+  from sove_jax.data import pipeline
+  files = {0.01: f.lowshot_split_1pct, 0.1: f.lowshot_split_10pct}
+  return dict(**splits.data_options(f), input_fn=pipeline.eval_input,
+              batch_size=f.batch_size or None, ks=[int(k) for k in f.ks] if f.ks else None,
+              temperature=f.temperature, lowshot=f.lowshot or any(files.values()),
+              lowshot_splits={k: v for k, v in files.items() if v},
+              select_split=f.select_split, select_train_split=f.select_train_split)
+
+
+def _define_flags(flags):
+  splits.define_flags(flags)
   flags.DEFINE_list("ks", [], "Neighbor counts (default config.knn_k).")
   flags.DEFINE_float("temperature", None, "Vote temperature (default config.knn_temperature).")
   flags.DEFINE_bool("lowshot", False, "Also report k-NN with 1% and 10% of the train labels.")
-  flags.DEFINE_string("lowshot_split_1pct", "", "1% split file (one train index per line); "
-                      "default: a class-balanced subset.")
+  flags.DEFINE_string("lowshot_split_1pct", "", "1% split file: SimCLRv2's 1percent.txt (one "
+                      "image name per line) or train indices; default: a random class-balanced "
+                      "subset.")
   flags.DEFINE_string("lowshot_split_10pct", "", "10% split file, as above.")
-  flags.DEFINE_multi_enum("baselines", ["random_init"], features_lib.BASELINES + ("none",),
-                          "Baselines evaluated on the same splits and printed beside the "
-                          "trained network (repeatable; --baselines=none for none).")
+  flags.DEFINE_string("select_split", "", f"Also report the validation figure on this split "
+                      f"(e.g. {splits.VALIDATION}), its memory --select_train_split.")
+  flags.DEFINE_string("select_train_split", "", "Memory of the validation figure (default: "
+                      f"the train split less --select_split, e.g. train-{splits.VALIDATION}).")
+
+
+PROTOCOL = protocol.Protocol(
+    name="knn", title="k-NN", evaluate=_evaluate, define_flags=_define_flags, options=_options,
+    table=_table, record=_record, check=_check, baselines=protocol.BASELINES,
+    default_baselines=("random_init",), baseline_record=_baseline_record)
 
 
 if __name__ == "__main__":
-  from absl import app
-
-  from sove_jax import reporting
-  _define_flags()
-  app.run(reporting.command(main))
+  protocol.main(PROTOCOL)

@@ -1,6 +1,7 @@
 r"""Pictures of patch features: their first three principal components as RGB (DINOv2's figure).
 
-The teacher's last-layer patch tokens (after the final LayerNorm) of every image are pooled and
+The teacher's last-layer tokens (after the final LayerNorm; a ViT's patches, a Swin's final-stage
+grid, one token per `images.token_stride` pixels) of every image are pooled and
 one PCA is fitted to all of them, so the same color means the same direction of feature space in
 every picture: parts that the backbone represents alike look alike across images. Each
 component is scaled to [0, 1] over all patches and becomes a color channel; each image is shown
@@ -15,8 +16,8 @@ the colors. The border rule is a heuristic: objects that fill the frame defeat i
         [--out=pca.png] [--image_size=448] [--remove_background]
 
 Images are resized (shorter side, bicubic) and center-cropped to `image_size` (default twice
-the training crop), floored to whole patches. The PNG goes to `--out` (default WORKDIR/pca.png),
-the explained variance to WORKDIR/pca.json.
+the training crop), floored to whole token strides. The PNG goes to `--out` (default
+OUT_DIR/pca.png), the explained variance to OUT_DIR/pca.json.
 """
 import json
 
@@ -25,8 +26,9 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from sove_jax.evaluate import features as features_lib
+from sove_jax import sharding as sharding_lib
 from sove_jax.evaluate import images as images_lib
+from sove_jax.evaluate import protocol
 
 GAP = 4  # px between pictures
 
@@ -98,15 +100,15 @@ def square_crop(image: Image.Image, size: int) -> Image.Image:
   return image.crop((left, top, left + size, top + size))
 
 
-def layout(pictures, maps, patch):
-  """uint8 [n * size + gaps, 2 * size + gap, 3]: each picture with its map (each patch a block
-  of patch x patch pixels) on its right, on white."""
+def layout(pictures, maps, stride):
+  """uint8 [n * size + gaps, 2 * size + gap, 3]: each picture with its map (each token a block
+  of stride x stride pixels) on its right, on white."""
   n, size = len(pictures), pictures[0].shape[0]
   canvas = np.full((n * size + (n - 1) * GAP, 2 * size + GAP, 3), 255, np.uint8)
   for i, (picture, rgb) in enumerate(zip(pictures, maps)):
     top = i * (size + GAP)
     canvas[top:top + size, :size] = picture
-    blocks = np.repeat(np.repeat(rgb, patch, axis=0), patch, axis=1)
+    blocks = np.repeat(np.repeat(rgb, stride, axis=0), stride, axis=1)
     canvas[top:top + size, size + GAP:] = np.round(255 * blocks).astype(np.uint8)
   return canvas
 
@@ -116,12 +118,12 @@ def pca_picture(config, model, paths, *, image_size=0, remove_background=False, 
   """(uint8 canvas, summary) for the images at `paths` (see the module docstring)."""
   if not paths:
     raise ValueError("--images needs at least one image path")
-  patch = model.patch_size
+  stride = images_lib.token_stride(model)
   size = image_size or 2 * int(config.data.global_size)
-  size = size // patch * patch
-  if size < patch:
-    raise ValueError(f"image_size {image_size} is smaller than one {patch}-px patch")
-  mesh = features_lib.batch_mesh() if mesh is None else mesh
+  size = size // stride * stride
+  if size < stride:
+    raise ValueError(f"image_size {image_size} is smaller than one {stride}-px token stride")
+  mesh = sharding_lib.batch_mesh() if mesh is None else mesh
   pictures = [np.asarray(square_crop(images_lib.read_image(p), size)) for p in paths]
   mean, std = tuple(config.data.mean), tuple(config.data.std)
   apply_fn = images_lib.patch_features(model, mesh=mesh, normalize=False)
@@ -131,49 +133,45 @@ def pca_picture(config, model, paths, *, image_size=0, remove_background=False, 
       shape_of=lambda i: pictures[i].shape, mesh=mesh, batch_size=batch_size)
   rgb, summary = pca_colors(grids, remove_background=remove_background, threshold=threshold)
   summary.update(image_size=size, grid=list(grids.shape[1:3]))
-  return layout(pictures, rgb, patch), summary
+  return layout(pictures, rgb, stride), summary
 
 
-def evaluate_checkpoint(workdir, *, load_backbone, images, out="", step=None, **kwargs):
-  """Loads the teacher of `workdir` (latest or `step`), writes the picture to `out` (default
-  WORKDIR/pca.png) and the summary to WORKDIR/pca.json (process 0). Returns the summary."""
-  missing = [str(p) for p in images if not epath.Path(p).exists()]
+# --- the protocol ---------------------------------------------------------------------------------
+
+def _evaluate(loaded, out_dir, *, images, out="", **options):
+  """The picture of `loaded`'s backbone, written to `out` (default OUT_DIR/pca.png, process 0)."""
+  canvas, summary = pca_picture(*loaded, list(images), **options)
+  out = out or str(epath.Path(out_dir) / "pca.png")
+  if jax.process_index() == 0:
+    epath.Path(out).parent.mkdir(parents=True, exist_ok=True)
+    images_lib.write_png(out, canvas)
+  return {**summary, "images": [str(p) for p in images], "out": out}
+
+
+def _table(results, baselines):
+  del baselines
+  ratios = " ".join(f"{r:.3f}" for r in results["explained_variance"])
+  return (f"PCA of {len(results['images'])} images at {results['image_size']} px: explained "
+          f"variance {ratios}, foreground {results['foreground_fraction']:.2f} -> "
+          f"{results['out']}")
+
+
+def _check(options):
+  missing = [str(p) for p in options["images"] if not epath.Path(p).exists()]
   if missing:
     raise FileNotFoundError(f"no image at {', '.join(missing)}")
-  loaded = load_backbone(workdir, step=step, which="teacher")
-  config, model = loaded
-  step = getattr(loaded, "step", step)  # the checkpoint read (backbone.LoadedBackbone)
-  canvas, summary = pca_picture(config, model, list(images), **kwargs)
-  out = out or str(epath.Path(workdir) / "pca.png")
-  if jax.process_index() == 0:
-    images_lib.write_png(out, canvas)
-    ratios = " ".join(f"{r:.3f}" for r in summary["explained_variance"])
-    print(f"PCA of {len(images)} images at {summary['image_size']} px: explained variance "
-          f"{ratios}, foreground {summary['foreground_fraction']:.2f} -> {out}")
-    record = {"step": "latest" if step is None else step, "images": [str(p) for p in images],
-              "out": out, **summary}
-    (epath.Path(workdir) / "pca.json").write_text(json.dumps(record, indent=2))
-  return summary
 
 
-def main(argv):
-  del argv
-  from absl import flags
-
-  from sove_jax.evaluate import backbone
-  f = flags.FLAGS
-  evaluate_checkpoint(f.workdir, load_backbone=backbone.load_backbone, images=f.images,
-                      out=f.out, step=f.step, image_size=f.image_size,
-                      remove_background=f.remove_background, threshold=f.threshold,
-                      batch_size=f.batch_size)
+def _options(f) -> dict:
+  return dict(images=f.images, out=f.out, image_size=f.image_size,
+              remove_background=f.remove_background, threshold=f.threshold,
+              batch_size=f.batch_size)
 
 
-def _define_flags():
-  from absl import flags
-  images_lib.define_backbone_flags(flags)
+def _define_flags(flags):
   flags.DEFINE_list("images", None, "Image files (local or gs://), comma-separated.",
                     required=True)
-  flags.DEFINE_string("out", "", "Output PNG (default WORKDIR/pca.png).")
+  flags.DEFINE_string("out", "", "Output PNG (default OUT_DIR/pca.png).")
   flags.DEFINE_integer("image_size", 0, "Square side, px (default twice the training crop).")
   flags.DEFINE_bool("remove_background", False, "Black out patches whose first component is "
                     "below --threshold and fit the colors on the rest (DINOv2's pictures).")
@@ -181,9 +179,11 @@ def _define_flags():
                      "to [0, 1].")
 
 
-if __name__ == "__main__":
-  from absl import app
+PROTOCOL = protocol.Protocol(
+    name="pca", title="patch-feature PCA", evaluate=_evaluate, define_flags=_define_flags,
+    options=_options, table=_table,
+    record=lambda results, options: {"protocol": "pca_dinov2", **results}, check=_check)
 
-  from sove_jax import reporting
-  _define_flags()
-  app.run(reporting.command(main))
+
+if __name__ == "__main__":
+  protocol.main(PROTOCOL)

@@ -1,12 +1,14 @@
 r"""Image retrieval on revisited Oxford and Paris with frozen features (the paper's Table 5).
 
-The protocol of Radenović et al. (CVPR 2018), "Revisiting Oxford and Paris":
-- Every query image is cropped to its ground-truth bounding box before any processing; the
-  database images are used whole.
-- An image's descriptor is the teacher's [CLS] (final LayerNorm output), L2-normalized; with
-  `multiscale`, the mean of the [CLS] at scales 1, 1/sqrt(2) and 1/2 (DINO's multi-scale
-  descriptor: GeM pooling over scales with p = 1), then L2-normalized. Images are first brought
-  down to `imsize` on their longer side, as DINO's retrieval evaluation does.
+The revisited protocol of Radenović et al. (CVPR 2018), as the authors run it (`--protocol=paper`,
+the default: `paris_oxford_reid` in their `run.sh` and iBOT's, DINO's `eval_image_retrieval.py`
+with `--imsize 512 --multiscale 1`):
+- Every image, database and query alike, is used whole, brought down to 512 px on its longer
+  side as PIL's `thumbnail` does (aspect kept, never enlarged, Lanczos).
+- Its descriptor is the teacher's [CLS] (final LayerNorm output); with `multiscale`, the mean of
+  the [CLS] of the whole image at scales 1, 1/sqrt(2) and 1/2 (the image resized bilinearly to
+  floor(side x scale), as `F.interpolate(scale_factor=s)`; the patch embedding drops what does
+  not fill a patch), then L2-normalized.
 - The database is ranked by cosine similarity to each query; average precision is the protocol's
   (precision averaged over the recall steps, each step the trapezoid between the precision just
   before and just at a positive), with the query's junk images removed from the ranking.
@@ -17,20 +19,26 @@ The protocol of Radenović et al. (CVPR 2018), "Revisiting Oxford and Paris":
   A query without positives in a setup is left out of that setup's mean.
 The paper reports Medium and Hard mAP; Easy and mean precision at 1, 5, 10 come along.
 
+`--protocol=cropped224` is the revisited protocol's own query handling at DINO's default size:
+queries cropped to their ground-truth box, 224 px, one scale. `--imsize`, `--multiscale` and
+`--query_crop` change one setting of either; the record then names the protocol with the change
+(`paper+imsize=224`).
+
 The data are the standard layout: DATA_DIR/roxford5k/{jpg/*.jpg, gnd_roxford5k.pkl} (or
 DATA_DIR pointing at the dataset folder itself). The ground-truth pickle is read by an unpickler
 that builds only lists, dicts, tuples, sets, numbers, strings and NumPy arrays: nothing in the file
 can run code.
 
     python -m sove_jax.evaluate.retrieval --workdir=runs/vits --data_dir=/data/revisitop \
-        --dataset=roxford5k [--imsize=224] [--multiscale] [--noquery_crop]
+        --dataset=roxford5k [--protocol=cropped224]
 
-DINO's and iBOT's retrieval scripts feed the whole query image; `--noquery_crop` reproduces
-that setting. Results go to WORKDIR/retrieval_<dataset>.json.
+Results go to OUT_DIR/retrieval_<dataset>.json.
 """
 import functools
 import json
 import pickle
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -39,13 +47,19 @@ from etils import epath
 from flax import nnx
 from PIL import Image
 
+from sove_jax import sharding as sharding_lib
 from sove_jax.evaluate import features as features_lib
 from sove_jax.evaluate import images as images_lib
+from sove_jax.evaluate import protocol
 
 DATASETS = ("roxford5k", "rparis6k")
 SETUPS = ("easy", "medium", "hard")
 SCALES = (1.0, 2 ** -0.5, 0.5)
 KAPPAS = (1, 5, 10)
+PROTOCOLS = {
+    "paper": dict(imsize=512, multiscale=True, query_crop=False),
+    "cropped224": dict(imsize=224, multiscale=False, query_crop=True),
+}
 
 
 # --- the ground truth ----------------------------------------------------------------------------
@@ -224,20 +238,24 @@ def rank_database(database, queries):
 
 # --- descriptors ---------------------------------------------------------------------------------
 
+def rescale(images, scale: float):
+  """[b, H, W, c] -> [b, floor(H s), floor(W s), c] by bilinear interpolation at exactly `scale`
+  (source pixel (x + 0.5) / s - 0.5, no antialiasing), as `F.interpolate(scale_factor=s,
+  mode="bilinear", align_corners=False)`."""
+  b, h, w, c = images.shape
+  shape = (b, int(math.floor(h * scale)), int(math.floor(w * scale)), c)
+  return jax.image.scale_and_translate(images, shape, (1, 2), jnp.full((2,), scale, jnp.float32),
+                                       jnp.zeros((2,), jnp.float32), "linear", antialias=False)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _descriptor(graphdef, scales, state, images):
-  """The L2-normalized mean over `scales` of the [CLS]; each rescaled image (bilinear, as
-  DINO's multi-scale) is cut to whole patches."""
+  """The L2-normalized mean over `scales` of the [CLS] of the whole image rescaled."""
   model = nnx.merge(graphdef, state)
-  b, h, w, c = images.shape
-  patch = model.patch_size
   total = 0.0
   for s in scales:
-    x = images
-    if s != 1.0:
-      x = jax.image.resize(images, (b, int(h * s), int(w * s), c), "linear", antialias=False)
-    gh, gw = x.shape[1] // patch, x.shape[2] // patch
-    total = total + model(x[:, :gh * patch, :gw * patch])[:, 0].astype(jnp.float32)
+    x = images if s == 1.0 else rescale(images, s)
+    total = total + model(x)[:, 0].astype(jnp.float32)
   return features_lib.l2_normalize(total / len(scales))
 
 
@@ -256,12 +274,31 @@ def crop_box(bbx, width: int, height: int):
   return x0, y0, x1, y1
 
 
-class ImageSpec:
-  """One image of the protocol: a file, an optional crop box, the longer-side size and patch;
-  knows its array shape without decoding and loads itself normalized."""
+def thumbnail_size(width: int, height: int, size: int) -> tuple[int, int]:
+  """(width, height) of PIL's `thumbnail((size, size))`: unchanged when both sides fit; else the
+  longer side becomes `size` and the other the floor or the ceiling of its exact scaled value,
+  whichever keeps the aspect ratio closer (at least 1)."""
+  if width <= size and height <= size:
+    return width, height
+  aspect = width / height
+  if width >= height:
+    exact = size / aspect
+    other = min((max(math.floor(exact), 1), max(math.ceil(exact), 1)),
+                key=lambda n: abs(aspect - size / n))
+    return size, other
+  exact = size * aspect
+  other = min((max(math.floor(exact), 1), max(math.ceil(exact), 1)),
+              key=lambda n: abs(aspect - n / size))
+  return other, size
 
-  def __init__(self, path, box, *, imsize, patch, mean, std, scales):
-    self.path, self.box, self.imsize, self.patch = path, box, imsize, patch
+
+class ImageSpec:
+  """One image of the protocol: a file, an optional crop box, the longer-side size; knows its
+  array shape without decoding and loads itself normalized, whole (the backbone drops what does
+  not fill a patch, at every scale)."""
+
+  def __init__(self, path, box, *, imsize, stride, mean, std, scales):
+    self.path, self.box, self.imsize = path, box, imsize
     self.mean, self.std = mean, std
     width, height = images_lib.image_size(path)
     if box is not None:
@@ -269,25 +306,23 @@ class ImageSpec:
       width, height = x1 - x0, y1 - y0
       if width < 1 or height < 1:
         raise ValueError(f"the query box {tuple(box)} lies outside {path}")
-    self.resized = images_lib.longer_side_size(width, height, imsize) if imsize else (
-        width, height)
-    w, h = self.resized
-    smallest = min(int(w // patch * patch * s) for s in scales), min(
-        int(h // patch * patch * s) for s in scales)
-    if min(smallest) < patch:
+    w, h = thumbnail_size(width, height, imsize) if imsize else (width, height)
+    smallest = min(math.floor(min(w, h) * s) for s in scales)
+    if smallest < stride:
       raise ValueError(f"{path}{' cropped' if box is not None else ''} is {w}x{h} px after "
-                       f"resizing, smaller than one {patch}-px patch at scale {min(scales):g}; "
+                       f"resizing, smaller than one {stride}-px patch at scale {min(scales):g}; "
                        "use a larger --imsize or no --multiscale")
-    self.shape = images_lib.patch_multiple(w, h, patch)[::-1] + (3,)
+    self.shape = (h, w, 3)
 
   def load(self):
     image = images_lib.read_image(self.path)
     if self.box is not None:
       image = image.crop(self.box)
-    if image.size != self.resized:
-      image = image.resize(self.resized, Image.LANCZOS)
-    x = images_lib.to_array(image, self.mean, self.std)
-    return x[:self.shape[0], :self.shape[1]]
+    if self.imsize:
+      image.thumbnail((self.imsize, self.imsize), Image.LANCZOS)
+    if image.size != self.shape[1::-1]:  # a PIL whose thumbnail rounds otherwise
+      image = image.resize(self.shape[1::-1], Image.LANCZOS)
+    return images_lib.to_array(image, self.mean, self.std)
 
 
 def dataset_dir(data_dir, dataset):
@@ -304,88 +339,101 @@ def dataset_dir(data_dir, dataset):
   raise FileNotFoundError(f"no gnd_{dataset}.pkl in {root / dataset} or {root}")
 
 
-def evaluate_retrieval(config, model, *, data_dir, dataset, imsize=224, multiscale=False,
-                       query_crop=True, batch_size=0, mesh=None, kappas=KAPPAS):
+def settings(protocol_name: str = "paper", *, imsize=None, multiscale=None, query_crop=None):
+  """(the protocol's name as records give it, its settings): a preset of `PROTOCOLS`, each
+  setting replaced by one given (not None); a changed setting is named after the preset."""
+  if protocol_name not in PROTOCOLS:
+    raise ValueError(f"--protocol={protocol_name!r} is not one of {', '.join(PROTOCOLS)}.")
+  preset = PROTOCOLS[protocol_name]
+  given = dict(imsize=imsize, multiscale=multiscale, query_crop=query_crop)
+  chosen = {k: preset[k] if v is None else type(preset[k])(v) for k, v in given.items()}
+  changed = [f"{k}={chosen[k]}" for k in preset if chosen[k] != preset[k]]
+  return "+".join([protocol_name] + changed), chosen
+
+
+def evaluate_retrieval(config, model, *, data_dir, dataset, protocol_name="paper", imsize=None,
+                       multiscale=None, query_crop=None, batch_size=0, mesh=None, kappas=KAPPAS):
   """Revisited-protocol retrieval of `model`'s [CLS] descriptors on `dataset` under
-  `data_dir`. Returns {"easy"|"medium"|"hard": {"mAP", "mP@k", "queries"}, "database": n,
+  `data_dir`, by the protocol `settings` gives. Returns {"protocol", "imsize", "multiscale",
+  "query_crop", "easy"|"medium"|"hard": {"mAP", "mP@k", "queries"}, "database": n,
   "queries": n} (percentages)."""
+  name, chosen = settings(protocol_name, imsize=imsize, multiscale=multiscale,
+                          query_crop=query_crop)
   root = dataset_dir(data_dir, dataset)
   gt = load_ground_truth(root / f"gnd_{dataset}.pkl")
-  mesh = features_lib.batch_mesh() if mesh is None else mesh
-  scales = SCALES if multiscale else (1.0,)
-  spec = functools.partial(ImageSpec, imsize=imsize, patch=model.patch_size,
-                           mean=tuple(config.data.mean), std=tuple(config.data.std),
-                           scales=scales)
+  mesh = sharding_lib.batch_mesh() if mesh is None else mesh
+  scales = SCALES if chosen["multiscale"] else (1.0,)
+  spec = functools.partial(ImageSpec, imsize=chosen["imsize"],
+                           stride=images_lib.token_stride(model), mean=tuple(config.data.mean),
+                           std=tuple(config.data.std), scales=scales)
   jpg = root / "jpg"
-  database = [spec(jpg / f"{name}.jpg", None) for name in gt["imlist"]]
-  queries = [spec(jpg / f"{name}.jpg", g["bbx"] if query_crop else None)
-             for name, g in zip(gt["qimlist"], gt["gnd"])]
-  apply_fn = descriptor_fn(model, mesh=mesh, multiscale=multiscale)
+  database = [spec(jpg / f"{name_}.jpg", None) for name_ in gt["imlist"]]
+  queries = [spec(jpg / f"{q}.jpg", g["bbx"] if chosen["query_crop"] else None)
+             for q, g in zip(gt["qimlist"], gt["gnd"])]
+  apply_fn = descriptor_fn(model, mesh=mesh, multiscale=chosen["multiscale"])
   run = functools.partial(images_lib.map_images, apply_fn, load=lambda s: s.load(),
                           shape_of=lambda s: s.shape, mesh=mesh, batch_size=batch_size)
   db_features = run(database, description=f"{dataset} database")
   query_features = run(queries, description=f"{dataset} queries")
   results = evaluate_rankings(rank_database(db_features, query_features), gt["gnd"], kappas)
-  results.update(database=len(database), queries=len(queries))
-  return results
+  return {"protocol": f"retrieval_{name}", "dataset": dataset, **chosen, **results,
+          "database": len(database), "queries": len(queries)}
 
 
-def format_table(dataset, results, kappas=KAPPAS):
-  """One row per setup: mAP and mP@k (%)."""
+def format_table(dataset, results, kappas=KAPPAS, baselines=None):
+  """One row per setup: mAP and mP@k (%); each baseline's rows after the trained network's."""
   cols = ["mAP"] + [f"mP@{k}" for k in kappas]
-  lines = [f"{dataset:<12}" + "".join(f"{c:>8}" for c in cols)]
-  for setup in SETUPS:
-    lines.append(f"{setup:<12}" + "".join(f"{results[setup][c]:8.2f}" for c in cols))
+  lines = [f"{dataset:<24}" + "".join(f"{c:>8}" for c in cols)]
+  for who, res in [("trained", results)] + [(protocol.BASELINE_NAMES[b], r)
+                                            for b, r in (baselines or {}).items()]:
+    for setup in SETUPS:
+      lines.append(f"{setup + ', ' + who:<24}"
+                   + "".join(f"{res[setup][c]:8.2f}" for c in cols))
   return "\n".join(lines)
 
 
-def evaluate_checkpoint(workdir, *, load_backbone, dataset, step=None, **kwargs):
-  """Loads the teacher of `workdir` (latest or `step`), runs `evaluate_retrieval`, prints the
-  table and writes `retrieval_<dataset>.json` into the workdir (process 0)."""
-  load_ground_truth(dataset_dir(kwargs.get("data_dir"), dataset) / f"gnd_{dataset}.pkl")
-  loaded = load_backbone(workdir, step=step, which="teacher")  # data checked first
-  config, model = loaded
-  step = getattr(loaded, "step", step)  # the checkpoint read (backbone.LoadedBackbone)
-  results = evaluate_retrieval(config, model, dataset=dataset, **kwargs)
-  if jax.process_index() == 0:
-    print(format_table(dataset, results))
-    record = {"step": "latest" if step is None else step, "dataset": dataset,
-              "imsize": kwargs.get("imsize", 224),
-              "multiscale": bool(kwargs.get("multiscale", False)),
-              "query_crop": bool(kwargs.get("query_crop", True)), **results}
-    (epath.Path(workdir) / f"retrieval_{dataset}.json").write_text(json.dumps(record, indent=2))
-  return results
+# --- the protocol ---------------------------------------------------------------------------------
+
+def _evaluate(loaded, out_dir, **options):
+  del out_dir
+  return evaluate_retrieval(*loaded, **options)
 
 
-def main(argv):
-  del argv
-  from absl import flags
-
-  from sove_jax.evaluate import backbone
-  f = flags.FLAGS
-  evaluate_checkpoint(f.workdir, load_backbone=backbone.load_backbone, step=f.step,
-                      dataset=f.dataset, data_dir=f.data_dir, imsize=f.imsize,
-                      multiscale=f.multiscale, query_crop=f.query_crop,
-                      batch_size=f.batch_size)
+def _check(options):
+  settings(options.get("protocol_name", "paper"))
+  load_ground_truth(dataset_dir(options.get("data_dir"), options["dataset"])
+                    / f"gnd_{options['dataset']}.pkl")
 
 
-def _define_flags():
-  from absl import flags
-  images_lib.define_backbone_flags(flags)
+def _options(f) -> dict:
+  return dict(dataset=f.dataset, data_dir=f.data_dir, protocol_name=f.protocol,
+              imsize=f.imsize, multiscale=f.multiscale, query_crop=f.query_crop,
+              batch_size=f.batch_size)
+
+
+def _define_flags(flags):
   flags.DEFINE_string("data_dir", None, "Folder holding <dataset>/jpg and "
                       "<dataset>/gnd_<dataset>.pkl (or the dataset folder itself).",
                       required=True)
   flags.DEFINE_enum("dataset", "roxford5k", DATASETS, "Revisited dataset.")
-  flags.DEFINE_integer("imsize", 224, "Longer image side, px (images are never enlarged); "
-                       "0 keeps the original size.")
-  flags.DEFINE_bool("multiscale", False, "Average the [CLS] over scales 1, 1/sqrt(2), 1/2.")
-  flags.DEFINE_bool("query_crop", True, "Crop queries to their bounding box (the protocol); "
-                    "--noquery_crop feeds whole query images as DINO's script does.")
+  flags.DEFINE_enum("protocol", "paper", tuple(PROTOCOLS), "paper: 512 px, multiscale, whole "
+                    "queries (the authors' run); cropped224: queries cropped to their box, 224 "
+                    "px, one scale.")
+  flags.DEFINE_integer("imsize", None, "Longer image side, px (never enlarged; 0 keeps the "
+                       "original size); default the protocol's.")
+  flags.DEFINE_bool("multiscale", None, "Average the [CLS] over scales 1, 1/sqrt(2), 1/2; "
+                    "default the protocol's.")
+  flags.DEFINE_bool("query_crop", None, "Crop queries to their bounding box; default the "
+                    "protocol's.")
+
+
+PROTOCOL = protocol.Protocol(
+    name="retrieval", title="retrieval", evaluate=_evaluate, define_flags=_define_flags,
+    options=_options, table=lambda r, b: format_table(r["dataset"], r, baselines=b),
+    record=lambda results, options: dict(results), check=_check,
+    result_name=lambda options: f"retrieval_{options['dataset']}",
+    baselines=("random_init",))
 
 
 if __name__ == "__main__":
-  from absl import app
-
-  from sove_jax import reporting
-  _define_flags()
-  app.run(reporting.command(main))
+  protocol.main(PROTOCOL)

@@ -2,8 +2,9 @@ r"""Video object segmentation by label propagation on DAVIS-2017 (the paper's Ta
 
 DINO's protocol, with frozen teacher patch features and no training:
 - Frames are resized to `frame_size` (480) on the shorter side, the longer side floored to a
-  multiple of 64; the backbone's last-layer patch tokens (after the final LayerNorm, [CLS]
-  dropped), L2-normalized, are the features of a frame's patch grid.
+  multiple of 64; the backbone's last-layer tokens (after the final LayerNorm, [CLS] dropped),
+  L2-normalized, are the features of a frame's token grid: the patch grid of a ViT, the final
+  stage's grid of a Swin (one token per 32 px of Swin-T: `images.token_stride`).
 - The first frame's annotation, resized to the patch grid (nearest), gives one-hot labels
   (background and one channel per object).
 - Each later frame takes its labels from a context: the first frame and the `n_last_frames`
@@ -11,7 +12,7 @@ DINO's protocol, with frozen teacher patch features and no training:
   similarities to the context patches within `radius` grid cells (a square window; 0 lifts the
   restriction) are computed, the `topk` most similar are kept, and their labels are averaged
   with softmax(similarity / `temperature`) weights.
-- The soft labels are upsampled bilinearly by the patch size, each channel is min-max
+- The soft labels are upsampled bilinearly by the token stride, each channel is min-max
   normalized over the frame, the argmax is taken and resized (nearest) to the frame's original
   size.
 - Scores are the DAVIS semi-supervised ones (davis2017-evaluation): per object and frame, J is
@@ -28,7 +29,7 @@ DATA_DIR/Annotations/480p/<seq>/*.png (palette PNGs) and DATA_DIR/ImageSets/2017
         [--n_last_frames=7 --topk=5 --radius=12 --temperature=0.1] [--output_dir=DIR]
 
 With `--output_dir`, the predicted masks are written as indexed PNGs in the layout that the
-official davis2017-evaluation reads. Results go to WORKDIR/video.json.
+official davis2017-evaluation reads. Results go to OUT_DIR/video.json.
 """
 import functools
 import json
@@ -42,8 +43,9 @@ from etils import epath
 from PIL import Image
 from scipy import ndimage
 
-from sove_jax.evaluate import features as features_lib
+from sove_jax import sharding as sharding_lib
 from sove_jax.evaluate import images as images_lib
+from sove_jax.evaluate import protocol
 
 log = logging.getLogger(__name__)
 
@@ -190,12 +192,12 @@ def _remember(features, labels, valid, slot, new_features, new_labels):
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
-def label_map(soft, patch: int):
-  """Soft labels [h, w, C] -> uint8 [h * patch, w * patch] labels: bilinear upsampling
+def label_map(soft, stride: int):
+  """Soft labels [h, w, C] -> uint8 [h * stride, w * stride] labels: bilinear upsampling
   (half-pixel centers, edges clamped), each channel min-max normalized when its maximum is
   positive, argmax."""
   h, w, c = soft.shape
-  up = jax.image.resize(soft, (h * patch, w * patch, c), "linear")
+  up = jax.image.resize(soft, (h * stride, w * stride, c), "linear")
   lo = up.min(axis=(0, 1))
   hi = up.max(axis=(0, 1))
   span = jnp.where(hi - lo > 0, hi - lo, 1.0)
@@ -233,10 +235,10 @@ def one_hot_grid(labels: np.ndarray, grid, num_classes: int) -> np.ndarray:
   return np.eye(num_classes, dtype=np.float32)[np.asarray(small).reshape(-1)]
 
 
-def propagate_video(frames, first_labels, num_classes: int, *, patch: int, n_last_frames=7,
+def propagate_video(frames, first_labels, num_classes: int, *, stride: int, n_last_frames=7,
                     topk=5, radius=12, temperature=0.1):
-  """Label maps (uint8, at the frames' resolution, cut to whole patches) of every frame but the
-  first, from `frames` = an iterable of [h, w, D] normalized patch-feature grids (first frame
+  """Label maps (uint8, at the frames' resolution, cut to whole strides) of every frame but the
+  first, from `frames` = an iterable of [h, w, D] normalized token-feature grids (first frame
   first) and the first frame's one-hot labels [h * w, C]."""
   frames = iter(frames)
   first = jnp.asarray(next(frames))
@@ -249,7 +251,7 @@ def propagate_video(frames, first_labels, num_classes: int, *, patch: int, n_las
     target = jnp.asarray(grid_features).reshape(-1, first.shape[-1])
     soft = step(target, context.features, context.labels, context.valid)
     context.push(target, soft)
-    yield np.asarray(label_map(soft.reshape(*grid, num_classes), patch))
+    yield np.asarray(label_map(soft.reshape(*grid, num_classes), stride))
 
 
 # --- DAVIS ------------------------------------------------------------------------------------
@@ -275,13 +277,14 @@ class Frame:
     return images_lib.to_array(image, self.mean, self.std)
 
 
-def segment_sequence(apply_fn, patch, frame_paths, first_annotation, *, mean, std, frame_size,
+def segment_sequence(apply_fn, stride, frame_paths, first_annotation, *, mean, std, frame_size,
                      mesh, batch_size, n_last_frames, topk, radius, temperature):
   """Predicted label maps (uint8, original frame size) of every frame of one sequence; the
-  first is the annotation itself. `apply_fn` is `images.patch_features(model, mesh=mesh)`."""
+  first is the annotation itself. `apply_fn` is `images.patch_features(model, mesh=mesh)`,
+  whose grids have the token stride `stride`."""
   width, height = images_lib.image_size(frame_paths[0])
   size = images_lib.shorter_side_size(width, height, frame_size, LONG_SIDE_MULTIPLE)
-  grid = (size[1] // patch, size[0] // patch)
+  grid = (size[1] // stride, size[0] // stride)
   labels = np.where(first_annotation == VOID, 0, first_annotation)
   num_classes = int(labels.max()) + 1
   seed = one_hot_grid(labels, grid, num_classes)
@@ -296,7 +299,7 @@ def segment_sequence(apply_fn, patch, frame_paths, first_annotation, *, mean, st
       yield from feats
 
   predictions = [np.asarray(first_annotation, np.uint8)]
-  for labels_map in propagate_video(grids(), seed, num_classes, patch=patch,
+  for labels_map in propagate_video(grids(), seed, num_classes, stride=stride,
                                     n_last_frames=n_last_frames, topk=topk, radius=radius,
                                     temperature=temperature):
     full = Image.fromarray(labels_map).resize((width, height), Image.NEAREST)
@@ -318,7 +321,7 @@ def evaluate_video(config, model, *, data_dir, split="val", resolution="480p", s
   "sequences": {seq: {"J-Mean", "F-Mean", "objects"}}} (percentages)."""
   check_settings(topk=topk, n_last_frames=n_last_frames, temperature=temperature,
                  radius=radius, frame_size=frame_size)
-  mesh = features_lib.batch_mesh() if mesh is None else mesh
+  mesh = sharding_lib.batch_mesh() if mesh is None else mesh
   root = epath.Path(data_dir)
   names = list(sequences) if sequences else sequence_names(data_dir, split)
   apply_fn = images_lib.patch_features(model, mesh=mesh)
@@ -332,7 +335,7 @@ def evaluate_video(config, model, *, data_dir, split="val", resolution="480p", s
     annotation_paths = [annotation_dir / f"{p.stem}.png" for p in frame_paths]
     first, palette = images_lib.read_label_map(annotation_paths[0])
     predictions = segment_sequence(
-        apply_fn, model.patch_size, frame_paths, first, mean=tuple(config.data.mean),
+        apply_fn, images_lib.token_stride(model), frame_paths, first, mean=tuple(config.data.mean),
         std=tuple(config.data.std), frame_size=frame_size, mesh=mesh, batch_size=batch_size,
         n_last_frames=n_last_frames, topk=topk, radius=radius, temperature=temperature)
     if output_dir and jax.process_index() == 0:
@@ -357,51 +360,44 @@ def evaluate_video(config, model, *, data_dir, split="val", resolution="480p", s
   return results
 
 
-def format_table(results):
-  """The DAVIS global row, then J-Mean and F-Mean per sequence (%)."""
-  lines = ["".join(f"{m:>10}" for m in MEASURES),
-           "".join(f"{results[m]:10.2f}" for m in MEASURES), "",
-           f"{'sequence':<24}{'J-Mean':>8}{'F-Mean':>8}"]
+def format_table(results, baselines=None):
+  """The DAVIS global row (each baseline's under it), then J-Mean and F-Mean per sequence (%)."""
+  lines = [f"{'':<14}" + "".join(f"{m:>10}" for m in MEASURES)]
+  for who, res in [("trained", results)] + [(protocol.BASELINE_NAMES[b], r)
+                                            for b, r in (baselines or {}).items()]:
+    lines.append(f"{who:<14}" + "".join(f"{res[m]:10.2f}" for m in MEASURES))
+  lines += ["", f"{'sequence':<24}{'J-Mean':>8}{'F-Mean':>8}"]
   for name, row in results["sequences"].items():
     lines.append(f"{name:<24}{row['J-Mean']:8.2f}{row['F-Mean']:8.2f}")
   return "\n".join(lines)
 
 
-def evaluate_checkpoint(workdir, *, load_backbone, step=None, **kwargs):
-  """Loads the teacher of `workdir` (latest or `step`), runs `evaluate_video`, prints the table
-  and writes `video.json` into the workdir (process 0)."""
-  settings = {k: kwargs.get(k, v) for k, v in SETTINGS.items()}
-  check_settings(**settings)
-  if not kwargs.get("sequences"):
-    sequence_names(kwargs["data_dir"], kwargs.get("split", "val"))  # data checked first
-  loaded = load_backbone(workdir, step=step, which="teacher")
-  config, model = loaded
-  step = getattr(loaded, "step", step)  # the checkpoint read (backbone.LoadedBackbone)
-  results = evaluate_video(config, model, **kwargs)
-  if jax.process_index() == 0:
-    print(format_table(results))
-    record = {"step": "latest" if step is None else step, "split": kwargs.get("split", "val"),
-              **settings, **results}
-    (epath.Path(workdir) / "video.json").write_text(json.dumps(record, indent=2))
-  return results
+# --- the protocol ---------------------------------------------------------------------------------
+
+def _evaluate(loaded, out_dir, **options):
+  del out_dir
+  return evaluate_video(*loaded, **options)
 
 
-def main(argv):
-  del argv
-  from absl import flags
-
-  from sove_jax.evaluate import backbone
-  f = flags.FLAGS
-  evaluate_checkpoint(
-      f.workdir, load_backbone=backbone.load_backbone, step=f.step, data_dir=f.data_dir,
-      split=f.split, resolution=f.resolution, sequences=f.sequences or None,
-      n_last_frames=f.n_last_frames, topk=f.topk, radius=f.radius, temperature=f.temperature,
-      frame_size=f.frame_size, batch_size=f.batch_size, output_dir=f.output_dir)
+def _check(options):
+  check_settings(**{k: options.get(k, v) for k, v in SETTINGS.items()})
+  if not options.get("sequences"):
+    sequence_names(options["data_dir"], options.get("split", "val"))
 
 
-def _define_flags():
-  from absl import flags
-  images_lib.define_backbone_flags(flags)
+def _record(results, options):
+  return {"protocol": "video_dino", "split": options.get("split", "val"),
+          **{k: options.get(k, v) for k, v in SETTINGS.items()}, **results}
+
+
+def _options(f) -> dict:
+  return dict(data_dir=f.data_dir, split=f.split, resolution=f.resolution,
+              sequences=f.sequences or None, n_last_frames=f.n_last_frames, topk=f.topk,
+              radius=f.radius, temperature=f.temperature, frame_size=f.frame_size,
+              batch_size=f.batch_size, output_dir=f.output_dir)
+
+
+def _define_flags(flags):
   flags.DEFINE_string("data_dir", None, "DAVIS root (JPEGImages/, Annotations/, ImageSets/).",
                       required=True)
   flags.DEFINE_string("split", "val", "Sequence list ImageSets/2017/<split>.txt.")
@@ -409,7 +405,7 @@ def _define_flags():
   flags.DEFINE_list("sequences", [], "Only these sequences (default: the whole split).")
   flags.DEFINE_integer("n_last_frames", 7, "Previous frames in the context (besides the first).")
   flags.DEFINE_integer("topk", 5, "Context patches each target patch takes labels from.")
-  flags.DEFINE_integer("radius", 12, "Neighborhood, in patches, a label can come from "
+  flags.DEFINE_integer("radius", 12, "Neighborhood, in tokens, a label can come from "
                        "(square window); 0: anywhere.")
   flags.DEFINE_float("temperature", 0.1, "Softmax temperature of the neighbor weights.")
   flags.DEFINE_integer("frame_size", 480, "Shorter frame side, px; the longer side is floored "
@@ -418,9 +414,11 @@ def _define_flags():
                       "(<seq>/<frame>.png, the davis2017-evaluation layout).")
 
 
-if __name__ == "__main__":
-  from absl import app
+PROTOCOL = protocol.Protocol(
+    name="video", title="DAVIS-2017 video segmentation", evaluate=_evaluate,
+    define_flags=_define_flags, options=_options, table=format_table, record=_record,
+    check=_check, baselines=("random_init",))
 
-  from sove_jax import reporting
-  _define_flags()
-  app.run(reporting.command(main))
+
+if __name__ == "__main__":
+  protocol.main(PROTOCOL)

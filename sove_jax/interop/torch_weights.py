@@ -4,7 +4,8 @@ r"""ViT backbone weights to and from PyTorch, in the DINO/iBOT `vision_transform
     python -m sove_jax.interop.torch_weights export --workdir=runs/vits --out=teacher.pth
     python -m sove_jax.interop.torch_weights import --checkpoint=dino_vitsmall16.pth --variant=s
 
-Why: released DINO/iBOT/SOP weights can then be evaluated with this project's probes, and our
+Why: released DINO/iBOT/SOP weights can then be evaluated with this project's probes (every
+evaluation takes `--weights=FILE --arch=vit_small`: `sove_jax.interop.released`), and our
 teachers can be evaluated with theirs. Layout (D width, H heads, Dh = D / H, p patch, C channels):
 
     PyTorch key                      shape        our parameter               shape
@@ -29,35 +30,30 @@ resize to the target size. Imported weights therefore get our ViT's `pos_interpo
 which computes exactly theirs (`import_weights(..., pos_interpolation=None)` keeps the model's
 own); the export records the mode its model used.
 
-torch is optional: it is imported only by the `.pth` functions. `.safetensors` files are read
-and written by the `safetensors` library.
+Which state dict of a file is read (a flat one, a training checkpoint's teacher or student,
+iBOT's {"state_dict": ...}), with its wrapper prefixes stripped and its head set aside:
+`weight_files.select_backbone`.
+
+torch is optional: it is imported only by the `.pth` functions (`weight_files`).
 """
 from __future__ import annotations
 
-import argparse
-import io
 import json
 import math
 import os
-import pickle
-import sys
-import traceback
 import warnings
 from collections.abc import Mapping
 
 import numpy as np
 from absl import logging
-from etils import epath
 from flax import traverse_util
 
-from sove_jax import paths
+from sove_jax.interop import weight_files
 
-# Prefixes that wrappers put in front of backbone keys: DistributedDataParallel ("module."),
-# DINO's MultiCropWrapper ("backbone."), and checkpoints that flatten {"teacher": ...}.
-STRIP_PREFIXES = ("module.", "backbone.", "teacher.")
-# Keys after stripping that belong to the projection head, not the backbone.
-IGNORED_PREFIXES = ("head.",)
 MASK_KEY = "masked_embed"
+# Which state dict of a file, its prefixes and head keys: weight_files (re-exported here).
+select_backbone = weight_files.select_backbone
+select_head_layer = weight_files.select_head_layer
 
 
 class MaskTokenNotLoaded(UserWarning):
@@ -187,22 +183,6 @@ def _dino_order(keys) -> list:
   return sorted(keys, key=rank)
 
 
-def _to_numpy(v) -> np.ndarray:
-  """NumPy view of a torch tensor, jax array or array-like; bfloat16 tensors become float32."""
-  if hasattr(v, "detach"):  # torch.Tensor, without importing torch
-    t = v.detach().cpu()
-    try:
-      return t.numpy()
-    except TypeError:  # dtypes NumPy lacks (bfloat16): widen, which is exact
-      return t.float().numpy()
-  import jax
-  return np.asarray(jax.device_get(v))
-
-
-def _is_array(v) -> bool:
-  return hasattr(v, "shape") and hasattr(v, "dtype")
-
-
 # ------------------------------------------------------------------ export / import
 
 def to_torch_state_dict(vit_params_or_model, *, mask_token: bool = True) -> dict[str, np.ndarray]:
@@ -220,7 +200,7 @@ def to_torch_state_dict(vit_params_or_model, *, mask_token: bool = True) -> dict
     key, kind, index = _mapping(path, scanned)
     if key == MASK_KEY and not mask_token:
       continue
-    a = np.asarray(_to_numpy(leaf), np.float32)
+    a = np.asarray(weight_files.to_numpy(leaf), np.float32)
     if path[0] != "blocks":
       out[key] = _to_torch_layout(a, kind)
     elif scanned:
@@ -229,48 +209,6 @@ def to_torch_state_dict(vit_params_or_model, *, mask_token: bool = True) -> dict
     else:
       out[key.format(index)] = _to_torch_layout(a, kind)
   return {k: out[k] for k in _dino_order(out)}
-
-
-def _strip(key: str) -> str:
-  changed = True
-  while changed:
-    changed = False
-    for p in STRIP_PREFIXES:
-      if key.startswith(p):
-        key, changed = key[len(p):], True
-  return key
-
-
-def select_backbone(checkpoint, *, checkpoint_key: str = "teacher"):
-  """(backbone tensors as NumPy with plain DINO keys, ignored keys, where they came from).
-
-  `checkpoint` is a flat state dict or a training checkpoint holding one under
-  `checkpoint_key` (DINO/iBOT/SOP `checkpoint.pth`: {'student', 'teacher', 'optimizer', ...}).
-  Wrapper prefixes are stripped; head keys are set aside, never silently loaded.
-  """
-  if not isinstance(checkpoint, Mapping):
-    raise TypeError(f"Expected a state dict (a mapping), got {type(checkpoint)}")
-  if isinstance(checkpoint.get(checkpoint_key), Mapping):
-    state_dict, source = checkpoint[checkpoint_key], f"the {checkpoint_key!r} entry"
-  else:
-    others = sorted(str(k) for k, v in checkpoint.items() if not _is_array(v))
-    if others:
-      raise ValueError(
-          f"Not a flat state dict and no {checkpoint_key!r} entry holding one; top-level "
-          f"non-tensor keys: {others}. Pass checkpoint_key= (CLI --checkpoint_key) to pick one.")
-    state_dict, source = checkpoint, "a flat state dict"
-  tensors, ignored = {}, []
-  for raw, value in state_dict.items():
-    key = _strip(str(raw))
-    if key.startswith(IGNORED_PREFIXES):
-      ignored.append(str(raw))
-      continue
-    if not _is_array(value):
-      raise ValueError(f"Checkpoint key {raw!r} holds a {type(value).__name__}, not a tensor")
-    if key in tensors:
-      raise ValueError(f"Two checkpoint keys map to {key!r} once prefixes are stripped")
-    tensors[key] = _to_numpy(value)
-  return tensors, ignored, source
 
 
 def from_torch_state_dict(state_dict, model_or_abstract, *, checkpoint_key: str = "teacher"):
@@ -310,7 +248,7 @@ def from_torch_state_dict(state_dict, model_or_abstract, *, checkpoint_key: str 
     if key == MASK_KEY and key not in tensors:
       concrete = not isinstance(leaf, jax.ShapeDtypeStruct)
       mask_kept = "its current value" if concrete else "zeros"
-      value = np.asarray(_to_numpy(leaf)) if concrete else np.zeros(leaf.shape)
+      value = np.asarray(weight_files.to_numpy(leaf)) if concrete else np.zeros(leaf.shape)
     elif path[0] != "blocks":
       value = fetch(key, kind, leaf.shape)
     elif scanned:
@@ -340,178 +278,6 @@ def from_torch_state_dict(state_dict, model_or_abstract, *, checkpoint_key: str 
   return traverse_util.unflatten_dict(loaded)
 
 
-# ------------------------------------------------------------------ files
-
-
-def _write_atomically(path: str, data: bytes):
-  """Write through a temporary file and rename it, so a crash never leaves half a file."""
-  path = epath.Path(path)
-  tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-  try:
-    tmp.write_bytes(data)
-    tmp.rename(path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-
-
-def save_safetensors(state_dict: Mapping, path: str, metadata: Mapping | None = None):
-  """Write a .safetensors file (the `safetensors` library); metadata values become str."""
-  import safetensors.numpy
-
-  tensors = {str(k): np.ascontiguousarray(_to_numpy(v)) for k, v in state_dict.items()}
-  meta = {str(k): str(v) for k, v in (metadata or {}).items()} or None
-  _write_atomically(path, safetensors.numpy.save(tensors, metadata=meta))
-
-
-def _open_safetensors(path: str):
-  """A local file is memory-mapped; one in a bucket (gs://...) is read whole through epath."""
-  import safetensors
-  import safetensors.numpy
-
-  if not epath.Path(path).exists():
-    raise FileNotFoundError(f"No file {path}.")
-  try:
-    if paths.is_local(path):
-      return safetensors.safe_open(os.fspath(path), framework="np")
-    return _SafetensorsBytes(epath.Path(path).read_bytes())
-  except (safetensors.SafetensorError, ValueError) as e:
-    raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
-
-
-class _SafetensorsBytes:
-  """The part of `safetensors.safe_open` used here, over a file's bytes."""
-
-  def __init__(self, data: bytes):
-    import safetensors.numpy
-
-    size = int.from_bytes(data[:8], "little")
-    self._meta = json.loads(data[8:8 + size]).get("__metadata__")
-    self._tensors = safetensors.numpy.load(data)
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    del exc
-
-  def metadata(self):
-    return self._meta
-
-  def keys(self):
-    return list(self._tensors)
-
-  def get_tensor(self, name):
-    return self._tensors[name]
-
-
-def safetensors_metadata(path: str) -> dict[str, str]:
-  """The `__metadata__` of a .safetensors file ({} when it has none)."""
-  with _open_safetensors(path) as f:
-    return dict(f.metadata() or {})
-
-
-def load_safetensors(path: str) -> dict[str, np.ndarray]:
-  """Read a .safetensors file into NumPy arrays (bfloat16 as ml_dtypes.bfloat16)."""
-  with _open_safetensors(path) as f:
-    return {name: f.get_tensor(name) for name in f.keys()}
-
-
-def save_pth(state_dict: Mapping, path: str):
-  """torch.save of CPU tensors: loads with `torch.load(path, weights_only=True)`."""
-  torch = _import_torch(path)
-
-  tensors = {str(k): torch.from_numpy(np.array(_to_numpy(v), copy=True))
-             for k, v in state_dict.items()}
-  buffer = io.BytesIO()
-  torch.save(tensors, buffer)
-  _write_atomically(path, buffer.getvalue())
-
-
-def _tree_to_numpy(obj):
-  if hasattr(obj, "detach"):
-    return _to_numpy(obj)
-  if isinstance(obj, Mapping):
-    return {k: _tree_to_numpy(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return type(obj)(_tree_to_numpy(v) for v in obj)
-  return obj
-
-
-def load_pth(path: str, *, trusted: bool = False):
-  """torch.load a .pth on CPU, tensors turned into NumPy (nested dicts kept).
-
-  Loads with `weights_only=True` (no arbitrary code), allowing argparse.Namespace, which DINO,
-  iBOT and SOP store as 'args' in full checkpoints. `trusted=True` unpickles anything; use it
-  only for files you trust.
-  """
-  torch = _import_torch(path)
-  if not epath.Path(path).exists():
-    raise FileNotFoundError(f"No file {path}.")
-  source = path if paths.is_local(path) else io.BytesIO(epath.Path(path).read_bytes())
-  try:
-    with torch.serialization.safe_globals([argparse.Namespace]):
-      obj = torch.load(source, map_location="cpu", weights_only=not trusted)
-  except pickle.UnpicklingError as e:
-    if "unsupported global" in str(e).lower():  # a well-formed file with other objects
-      raise ValueError(
-          f"{path} holds objects other than tensors and plain containers, so it was not "
-          f"unpickled. If you trust the file, load it with trusted=True (CLI --trust_pickle): "
-          f"{_torch_reason(e)}") from e
-    raise ValueError(f"{path} is not a readable PyTorch file (corrupt, truncated or another "
-                     f"format): {_torch_reason(e)}") from e
-  except (RuntimeError, EOFError, OSError) as e:
-    if isinstance(e, FileNotFoundError):
-      raise
-    raise ValueError(f"{path} is not a readable PyTorch file (corrupt, truncated or another "
-                     f"format): {_torch_reason(e)}") from e
-  return _tree_to_numpy(obj)
-
-
-TORCH_INSTALL = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
-
-
-def _import_torch(path):
-  """torch, or an ImportError that says how to install it (and that .safetensors needs none)."""
-  try:
-    import torch
-  except ImportError:
-    raise ImportError(f"{path} is a PyTorch file: reading or writing it needs PyTorch, which is "
-                      f"not installed; install the CPU build with `{TORCH_INSTALL}`, or use "
-                      ".safetensors files, which do not need it.") from None
-  return torch
-
-
-def _torch_reason(error) -> str:
-  """The informative line of torch.load's long message."""
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  for i, line in enumerate(lines):
-    if "WeightsUnpickler error" in line and i + 1 < len(lines):
-      return lines[i + 1]
-    if "unsupported global" in line.lower():
-      return line
-  return lines[0].split(". ")[0][:200] if lines else type(error).__name__
-
-
-def _format(path: str, fmt: str | None) -> str:
-  if fmt is None:
-    ext = os.path.splitext(path)[1].lower()
-    fmt = {".safetensors": "safetensors", ".pth": "pth", ".pt": "pth"}.get(ext)
-    if fmt is None:
-      raise ValueError(f"Cannot tell the format of {path!r}: use .safetensors, .pth or .pt, "
-                       "or pass fmt='safetensors' | 'pth'")
-  if fmt not in ("safetensors", "pth"):
-    raise ValueError(f"fmt must be 'safetensors' or 'pth', got {fmt!r}")
-  return fmt
-
-
-def load_weights_file(path: str, *, fmt: str | None = None, trusted: bool = False):
-  """A .safetensors or .pth file as NumPy (the format from the extension unless `fmt`)."""
-  if _format(path, fmt) == "safetensors":
-    return load_safetensors(path)
-  return load_pth(path, trusted=trusted)
-
-
 def export_checkpoint(workdir: str, out_path: str, *, step=None, which: str = "teacher",
                       fmt: str | None = None, mask_token: bool = True) -> dict:
   """Write one backbone of a training checkpoint as DINO-layout weights; returns a summary.
@@ -519,10 +285,10 @@ def export_checkpoint(workdir: str, out_path: str, *, step=None, which: str = "t
   `step=None` takes the latest checkpoint; `fmt` defaults to the extension of `out_path`.
   The .safetensors metadata records the step and the ViT shape, so it can be rebuilt.
   """
-  from sove_jax.evaluate import backbone
+  from sove_jax.interop import trained
 
-  fmt = _format(out_path, fmt)
-  loaded = backbone.load_backbone(workdir, step=step, which=which)  # the latest readable one
+  fmt = weight_files.weights_format(out_path, fmt)
+  loaded = trained.load_backbone(workdir, step=step, which=which)  # the latest readable one
   config, model = loaded
   step = loaded.step
   state_dict = to_torch_state_dict(model, mask_token=mask_token)
@@ -533,9 +299,9 @@ def export_checkpoint(workdir: str, out_path: str, *, step=None, which: str = "t
              "image_size": int(config.data.global_size),
              "pos_interpolation": model.pos_interpolation}
   if fmt == "safetensors":
-    save_safetensors(state_dict, out_path, metadata=summary)
+    weight_files.save_safetensors(state_dict, out_path, metadata=summary)
   else:
-    save_pth(state_dict, out_path)
+    weight_files.save_pth(state_dict, out_path)
   summary.update(path=out_path, num_tensors=len(state_dict),
                  num_params=int(sum(a.size for a in state_dict.values())))
   logging.info("Exported %s backbone of %s step %d to %s.", which, workdir, step, out_path)
@@ -558,8 +324,8 @@ def import_weights(path, model, *, checkpoint_key: str = "teacher", trusted: boo
   if pos_interpolation is not None and pos_interpolation not in POS_INTERPOLATIONS:
     raise ValueError(f"pos_interpolation must be one of {POS_INTERPOLATIONS} or None, "
                      f"got {pos_interpolation!r}")
-  state_dict = load_weights_file(path, trusted=trusted) if isinstance(path, (str, os.PathLike)) \
-      else path
+  state_dict = (weight_files.load_weights_file(path, trusted=trusted)
+                if isinstance(path, (str, os.PathLike)) else path)
   params = from_torch_state_dict(state_dict, model, checkpoint_key=checkpoint_key)
   state = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(state, params)
@@ -571,36 +337,41 @@ def import_weights(path, model, *, checkpoint_key: str = "teacher", trusted: boo
 
 # ------------------------------------------------------------------ command line
 
-def _export_main(args):
-  summary = export_checkpoint(args.workdir, args.out, step=args.step, which=args.which,
-                              fmt=args.format, mask_token=not args.no_mask_token)
+def export_command(*, workdir, out, step=None, which="teacher", fmt=None, mask_token=True):
+  """`export`: prints the summary of `export_checkpoint` as JSON."""
+  summary = export_checkpoint(workdir, out, step=step, which=which, fmt=fmt,
+                              mask_token=mask_token)
   print(json.dumps(summary, indent=2))
+  return summary
 
 
-def _import_main(args):
+def import_command(*, checkpoint, variant="s", patch_size=16, image_size=224, width=None,
+                   depth=None, num_heads=None, pos_interpolation="dino", checkpoint_key="teacher",
+                   trusted=False):
+  """`import`: loads a PyTorch checkpoint into our ViT and prints what was loaded, what was set
+  aside and a forward pass's [CLS] norm on a random image."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
 
   from sove_jax.models.vit import create_vit
 
-  overrides = {k: getattr(args, k) for k in ("width", "depth", "num_heads")
-               if getattr(args, k) is not None}
+  overrides = {k: v for k, v in (("width", width), ("depth", depth), ("num_heads", num_heads))
+               if v}
   # Abstract: nothing is initialized only to be overwritten (a DINO mask token becomes zeros).
   model = nnx.eval_shape(lambda: create_vit(
-      args.variant, patch_size=args.patch_size, image_size=args.image_size, dtype=jnp.float32,
+      variant, patch_size=patch_size, image_size=image_size, dtype=jnp.float32,
       rngs=nnx.Rngs(0), **overrides))
-  raw = load_weights_file(args.checkpoint, trusted=args.trust_pickle)
-  tensors, ignored, source = select_backbone(raw, checkpoint_key=args.checkpoint_key)
+  raw = weight_files.load_weights_file(checkpoint, trusted=trusted)
+  tensors, ignored, source = select_backbone(raw, checkpoint_key=checkpoint_key)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always", MaskTokenNotLoaded)
-    import_weights(raw, model, checkpoint_key=args.checkpoint_key,
-                   pos_interpolation=args.pos_interpolation)
-  images = jax.random.normal(jax.random.key(0), (1, args.image_size, args.image_size, 3))
+    import_weights(raw, model, checkpoint_key=checkpoint_key, pos_interpolation=pos_interpolation)
+  images = jax.random.normal(jax.random.key(0), (1, image_size, image_size, 3))
   cls = np.asarray(model(images)[0, 0])
-  print(f"Loaded {len(tensors)} backbone tensors from {source} of {args.checkpoint} into "
+  print(f"Loaded {len(tensors)} backbone tensors from {source} of {checkpoint} into "
         f"ViT width={model.width} depth={model.depth} heads={model.num_heads} "
-        f"patch={model.patch_size} image={args.image_size} "
+        f"patch={model.patch_size} image={image_size} "
         f"pos_interpolation={model.pos_interpolation}.")
   print(f"Parameters: {sum(a.size for a in tensors.values()):,}.")
   if ignored:
@@ -612,46 +383,62 @@ def _import_main(args):
         f"finite={bool(np.isfinite(cls).all())}.")
 
 
-def main(argv=None):
+COMMANDS = ("export", "import")
+
+
+def main(argv):
   """`export` a training checkpoint's backbone, or `import` a PyTorch one and report it."""
-  parser = argparse.ArgumentParser(prog="python -m sove_jax.interop.torch_weights",
-                                   description=__doc__.split("\n\n")[0])
-  sub = parser.add_subparsers(dest="command", required=True)
-  ex = sub.add_parser("export", help="training checkpoint -> .safetensors / .pth")
-  ex.add_argument("--workdir", required=True)
-  ex.add_argument("--out", required=True, help="*.safetensors, *.pth or *.pt")
-  ex.add_argument("--step", type=int, default=None, help="default: the latest")
-  ex.add_argument("--which", choices=("teacher", "student"), default="teacher")
-  ex.add_argument("--format", choices=("safetensors", "pth"), default=None)
-  ex.add_argument("--no_mask_token", action="store_true",
-                  help="leave out masked_embed (for DINO's strict load_state_dict)")
-  im = sub.add_parser("import", help="check that a PyTorch checkpoint loads into our ViT")
-  im.add_argument("--checkpoint", required=True, help="*.pth, *.pt or *.safetensors")
-  im.add_argument("--variant", default="s", help="ti | s | b | l")
-  im.add_argument("--patch_size", type=int, default=16)
-  im.add_argument("--image_size", type=int, default=224)
-  im.add_argument("--width", type=int, default=None)
-  im.add_argument("--depth", type=int, default=None)
-  im.add_argument("--num_heads", type=int, default=None)
-  im.add_argument("--pos_interpolation", choices=("dino", "size"), default="dino",
-                  help="position-embedding resize at other input sizes (dino: as the PyTorch "
-                       "code that trained the weights)")
-  im.add_argument("--checkpoint_key", default="teacher",
-                  help="entry of a full training checkpoint to load")
-  im.add_argument("--trust_pickle", action="store_true",
-                  help="unpickle arbitrary objects (only for files you trust)")
-  for command in (ex, im):
-    command.add_argument("--verbose", action="store_true",
-                         help="show the traceback of a failure (by default one line)")
-  args = parser.parse_args(argv)
+  from absl import app, flags
+  f = flags.FLAGS
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"Give one command, {' or '.join(COMMANDS)}: python -m "
+                         "sove_jax.interop.torch_weights export|import --flags")
+  if argv[1] == "export":
+    if not (f.workdir and f.out):
+      raise app.UsageError("export needs --workdir and --out.")
+    export_command(workdir=f.workdir, out=f.out, step=f.step, which=f.which,
+                   fmt=f.format or None, mask_token=f.mask_token)
+  else:
+    if not f.checkpoint:
+      raise app.UsageError("import needs --checkpoint.")
+    import_command(checkpoint=f.checkpoint, variant=f.variant, patch_size=f.patch_size,
+                   image_size=f.image_size, width=f.width, depth=f.depth,
+                   num_heads=f.num_heads, pos_interpolation=f.pos_interpolation,
+                   checkpoint_key=f.checkpoint_key, trusted=f.trust_pickle)
+
+
+def _define_flags():
+  from absl import flags
+
   from sove_jax import reporting
-  try:
-    (_export_main if args.command == "export" else _import_main)(args)
-  except reporting.expected_errors() as e:
-    if args.verbose:
-      traceback.print_exc()
-    sys.exit(f"Error: {reporting.error_line(e)}")
+  reporting.define_verbose_flag(flags)
+  # export
+  flags.DEFINE_string("workdir", None, "export: the training run directory.")
+  flags.DEFINE_string("out", None, "export: *.safetensors, *.pth or *.pt.")
+  flags.DEFINE_integer("step", None, "export: checkpoint step (default: the latest).")
+  flags.DEFINE_enum("which", "teacher", ("teacher", "student"), "export: which backbone.")
+  flags.DEFINE_enum("format", "", ("", "safetensors", "pth"), "export: file format (default: "
+                    "from the extension).")
+  flags.DEFINE_bool("mask_token", True, "export: write masked_embed (--nomask_token for DINO's "
+                    "strict load_state_dict).")
+  # import
+  flags.DEFINE_string("checkpoint", None, "import: *.pth, *.pt or *.safetensors.")
+  flags.DEFINE_string("variant", "s", "import: ViT size, ti | s | b | l.")
+  flags.DEFINE_integer("patch_size", 16, "import: patch size.")
+  flags.DEFINE_integer("image_size", 224, "import: the image size the weights were trained at.")
+  flags.DEFINE_integer("width", None, "import: width override.")
+  flags.DEFINE_integer("depth", None, "import: depth override.")
+  flags.DEFINE_integer("num_heads", None, "import: heads override.")
+  flags.DEFINE_enum("pos_interpolation", "dino", ("dino", "size"), "import: position-embedding "
+                    "resize at other input sizes (dino: as the PyTorch code that trained them).")
+  flags.DEFINE_string("checkpoint_key", "teacher", "import: entry of a full training checkpoint.")
+  flags.DEFINE_bool("trust_pickle", False, "import: unpickle arbitrary objects (only for files "
+                    "you trust).")
 
 
 if __name__ == "__main__":
-  main()
+  from absl import app
+
+  from sove_jax import reporting
+  _define_flags()
+  app.run(reporting.command(main))

@@ -17,7 +17,10 @@ it cannot be pointed anywhere else, so the one writer that uses it, TensorBoard'
 (CLU's SummaryWriter over tf.summary), is replaced in the child by a recorder of the logdir it
 is given.
 
-    python tests/fake_gcs.py ROOT MODULE [ARGS...]   # runs `python -m MODULE ARGS` on ROOT
+    python -m sove_jax.rehearsal.fake_gcs ROOT MODULE [ARGS...]  # `python -m MODULE ARGS` on ROOT
+
+The pod rehearsal (`python -m sove_jax.rehearsal`) and the tests run commands on gs:// workdirs
+through it; nothing of it is used by training itself.
 """
 import http.server
 import json

@@ -1,25 +1,26 @@
-"""Which features of a trained run carry the most class information? (tuning diagnostics)
+"""Which features of a trained run carry the most class information? (a study stage)
 
-    python benchmarks/diagnose_features.py --workdir=runs/tune/ARM [--train=10000 --test=2000]
+    python studies/diagnose_features.py --workdir=WORKDIR [--train=10000 --test=2000]
 
 k-NN top-1 (k = 20) on Fashion-MNIST subsets for several features of the checkpoint's teacher and
 student (backbone [CLS], mean patch token, both, the head's embedding, every block's [CLS]), and
-the effective rank (exp of the singular-value entropy) of each feature set.
+the effective rank (exp of the singular-value entropy) of each feature set: a table on stdout
+and WORKDIR/features.json. As a stage of a study file (studies/learning_curve.py):
+`dict(name="features", kind="command", command=["{python}", "studies/diagnose_features.py",
+"--workdir={workdir}"])`.
 """
 import argparse
+import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from sove_jax import checkpoint, optim, state as state_lib  # noqa: E402
-from sove_jax.evaluate import features, knn  # noqa: E402
-from sove_jax.models import network  # noqa: E402
+from sove_jax import checkpoint, sharding, state as state_lib
+from sove_jax.evaluate import knn
+from sove_jax.models import network
 
 
 def norm(x):
@@ -44,9 +45,8 @@ def main():
   from sove_jax.data import pipeline
   config = checkpoint.read_config(a.workdir)
   size = config.data.global_size
-  tx = optim.make_optimizer(config, optim.make_schedules(config, 1, 1))
-  abstract = jax.eval_shape(state_lib.make_init(config, tx, size), jax.random.PRNGKey(0))
-  replicated = jax.NamedSharding(features.batch_mesh(), jax.P())
+  abstract = state_lib.abstract(config)
+  replicated = jax.NamedSharding(sharding.batch_mesh(), jax.P())
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                           abstract)
   ck = checkpoint.Checkpointer(a.workdir, read_only=True)
@@ -57,7 +57,7 @@ def main():
   graphdef, _ = network.abstract_network(config.model, size, network.prototypes_of(config))
   nets = {"teacher": st.teacher, "student": st.student}
   if a.random:
-    init = state_lib.make_init(config, tx, size)(jax.random.PRNGKey(config.seed))
+    init = state_lib.init_for(config, size)(jax.random.PRNGKey(config.seed))
     nets["random"] = init.teacher
 
   def batches(split, n):
@@ -85,7 +85,8 @@ def main():
       labels.append(np.asarray(batch["label"])[valid])
     return {k: np.concatenate(v) for k, v in out.items()}, np.concatenate(labels)
 
-  print(f"| net | feature | dim | eff. rank | k-NN k=20 |")
+  rows = []
+  print("| net | feature | dim | eff. rank | k-NN k=20 |")
   print("|---|---|---|---|---|")
   for name, params in nets.items():
     tr, ytr = collect(params, config.data.train_split, a.train)
@@ -93,8 +94,12 @@ def main():
     for k in tr:
       acc = knn.knn_classify(norm(tr[k]), ytr, norm(te[k]), yte, ks=(20,), temperature=0.07,
                              num_classes=10)[20]
-      print(f"| {name} | {k} | {tr[k].shape[1]} | {eff_rank(tr[k][:5000]):.1f} | {acc:.2f} |",
+      rows.append(dict(net=name, feature=k, dim=int(tr[k].shape[1]),
+                       eff_rank=eff_rank(tr[k][:5000]), knn_k20=float(acc)))
+      print(f"| {name} | {k} | {rows[-1]['dim']} | {rows[-1]['eff_rank']:.1f} | {acc:.2f} |",
             flush=True)
+  with open(os.path.join(a.workdir, "features.json"), "w", encoding="utf-8") as f:
+    json.dump({"rows": rows, "train": a.train, "test": a.test}, f, indent=1)
 
 
 if __name__ == "__main__":
