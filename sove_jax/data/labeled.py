@@ -11,10 +11,10 @@ two global and N local ones, and no photometric ops or masks. Evaluation uses
 `pipeline.eval_input` (resize + center crop) unchanged.
 
 Subsets are indices into the train split in the order `pipeline.eval_input` reads it. Sources
-read by index (arrays, folders) are subset by index. A TFDS split is a stream of records, so
-its subset is read once into host memory (encoded, as in the files) and then read by index like
-a folder; a whole TFDS split is streamed as pretraining streams it (files and a buffer
-shuffled per epoch, each process its contiguous share).
+read by index (arrays, folders, TFDS ArrayRecord) are subset by index. A TFDS TFRecord split is
+a stream of records, so its subset is read once into host memory (encoded, as in the files) and
+then read by index like a folder; a whole TFRecord split is streamed as pretraining streams it
+(files and a buffer shuffled per epoch, each process its contiguous share).
 
 Randomness is stateless, a function of (seed, process, epoch, position), so the stream of an
 epoch depends on nothing else and a run restarted at an epoch boundary (`epoch`) or from
@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from sove_jax.data import augment, sources, stream
+from sove_jax.data import augment, indexed, sources, stream
 from sove_jax.data.sources import EncodedSource  # noqa: F401  (what `subset` makes of TFDS)
 
 _FLIP = 1  # which draw of an example's key
@@ -39,6 +39,8 @@ def _in_order(source: sources.TfdsSource) -> tf.data.Dataset:
 
 def split_labels(source) -> np.ndarray:
   """int32 labels of every example of a source, in split order (a TFDS split is read once)."""
+  if isinstance(source, indexed.ArrayRecordSource):
+    return source.labels()
   if isinstance(source, sources.TfdsSource):
     labels = source.host_records(0, 1, drop_remainder=False).map(lambda image, label: label)
     return np.fromiter(labels.as_numpy_iterator(), np.int32, count=len(source))
@@ -143,7 +145,7 @@ class LabeledTrainInput(stream.TrainStream):
     """This process's batches of `epoch` from `position` on."""
     b, src, d = self.batch_size, self.source, self.config
     ds, head = self.records(epoch, position)
-    if isinstance(src, sources.TfdsSource):
+    if self.encoded_records:  # TFDS: the records hold the encoded images
       ds = stream.ordered_map(ds, head, self._stage("_crop_example"))
     else:
       ds = stream.ordered_map(ds, head)

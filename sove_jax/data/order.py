@@ -31,6 +31,18 @@ def host_order(num_examples: int, seed: int, epoch: int, process_index: int,
   return perm[process_index::process_count][: num_examples // process_count]
 
 
+def shuffled(positions, num_examples: int, seed: int, epoch: int, process_index: int,
+             process_count: int):
+  """Example indices at `positions` (int64, any shape) of this process's order of `epoch` for a
+  source read through `index_shuffle` (ArrayRecord): slot position * P + p of one permutation
+  of the examples shared by all processes, drawn from (seed, epoch) and computed per position
+  (nothing of the order before a position is needed to find it). Graph or eager."""
+  slots = tf.cast(positions, tf.int64) * process_count + process_index
+  return tf.random.experimental.index_shuffle(
+      slots, seed=tf.constant([seed, epoch], tf.int64),
+      max_index=tf.constant(num_examples - 1, tf.int64))
+
+
 def merge_states(states: list[dict]) -> dict:
   """Every process's `TrainInput.get_state()`, in process order, as one JSON-able dict for a
   checkpoint: {"process_count": P, "processes": [{"epoch": e, "position": k}, ...]}, plus

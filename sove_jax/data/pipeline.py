@@ -1,14 +1,16 @@
 """Train and evaluation input: tf.data pipelines on each host, host batches -> global jax.Arrays.
 
-Training stream (docs/method.md §9). Each epoch has a fixed order per process, derived from
-(seed, epoch): sources read by index get a global permutation of which process p takes every
-P-th entry (disjoint, N // P each); a TFDS stream gives each process a contiguous 1/P of the split,
-shuffles its files and a buffer of records. Every random draw of an example or batch is a
-stateless function of (seed, process, epoch, position in the epoch), so the stream depends on
-nothing else, and the iterator state is just (epoch, position): a restored run rebuilds the epoch
-and skips `position` indices (or undecoded records) instead of replaying batches. A checkpoint
-holds every process's state (`merge_states`); sources read by index restore it on another
-number of processes too (sove_jax/data/order.py).
+Training stream (docs/method.md §9, docs/input.md; the epoch loop and state are
+`stream.TrainStream`'s). Each epoch has a fixed order per process, derived from (seed, epoch):
+sources read by index get a global permutation of which process p takes every P-th entry
+(disjoint, N // P each; TFDS ArrayRecord computes it per position, sove_jax/data/indexed.py); a
+TFDS TFRecord stream gives each process a contiguous 1/P of the split, shuffles its files and a
+buffer of records. Every random draw of an example or batch is a stateless function of (seed,
+process, epoch, position in the epoch), so the stream depends on nothing else, and the iterator
+state is just (epoch, position): a restored run rebuilds the epoch from `position` (a stream
+skips that many records, reading them) instead of replaying batches. A checkpoint holds every
+process's state (`merge_states`); sources read by index restore it on another number of
+processes too (sove_jax/data/order.py).
 
 Per host, data.augment = "host": read -> decode -> crop + flip (per example when images differ
 in size; per batch from memory) -> batch (drop_remainder) -> color/gray/blur/solarize +
@@ -30,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from sove_jax import configuration
-from sove_jax.data import augment, masking, sources, stream
+from sove_jax.data import augment, indexed, masking, sources, stream
 from sove_jax.data.order import host_order, merge_states  # noqa: F401  (the trainer's API)
 from sove_jax.data.stream import InputFailed, epoch_shape, processes  # noqa: F401  (as above)
 
@@ -332,6 +334,7 @@ class EvalInput:
     self.num_batches = -(-per_process // self.batch_size)
     self.num_skipped = 0  # examples of the last pass that did not decode (this process)
     self._dataset = None  # built once, iterated afresh by every pass
+    self._gates = [indexed.Gate()] if isinstance(source, indexed.ArrayRecordSource) else []
 
   def _indices(self) -> np.ndarray:
     return np.array_split(np.arange(self.num_examples), self.process_count)[self.process_index]
@@ -362,11 +365,16 @@ class EvalInput:
         ds = src.host_records(self.process_index, self.process_count, drop_remainder=False,
                               max_examples=self._max_examples)
         ds = stream.ordered_map(ds, lambda image, label: {"bytes": image, "label": label})
+      elif isinstance(src, indexed.ArrayRecordSource):  # one read per batch of indices
+        gate = self._gates[0]
+        ds = stream.ordered_map(
+            tf.data.Dataset.from_tensor_slices(self._indices()).batch(b),
+            lambda i: dict(zip(("bytes", "label"), src.read(i, gate)))).unbatch()
       else:
         tables = self._tables
         ds = stream.ordered_map(tf.data.Dataset.from_tensor_slices(self._indices()),
-                  lambda i: {"bytes": tf.io.read_file(tf.gather(tables["path"], i)),
-                             "label": tf.gather(tables["label"], i)})
+                                lambda i: {"bytes": tf.io.read_file(tf.gather(tables["path"], i)),
+                                           "label": tf.gather(tables["label"], i)})
 
       def prepare(example):
         image = augment.eval_view(stream.decode(example)["image"], d.eval_resize, d.eval_crop)
@@ -381,9 +389,13 @@ class EvalInput:
     if self._dataset is None:
       self._dataset = self.dataset()
     valid = 0
-    for batch in self._dataset.as_numpy_iterator():
-      valid += int(batch["valid"].sum())
-      yield batch
+    batches = indexed.GatedIterator(self._dataset, self._gates)
+    try:
+      for batch in batches:
+        valid += int(batch["valid"].sum())
+        yield batch
+    finally:
+      batches.close()  # also when the consumer stops early
     if not isinstance(self.source, sources.TfdsSource):
       self.num_skipped = len(self._indices()) - valid
       if self.num_skipped:

@@ -4,10 +4,14 @@ Kinds of source, by how they can be read:
 - `ArraySource`: decoded images of one size, held in memory (Fashion-MNIST: 47 MB). Read by index.
 - `FileSource`: encoded JPEG/PNG files listed once (an image folder). Read by index.
 - `EncodedSource`: encoded images held in memory (a TFDS subset read once). Read by index.
-- `TfdsSource`: a prepared TFDS split, read as a stream of encoded records (ImageNet is TFRecord
-  files, which cannot be read by index).
-Reading by index lets the pipeline shuffle a whole epoch exactly and resume by skipping indices;
-the stream is shuffled at file level plus a buffer and resumes by skipping undecoded records.
+- `TfdsSource`: a prepared TFDS split in TFRecord files, read as a stream of encoded records
+  (TFRecord files cannot be read by index).
+- `indexed.ArrayRecordSource`: a prepared TFDS split in ArrayRecord files, read by index inside
+  tf.data. `open_source` picks it for data.source="tfds" when the dataset was prepared with
+  `--file_format=array_record`.
+Reading by index lets the pipeline shuffle a whole epoch exactly and resume where it stopped
+without reading what came before; the stream is shuffled at file level plus a buffer and resumes
+by skipping records, so a restart late in an epoch reads that epoch again up to there.
 
 ImageNet for TFDS is prepared once from the manual download (ILSVRC2012_img_{train,val}.tar in
 MANUAL_DIR):  tfds build imagenet2012 --manual_dir=MANUAL_DIR --data_dir=DATA_DIR
@@ -29,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from sove_jax import configuration, paths
+from sove_jax.data import indexed
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -39,6 +44,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 class ArraySource:
   """Decoded images of one size in host memory: uint8 [N, H, W, C] (C = 1 or 3), int32 labels."""
+
+  by_index = True
 
   def __init__(self, images: np.ndarray, labels: np.ndarray, name: str = "arrays"):
     if images.ndim == 3:
@@ -64,6 +71,8 @@ class ArraySource:
 class FileSource:
   """Encoded image files (JPEG/PNG) with integer labels; decoded in the pipeline."""
 
+  by_index = True
+
   def __init__(self, paths: list[str], labels: list[int], class_names: list[str], name: str):
     self.paths = np.asarray(paths, dtype=object)
     self.labels = np.asarray(labels, np.int32)
@@ -80,6 +89,8 @@ class FileSource:
 class EncodedSource:
   """Encoded images (JPEG/PNG bytes) with integer labels held in host memory; read by index
   (a TFDS subset read once: `labeled.subset`)."""
+
+  by_index = True
 
   def __init__(self, encoded: list[bytes], labels, name: str):
     if len(encoded) != len(labels):
@@ -103,6 +114,8 @@ class TfdsSource:
   `ranges`: read only these [start, stop) record ranges of the split, in this order (how a split
   is carved: `carve`); None reads it whole.
   """
+
+  by_index = False
 
   def __init__(self, name: str, split: str, data_dir: str = "", image_key: str = "image",
                label_key: str = "label", ranges: list[tuple[int, int]] | None = None,
@@ -343,6 +356,8 @@ def take(source, indices, name: str):
                       name=name)
   if isinstance(source, EncodedSource):
     return EncodedSource(list(source.encoded[indices]), source.labels[indices], name=name)
+  if isinstance(source, indexed.ArrayRecordSource):
+    return source.subset(indices, label=name.split("/", 1)[-1])
   raise TypeError(f"{source.name}: {type(source).__name__} is not read by index")
 
 
@@ -365,12 +380,14 @@ def _carved(data_config, split: str):
   d = data_config
   examples, seed = d.minival_examples, d.minival_seed
   train = _open(d, "train")
-  if isinstance(train, TfdsSource):
+  if isinstance(train, (TfdsSource, indexed.ArrayRecordSource)):
     n = len(train)
     configuration.validate_minival(examples, split_size=n, where=f"{train.name}")
     offset = int(np.random.default_rng(seed).integers(0, n - examples + 1))
     ranges = ([(offset, offset + examples)] if split == "minival" else
               [(0, offset), (offset + examples, n)])
+    if isinstance(train, indexed.ArrayRecordSource):
+      return train.subset(np.concatenate([np.arange(a, b) for a, b in ranges]), label=split)
     return TfdsSource(d.name, "train", d.data_dir, d.image_key, d.label_key, ranges=ranges,
                       label=split)
   counts = np.bincount(train.labels)
@@ -401,6 +418,10 @@ def _open(data_config, split: str):
                        "<split>/<class>/ inside)")
     return image_folder(data_config.data_dir, split)
   if kind == "tfds":
-    return TfdsSource(data_config.name, split, data_config.data_dir, data_config.image_key,
-                      data_config.label_key)
+    d = data_config
+    stream = TfdsSource(d.name, split, d.data_dir, d.image_key, d.label_key)
+    formats = {f.value for f in stream.builder.info.available_file_formats()}
+    if "array_record" in formats:  # read by index: resumes without reading what came before
+      return indexed.ArrayRecordSource(stream.builder, d.name, split, d.image_key, d.label_key)
+    return stream
   raise ValueError(f"Unknown data.source {kind!r}; expected 'fashion_mnist', 'folder' or 'tfds'.")

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from sove_jax.data import order, sources
+from sove_jax.data import indexed, order, sources
 
 log = logging.getLogger("sove_jax.data.pipeline")  # one logger for the input's lines
 
@@ -123,9 +123,12 @@ class TrainStream:
         source, global_batch_size, process_count, hint=hint)
     self.skipped: set[str] = set()  # examples that did not decode (this process), named
     self.tables = tables(source, images=images)
+    # The records hold the encoded bytes already (TFDS) rather than an index to read them by.
+    self.encoded_records = isinstance(source, (sources.TfdsSource, indexed.ArrayRecordSource))
     self._epoch, self._position = 0, 0
     self._rest_of = None  # the merged state a rest epoch was restored from (order.py)
     self._iterator, self._orders = None, {}
+    self._gates: list[indexed.Gate] = []  # of the dataset being built (`iterate`)
 
   def dataset(self, epoch: int, position: int = 0) -> tf.data.Dataset:
     raise NotImplementedError
@@ -137,17 +140,20 @@ class TrainStream:
 
   @epoch.setter
   def epoch(self, epoch: int):
-    self._epoch, self._position, self._rest_of, self._iterator = int(epoch), 0, None, None
+    self._drop()
+    self._epoch, self._position, self._rest_of = int(epoch), 0, None
 
   # What an epoch reads -----------------------------------------------------------------------
 
   def records(self, epoch: int, position: int):
     """(dataset, head): this process's examples of `epoch` from `position` on; `head` turns each
     element into {"epoch", "position", "index"} (sources read by index) or {"epoch",
-    "position", "bytes", "label"} (a TFDS stream). Fuse the head into the first map: each map
-    costs ~0.03 ms an example."""
+    "position", "bytes", "label"} (TFDS). Fuse the head into the first map: each map costs
+    ~0.03 ms an example."""
     src = self.source
     tag = lambda i: {"epoch": tf.constant(epoch, tf.int64), "position": i}
+    if isinstance(src, indexed.ArrayRecordSource):
+      return self._indexed_records(epoch, position), lambda e: e
     if isinstance(src, sources.TfdsSource):
       words = [self.seed, self.process_index, epoch]
       shuffle_seed = int(np.random.SeedSequence(words).generate_state(1)[0])
@@ -162,6 +168,26 @@ class TrainStream:
           lambda _: tf.data.Dataset.from_tensor_slices(order.host_order(
               len(src), self.seed, epoch, self.process_index, self.process_count)))
     return indices.enumerate().skip(position), lambda i, index: {**tag(i), "index": index}
+
+  def _indexed_records(self, epoch: int, position: int) -> tf.data.Dataset:
+    """ArrayRecord: the positions from `position` on, each mapped to its example by itself
+    (`order.shuffled`; in a rest epoch, looked up), read one batch of indices per Python call."""
+    src, rest = self.source, self._in_rest(epoch)
+    table = tf.constant(self.epoch_order(epoch)) if rest else None
+    gate = indexed.Gate()
+    self._gates.append(gate)
+
+    def read(positions):
+      if rest:
+        index = tf.gather(table, positions)
+      else:
+        index = order.shuffled(positions, len(src), self.seed, epoch, self.process_index,
+                               self.process_count)
+      encoded, label = src.read(index, gate)
+      return {"epoch": tf.fill(tf.shape(positions), tf.constant(epoch, tf.int64)),
+              "position": positions, "bytes": encoded, "label": label}
+    positions = tf.data.Dataset.range(position, self._epoch_length(epoch))
+    return ordered_map(positions.batch(self.batch_size), read).unbatch()
 
   def read_encoded(self, example):
     """An example read by index from a folder (the file) or from memory: "bytes", "label"."""
@@ -178,6 +204,9 @@ class TrainStream:
 
   def _plain_order(self, epoch: int, index: int, count: int) -> np.ndarray:
     """Process `index` of `count`'s order of a normal epoch (the permutation made once)."""
+    n = len(self.source)
+    if isinstance(self.source, indexed.ArrayRecordSource):
+      return order.shuffled(np.arange(n // count), n, self.seed, epoch, index, count).numpy()
     key = ("perm", epoch)
     if key not in self._orders:
       self._orders = {k: v for k, v in self._orders.items() if k[1] >= epoch - 1}
@@ -195,11 +224,29 @@ class TrainStream:
 
   def _epoch_length(self, epoch: int) -> int:
     """Examples this process tries in `epoch`."""
-    if isinstance(self.source, sources.TfdsSource):
-      return self.num_examples // self.process_count
+    if not self._in_rest(epoch) and not isinstance(self.source, (sources.ArraySource,
+                                                                 sources.FileSource,
+                                                                 sources.EncodedSource)):
+      return self.num_examples // self.process_count  # no array of its order needed
     return len(self.epoch_order(epoch))
 
   # Iteration ---------------------------------------------------------------------------------
+
+  def iterate(self, epoch: int = 0, position: int = 0, **kwargs) -> indexed.GatedIterator:
+    """A numpy iterator over `dataset(epoch, position, **kwargs)`; `close()` it (or drop it)
+    to stop its reads before it goes (sove_jax/data/indexed.py)."""
+    return self._gated(lambda: self.dataset(epoch, position, **kwargs))
+
+  def _gated(self, build) -> indexed.GatedIterator:
+    self._gates = []
+    ds = build()
+    gates, self._gates = self._gates, []
+    return indexed.GatedIterator(ds, gates)
+
+  def _drop(self):
+    if self._iterator is not None:
+      self._iterator.close()
+    self._iterator = None
 
   def __iter__(self):
     return self
@@ -209,12 +256,12 @@ class TrainStream:
       if self._iterator is None:
         self._epoch_start = self._position
         self._yielded = False
-        self._iterator = self.dataset(self._epoch, self._position).as_numpy_iterator()
+        self._iterator = self.iterate(self._epoch, self._position)
       try:
         batch = next(self._iterator)
         break
       except StopIteration:
-        self._iterator = None
+        self._drop()
         if not self._yielded and self._epoch_start == 0:
           tried = self._epoch_length(self._epoch)
           if tried >= self.batch_size:  # a rest epoch may hold less than a batch
@@ -235,18 +282,21 @@ class TrainStream:
     where = f"{self.source.name}: process {self.process_index} of {self.process_count}"
     if isinstance(self.source, sources.ArraySource):  # arrays in memory never fail
       return InputFailed(f"{where} got no batch from epoch {epoch} of {tried} examples.")
-    read = [] if isinstance(self.source, sources.TfdsSource) else [self.read_encoded]
-    ds = ordered_map(*self.records(epoch, 0), *read, decode).ignore_errors(log_warning=False)
-    decoded = {int(e["position"]) for e in ds.map(lambda e: {"position": e["position"]})
-               .as_numpy_iterator()}
+    read = [] if self.encoded_records else [self.read_encoded]
+    positions = self._gated(lambda: ordered_map(*self.records(epoch, 0), *read, decode)
+                            .ignore_errors(log_warning=False)
+                            .map(lambda e: {"position": e["position"]}))
+    decoded = {int(e["position"]) for e in positions}
     first = next(p for p in range(tried) if p not in decoded)
     cause = ""
+    examples = self._gated(lambda: ordered_map(*self.records(epoch, first), *read)
+                           .map(lambda e: {"bytes": e["bytes"]}))
     try:
-      example = next(ordered_map(*self.records(epoch, first), *read)
-                     .map(lambda e: {"bytes": e["bytes"]}).as_numpy_iterator())
-      decode({"bytes": tf.constant(example["bytes"])})
+      decode({"bytes": tf.constant(next(examples)["bytes"])})
     except (tf.errors.OpError, StopIteration) as e:
       cause = _cause(e)
+    finally:
+      examples.close()
     name = self._describe(epoch, [first])[0]
     return InputFailed(
         f"{where} got no batch from epoch {epoch}: {tried - len(decoded)} of the {tried} "
@@ -255,7 +305,7 @@ class TrainStream:
 
   def _describe(self, epoch: int, positions) -> list[str]:
     """Names of the examples at `positions` of this process's `epoch`."""
-    if isinstance(self.source, sources.TfdsSource):
+    if not self.source.by_index:
       return [f"{self.source.describe(p)} of epoch {epoch}" for p in positions]
     indices = self.epoch_order(epoch)
     return [self.source.describe(int(indices[p])) for p in positions]
@@ -290,7 +340,7 @@ class TrainStream:
     """
     if order.is_merged(saved):
       refuse = ""
-      if isinstance(self.source, sources.TfdsSource):
+      if not self.source.by_index:
         refuse = (f"The input state was saved by {saved.get('process_count')} processes and this "
                   f"run has {self.process_count}: {self.source.name} is a stream of TFRecord "
                   "records, which cannot be re-split exactly; restart on the same number of "
@@ -311,5 +361,13 @@ class TrainStream:
                     saved["process_count"], self.process_count, epoch)
     if epoch < 0 or position < 0:
       raise ValueError(f"Bad input state {saved}.")
+    self._drop()
     self._epoch, self._position, self._rest_of = epoch, position, rest_of
-    self._iterator, self._orders = None, {}
+    self._orders = {}
+    length = self._epoch_length(epoch)
+    if not self.source.by_index and position >= max(1, length // 10):
+      log.warning("Resuming %s at position %d of %d in epoch %d: a TFRecord stream resumes by "
+                  "reading the %d records before it again. Prepared as ArrayRecord (`tfds build "
+                  "%s --file_format=array_record --data_dir=...`), the dataset is read by index "
+                  "and resumes without reading them.", self.source.name, position, length,
+                  epoch, position, self.source.name.split("/")[0])
