@@ -1,5 +1,5 @@
-"""The pod rehearsal (`python -m sove_jax.rehearsal --faults=stop,kill`): 4 processes x 2 fake
-devices, SIGTERM and Ctrl-C on two hosts, a restart, a killed host, the restart to the end; the
+"""The pod rehearsal (`python -m sove_jax.rehearsal --faults=stop,kill --steps=12`): 4 processes x
+2 fake devices, SIGTERM and Ctrl-C on two hosts, a restart, a killed host, the restart to the end; the
 interrupted run must end in the uninterrupted run's state, bit for bit. The hung host and the
 failed input (`--faults` left out: all four) run in the command, not here, to keep the suite's
 time; docs/multihost.md has their table.
@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_the_pod_rehearsal_survives_sigterm_and_sigkill_and_ends_bit_for_bit(tmp_path):
   out = tmp_path / "rehearsal"
   done = subprocess.run([sys.executable, "-m", "sove_jax.rehearsal", f"--out={out}",
-                         "--timeout=600", "--faults=stop,kill"],
+                         "--timeout=600", "--faults=stop,kill", "--steps=12"],
                         cwd=ROOT, capture_output=True, text=True, timeout=3000)
   assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
   table = (out / "table.md").read_text()

@@ -6,6 +6,7 @@ devices and compilation cache. Most cases start from the session's finished smok
 (`trained`, 4 steps, a checkpoint at every step), copied.
 """
 import json
+import logging
 import os
 import pathlib
 import re
@@ -26,7 +27,8 @@ from sove_jax import state as state_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = "--config=configs/smoke.py"
-TRAINED = ("--config.checkpoint_every=1", "--config.keep_checkpoints=10")  # `trained`'s config
+TRAINED_FIELDS = {"checkpoint_every": 1, "keep_checkpoints": 10}  # `trained`'s config
+TRAINED = tuple(f"--config.{k}={v}" for k, v in TRAINED_FIELDS.items())
 
 
 def _run(module, *args, timeout=300, env=None, prefix=()):
@@ -52,6 +54,22 @@ def _one_line_failure(code, out, *words):
   for word in words:
     assert word in errors[0], errors[0]
   return errors[0]
+
+
+def _fails_in_one_line(workdir, *words, **fields):
+  """The smoke run under `fields` (`a__b=v` sets `a.b`) stops before training with an expected error whose
+  line (`reporting.error_line`, what the command prints) holds `words`. In process: the
+  command's own exit path (code 1, no traceback) is tested once, by the typo test below."""
+  config = smoke.get_config()
+  for field, value in fields.items():
+    configuration.set_field(config, field.replace("__", "."), value)
+  with pytest.raises(reporting.expected_errors()) as failure:
+    train.train_and_evaluate(config, str(workdir))
+  line = reporting.error_line(failure.value)
+  assert "\n" not in line, line
+  for word in words:
+    assert word in line, line
+  return line
 
 
 def _abstract(config):
@@ -119,11 +137,11 @@ def test_keep_checkpoints_zero_is_refused_and_one_keeps_the_final_checkpoint(tmp
   with pytest.raises(configuration.ConfigError, match="keep_checkpoints=0 .* every checkpoint, "
                      "the final one included, would be deleted"):
     configuration.validate(config, num_devices=8)
-  code, out, _ = _main(tmp_path / "w", "--config.keep_checkpoints=0")
-  _one_line_failure(code, out, "keep_checkpoints=0")
+  _fails_in_one_line(tmp_path / "w", "keep_checkpoints=0", keep_checkpoints=0)
   assert not (tmp_path / "w").exists()  # refused before anything is written
-  code, out, _ = _main(tmp_path / "one", "--config.keep_checkpoints=1")
-  assert code == 0, out
+  config = smoke.get_config()
+  config.keep_checkpoints = 1
+  train.train_and_evaluate(config, str(tmp_path / "one"))
   assert checkpoint.checkpoint_steps(tmp_path / "one") == [4]
 
 
@@ -225,23 +243,24 @@ def test_a_second_run_on_a_workdir_in_use_is_refused_in_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_restart_with_another_config_is_compared_before_anything_is_written(trained, tmp_path):
+def test_restart_with_another_config_is_compared_before_anything_is_written(trained, tmp_path,
+                                                                            caplog):
   workdir = _copy(trained, tmp_path)
   original = (workdir / "config.json").read_bytes()
   listing = sorted(p.name for p in workdir.iterdir())
-  code, out, _ = _main(workdir, *TRAINED, "--config.model.width=64",
-                       "--config.sove.patch_bank_size=256", "--config.log_every=2")
-  error = _one_line_failure(code, out, "cannot be restored", "model.width 32 -> 64",
-                            "sove.patch_bank_size 128 -> 256")
+  error = _fails_in_one_line(workdir, "cannot be restored", "model.width 32 -> 64",
+                             "sove.patch_bank_size 128 -> 256", **TRAINED_FIELDS,
+                             model__width=64, sove__patch_bank_size=256, log_every=2)
   assert "log_every" not in error  # only the fields that change the state are listed
-  code, out, _ = _main(workdir, *TRAINED, "--config.total_steps=6", "--config.batch_size=32")
-  _one_line_failure(code, out, "batch_size 16 -> 32", "total_steps 4 -> 6",
-                    "--allow_config_change")
+  _fails_in_one_line(workdir, "batch_size 16 -> 32", "total_steps 4 -> 6",
+                     "--allow_config_change", **TRAINED_FIELDS, total_steps=6, batch_size=32)
   assert (workdir / "config.json").read_bytes() == original
   assert sorted(p.name for p in workdir.iterdir()) == listing  # nothing written
-  code, out, _ = _main(workdir, *TRAINED, "--config.total_steps=6", "--allow_config_change")
-  assert code == 0, out
-  assert "continuing step 4 with a changed config: total_steps 4 -> 6" in out
+  config = smoke.get_config()
+  config.update(TRAINED_FIELDS, total_steps=6)
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(config, str(workdir), allow_config_change=True)
+  assert "continuing step 4 with a changed config: total_steps 4 -> 6" in caplog.text
   assert (workdir / "config.json").read_bytes() == original  # the original stays
   record = checkpoint.config_changes(workdir)
   assert [(r["step"], r["changes"]) for r in record] == [(4, {"total_steps": [4, 6]})]
@@ -450,22 +469,6 @@ def test_training_resumes_past_a_corrupt_checkpoint_and_sets_it_aside(trained, t
 
 
 # --- 7. every command's expected failures: one line, exit code 1 -----------------------------------
-
-def _fails_in_one_line(workdir, *words, **fields):
-  """The smoke run under `fields` (dotted) stops before training with an expected error whose
-  line (`reporting.error_line`, what the command prints) holds `words`. In process: the
-  command's own exit path (code 1, no traceback) is tested once, by the typo test below."""
-  config = smoke.get_config()
-  for field, value in fields.items():
-    configuration.set_field(config, field.replace("__", "."), value)
-  with pytest.raises(reporting.expected_errors()) as failure:
-    train.train_and_evaluate(config, str(workdir))
-  line = reporting.error_line(failure.value)
-  assert "\n" not in line, line
-  for word in words:
-    assert word in line, line
-  return line
-
 
 def test_main_fails_in_one_line_on_data_and_workdir_mistakes(tmp_path):
   empty = tmp_path / "empty"

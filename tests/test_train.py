@@ -181,18 +181,18 @@ def test_resume_in_new_process_is_bitwise_exact(tmp_path):
 @pytest.mark.slow
 def test_device_augmentation_trains_and_resumes_bitwise_exact(tmp_path):
   """data.augment = "device": Fashion-MNIST lives on the devices, the step cuts the views from
-  the state's key and draws the masks; a run split in two processes ends in the straight run's
-  state."""
-  device = "--config.data.augment=device"
+  the state's key and draws the masks; a run stopped after 2 steps and resumed from its
+  checkpoint ends in the straight run's state. In process (the restart in a new process is
+  test_resume_in_new_process_is_bitwise_exact's, and the rehearsal's on 4 processes)."""
+  config = smoke.get_config()
+  config.data.augment = "device"
   straight, split = tmp_path / "straight", tmp_path / "split"
-  code, out = _run(straight, device)
-  assert code == 0, out
-  assert "step 4/4" in out
-  code, out = _run(split, device, "--config.run_steps=2")
-  assert code == 0, out
-  code, out = _run(split, device)
-  assert code == 0, out
-  assert "resumed from step 2" in out
+  train.train_and_evaluate(config, str(straight))
+  first = config.copy_and_resolve_references()
+  first.run_steps = 2
+  train.train_and_evaluate(first, str(split))
+  assert checkpoint.checkpoint_steps(split)[-1] == 2
+  train.train_and_evaluate(config, str(split))
   a, data_a = _restore(straight, 4)
   b, data_b = _restore(split, 4)
   _assert_trees_equal(a, b)

@@ -164,9 +164,11 @@ class TrainStream:
     if self._in_rest(epoch):  # after a restart on another process count: computed here
       indices = tf.data.Dataset.from_tensor_slices(self.epoch_order(epoch))
     else:  # a permutation in the graph (no array of the epoch's indices in it)
+      epoch_order = lambda _: tf.data.Dataset.from_tensor_slices(order.host_order(
+          len(src), self.seed, epoch, self.process_index, self.process_count))
+      # Plain graph ops: AutoGraph has nothing to convert (and warns that it cannot).
       indices = tf.data.Dataset.from_tensors(0).flat_map(
-          lambda _: tf.data.Dataset.from_tensor_slices(order.host_order(
-              len(src), self.seed, epoch, self.process_index, self.process_count)))
+          tf.autograph.experimental.do_not_convert(epoch_order))
     return indices.enumerate().skip(position), lambda i, index: {**tag(i), "index": index}
 
   def _indexed_records(self, epoch: int, position: int) -> tf.data.Dataset:
