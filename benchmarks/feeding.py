@@ -40,7 +40,9 @@ def loop_round(depth: int, steps: int, config: str) -> float:
     cmd = [sys.executable, "-m", "sove_jax.main", f"--config={config}", f"--workdir={workdir}",
            f"--config.total_steps={steps}", "--config.knn_every=0",
            "--config.checkpoint_every=0", "--config.log_every=10",
-           f"--config.prefetch_to_device={depth}"]
+           f"--config.prefetch_to_device={depth}",
+           # Short runs: the schedules' warm-ups made to fit (the step costs the same).
+           "--config.optim.warmup_epochs=0.0", "--config.sove.teacher_temp_warmup_epochs=0.0"]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
     lines = [json.loads(x) for x in (pathlib.Path(workdir) / "metrics.jsonl").read_text()

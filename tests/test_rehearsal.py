@@ -1,8 +1,8 @@
-"""The pod rehearsal (`python -m sove_jax.rehearsal --faults=stop,kill --steps=12`): 4 processes x
-2 fake devices, SIGTERM and Ctrl-C on two hosts, a restart, a killed host, the restart to the end; the
-interrupted run must end in the uninterrupted run's state, bit for bit. The hung host and the
-failed input (`--faults` left out: all four) run in the command, not here, to keep the suite's
-time; docs/multihost.md has their table.
+"""The pod rehearsal (`python -m sove_jax.rehearsal --faults=stop,kill --steps=12`): 4
+processes x 2 fake devices, SIGTERM and Ctrl-C on two hosts, a restart, a killed host, the
+restart to the end; the interrupted run must end in the uninterrupted run's state, bit for bit.
+The hung host and the failed input (`--faults` left out: all four) run in the command, not here,
+to keep the suite's time; docs/multihost.md has their table.
 
 One subprocess runs it all (every wait inside is bounded and ends strays with SIGKILL); its table
 is read back and checked here too.

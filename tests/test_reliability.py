@@ -57,9 +57,9 @@ def _one_line_failure(code, out, *words):
 
 
 def _fails_in_one_line(workdir, *words, **fields):
-  """The smoke run under `fields` (`a__b=v` sets `a.b`) stops before training with an expected error whose
-  line (`reporting.error_line`, what the command prints) holds `words`. In process: the
-  command's own exit path (code 1, no traceback) is tested once, by the typo test below."""
+  """The smoke run under `fields` (`a__b=v` sets `a.b`) stops before training with an expected
+  error whose line (`reporting.error_line`, what the command prints) holds `words`. In process:
+  the command's own exit path (code 1, no traceback) is tested once, by the typo test below."""
   config = smoke.get_config()
   for field, value in fields.items():
     configuration.set_field(config, field.replace("__", "."), value)
@@ -311,13 +311,15 @@ def test_non_finite_loss_says_what_the_checkpoints_hold(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_restore_step_resumes_from_an_earlier_checkpoint(trained, tmp_path):
+def test_restore_step_resumes_from_an_earlier_checkpoint(trained, tmp_path, caplog):
   """--restore_step=2: later checkpoints set aside (not deleted), steps 3 and 4 taken again to
   the same state, and each step logged once in metrics.jsonl."""
   workdir = _copy(trained, tmp_path)
-  code, out, _ = _main(workdir, *TRAINED, "--restore_step=2")
-  assert code == 0, out
-  assert "resumed from step 2 of 4" in out
+  config = smoke.get_config()
+  config.update(TRAINED_FIELDS)
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(config, str(workdir), restore_step=2)
+  assert "resumed from step 2 of 4" in caplog.text
   aside = workdir / checkpoint.SET_ASIDE
   assert sorted(p.name for p in aside.iterdir()) == ["3.after_restore_step_2",
                                                      "4.after_restore_step_2"]
@@ -326,8 +328,10 @@ def test_restore_step_resumes_from_an_earlier_checkpoint(trained, tmp_path):
   assert _metric_steps(workdir) == [1, 2, 3, 4]
   superseded = (workdir / reporting.SUPERSEDED_FILE).read_text().splitlines()
   assert [json.loads(line)["step"] for line in superseded] == [3, 4]
-  code, out, _ = _main(workdir, *TRAINED, "--restore_step=7")
-  _one_line_failure(code, out, "No checkpoint of step 7", "steps there: 1, 2, 3, 4")
+  with pytest.raises(reporting.expected_errors()) as failure:
+    train.train_and_evaluate(config, str(workdir), restore_step=7)
+  line = reporting.error_line(failure.value)
+  assert "No checkpoint of step 7" in line and "steps there: 1, 2, 3, 4" in line, line
 
 
 # --- 5. settings that would silently do something else ----------------------------------------------
@@ -457,12 +461,16 @@ def test_no_readable_checkpoint_is_one_sentence_naming_the_files(trained, tmp_pa
 
 
 @pytest.mark.slow
-def test_training_resumes_past_a_corrupt_checkpoint_and_sets_it_aside(trained, tmp_path):
+def test_training_resumes_past_a_corrupt_checkpoint_and_sets_it_aside(trained, tmp_path,
+                                                                      caplog):
   workdir = _copy(trained, tmp_path)
   _flip_stored_array(workdir / "checkpoints" / "4" / "state")
-  code, out, _ = _main(workdir, *TRAINED)
-  assert code == 0, out
-  assert "Checkpoint step 4" in out and "is corrupt" in out and "resumed from step 3" in out
+  config = smoke.get_config()
+  config.update(TRAINED_FIELDS)
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(config, str(workdir))
+  assert "Checkpoint step 4" in caplog.text and "is corrupt" in caplog.text
+  assert "resumed from step 3" in caplog.text
   assert (workdir / checkpoint.SET_ASIDE / "4.corrupt").is_dir()
   assert _same(_restore(workdir, 4).state, _restore(trained, 4).state)
   assert _metric_steps(workdir) == [1, 2, 3, 4]
