@@ -18,7 +18,7 @@ with 1% and 10% of the labels, linear probe 82.9 (`python -m sove_jax.evaluate.l
 linear, the raw pixels 85.2 and 84.6. Training took
 8 min 16 s of wall time on 2 quiet CPU cores (seed 1), start-up, compilation and the k-NN
 monitor included, under tcmalloc (the trainer's allocator where it is installed,
-sove_jax/allocator.py). README, "Does it learn?", has the figures.
+sove_jax/allocator.py). docs/tuning.md has the figures and how they were found.
 
 Fields are grouped: the method, data (input pipeline and views), model (backbone + head), sove
 (the objective), baseline (DINO's and iBOT's objective), optim (optimizer and schedules), mesh

@@ -1,5 +1,5 @@
 r"""The default run as a new user starts it, for several seeds, with every evaluation beside the
-random initialization and the raw pixels: the figures of "Does it learn?".
+random initialization and the raw pixels: docs/tuning.md, "The default's figures".
 
     python -m sove_jax.study --arms=studies/default_figures.py --out=studies/results/default_figures
 
