@@ -13,9 +13,6 @@ class ConfigError(ValueError):
   """A config value that cannot work; the message is meant for the user as it is."""
 
 
-ARCHS = ("vit", "swin")  # sove_jax.models.network.ARCHS
-VARIANTS = ("ti", "s", "b", "l")  # sove_jax.models.vit.VARIANTS' names
-SWIN_VARIANTS = ("t", "s", "b")  # sove_jax.models.swin.SWIN_VARIANTS' names
 DTYPES = ("bfloat16", "float32", "float16")
 SOURCES = ("fashion_mnist", "tfds", "folder")
 IN_MEMORY_SOURCES = ("fashion_mnist",)  # decoded arrays in memory; the others are encoded files
@@ -52,8 +49,6 @@ def validate_minival(examples: int, *, split_size: int, class_counts=None, where
              f"a class of {where} has only {fewest}: lower it, so every class stays in training.")
 
 ATTENTIONS = ("xla", "cudnn")
-METHODS = ("sove", "dino", "ibot")       # sove_jax.models.network.METHODS
-GLOBAL_POOLS = ("cls", "mean_patch")     # sove_jax.models.network.GLOBAL_POOLS
 
 
 def sibling(name: str, *, of: str):
@@ -284,21 +279,23 @@ def _validate_swin(m, network):
 
 def validate(config, *, num_devices: int, process_count: int = 1):
   """Raises ConfigError on the first problem found."""
+  # The model's own choices and size rules, read where they are defined (no TensorFlow); only
+  # this whole-run check imports the models, not the input pipeline's checks above.
+  from sove_jax.models import network, swin as swin_lib, vit
   m, o = config.model, config.optim
-  _one_of(config.method, METHODS, "method")
-  _one_of(m.arch, ARCHS, "model.arch")
+  _one_of(config.method, network.METHODS, "method")
+  _one_of(m.arch, network.ARCHS, "model.arch")
   swin = m.arch == "swin"
   if swin:
-    _require(m.variant in SWIN_VARIANTS,
+    _require(m.variant in swin_lib.SWIN_VARIANTS,
              f"model.variant={m.variant!r} is not a Swin size (model.arch='swin'): choose one of "
-             f"{', '.join(map(repr, SWIN_VARIANTS))}.")
+             f"{', '.join(map(repr, swin_lib.SWIN_VARIANTS))}.")
   else:
-    _one_of(m.variant, VARIANTS, "model.variant")
+    _one_of(m.variant, tuple(vit.VARIANTS), "model.variant")
   _one_of(m.dtype, DTYPES, "model.dtype")
-  _one_of(m.global_pool, GLOBAL_POOLS, "model.global_pool")
+  _one_of(m.global_pool, network.GLOBAL_POOLS, "model.global_pool")
   _one_of(o.clip_mode, ("per_tensor", "global"), "optim.clip_mode")
   _one_of(m.attention, ATTENTIONS, "model.attention")
-  from sove_jax.models import network, vit  # the model's own size rules (no TensorFlow)
   _one_of(m.pos_interpolation, vit.POS_INTERPOLATIONS, "model.pos_interpolation")
 
   _require(m.patch_size > 0, f"model.patch_size={m.patch_size} must be > 0.")
