@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from sove_jax import objective
+from sove_jax.objective.checks import check_rank
 
 __all__ = [
     "CENTER_MOMENTUM",
@@ -56,11 +57,6 @@ STUDENT_TEMP = 0.1      # DINO and iBOT, [CLS] and patch tokens
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def _check_rank(name: str, x: Any, rank: int, layout: str) -> None:
-  if jnp.ndim(x) != rank:
-    raise ValueError(f"{name} must have rank {rank} {layout}, got shape {jnp.shape(x)}")
 
 
 def _check_temperature(name: str, t: Any) -> None:
@@ -162,8 +158,8 @@ def dino_loss_per_example(student_logits: jax.Array, teacher_logits: jax.Array,
     teacher_temp: the (warmed-up) teacher temperature; may be traced.
     student_temp: 0.1 in DINO.
   """
-  _check_rank("student_logits", student_logits, 3, "[Vs, B, K]")
-  _check_rank("teacher_logits", teacher_logits, 3, "[Vt, B, K]")
+  check_rank("student_logits", student_logits, 3, "[Vs, B, K]")
+  check_rank("teacher_logits", teacher_logits, 3, "[Vt, B, K]")
   num_s, batch, num_k = jnp.shape(student_logits)
   num_t = jnp.shape(teacher_logits)[0]
   if jnp.shape(teacher_logits)[1:] != (batch, num_k):

@@ -226,10 +226,8 @@ class TrainStream:
 
   def _epoch_length(self, epoch: int) -> int:
     """Examples this process tries in `epoch`."""
-    if not self._in_rest(epoch) and not isinstance(self.source, (sources.ArraySource,
-                                                                 sources.FileSource,
-                                                                 sources.EncodedSource)):
-      return self.num_examples // self.process_count  # no array of its order needed
+    if not self._in_rest(epoch) and self.encoded_records:  # TFDS, streamed or by index: its
+      return self.num_examples // self.process_count    # order is no array to measure
     return len(self.epoch_order(epoch))
 
   # Iteration ---------------------------------------------------------------------------------

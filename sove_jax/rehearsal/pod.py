@@ -333,7 +333,7 @@ def rehearse(out: pathlib.Path, *, processes: int = 4, devices: int = 2, images:
   return report
 
 
-def _lose_a_host(run: "Launch", lost: int, signum, at_step: int, timeout: float,
+def _lose_a_host(run: Launch, lost: int, signum, at_step: int, timeout: float,
                  report: Report):
   """Once the restarted `run` has resumed and reached `at_step`, sends `signum` to host `lost`
   (SIGSTOP: it hangs, alive and silent; SIGKILL: it is gone). Every other host must exit 1 within
