@@ -341,6 +341,33 @@ def test_knn_reports_test_and_on_request_the_validation_figure(tmp_path, caplog)
   assert results["top1"]["validation"][20] == record["validation"]["top1"]["20"]
 
 
+@pytest.mark.parametrize("convention", features.PROBE_CONVENTIONS)
+def test_knn_votes_on_the_probes_features_on_request(tmp_path, convention):
+  """--features=last4_cls / cls_meanpatch: the vote reads the probe's concatenation, each
+  L2-normalized as one vector; the record names the features it read."""
+  model, seen = StandInViT(), []
+  input_fn, data = fake_data(seen)
+  ks = (10, 20, 100, 200)
+  _, record = evaluate(knn, tmp_path, run_config(), model, input_fn=input_fn, ks=ks,
+                       features=convention)
+  _, default = evaluate(knn, tmp_path, run_config(), model, input_fn=input_fn, ks=ks)
+  assert record["features"] == convention and default["features"] == "cls"
+
+  def feats(x):
+    tokens, blocks = model(x, return_blocks=4)
+    tokens = np.asarray(tokens, np.float64)
+    if convention == "last4_cls":
+      return unit(np.concatenate([np.asarray(b, np.float64)[:, 0] for b in blocks], axis=1))
+    return unit(np.concatenate([tokens[:, 0], tokens[:, 1:].mean(axis=1)], axis=1))
+
+  (train_x, train_y), (test_x, test_y) = data["train"], data["test"]
+  for k in ks:
+    ref, clear = knn_reference(feats(train_x), train_y, feats(test_x), k, 0.07, 4)
+    want = 100 * np.mean(ref == test_y)
+    assert abs(record["top1"]["full"][str(k)] - want) <= 100 * np.mean(~clear) + 1e-9
+  assert record["top1"] != default["top1"]  # on these data every convention votes otherwise
+
+
 def test_knn_monitor_logs_every_k():
   model, seen = StandInViT(), []
   input_fn, _ = fake_data(seen)

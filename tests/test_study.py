@@ -370,6 +370,21 @@ def test_command_stage_keeps_its_json(fake, tmp_path):
   assert "| A | 1/1 | 70.00 | 42.00 |" in (fake["out"] / "results.md").read_text()
 
 
+def test_an_arm_runs_its_own_seeds_and_a_stage_its_own_arms(fake):
+  """A scaling curve's long runs take one seed (arm `seeds`), and a measurement one row answers
+  (the baselines beside the first point) runs on that arm only (stage `arms`)."""
+  spec = two_arms(stages=["train", "knn", dict(name="knn_more", kind="knn", arms=["A"],
+                                               args=["--max_eval_examples=7"])])
+  spec["arms"][1]["seeds"] = [0]
+  assert fake["run"](spec)[0] == 0
+  assert [c["run"] for c in fake["calls"]()] == ["a/seed0", "b/seed0", "a/seed1"]
+  extra = [c for c in fake["calls"]("knn") if "--max_eval_examples=7" in c["args"]]
+  assert [c["run"] for c in extra] == ["a/seed0", "a/seed1"]
+  md = (fake["out"] / "results.md").read_text()
+  assert "| B | 1/1 |" in md and "| A | 2/2 |" in md, md
+  assert "(arms A only)" in md
+
+
 # ----------------------------------------------------------------------------- tables
 
 
@@ -459,6 +474,9 @@ def test_best_rate_selection_rules():
                                             values=[1e-3], factor=0.5)])]), "factor"),
     (dict(arms=[dict(name="A", levels={"J": 1})], factors=[dict(name="J"), dict(name="T")]),
      "every factor"),
+    (dict(arms=[dict(name="A")], stages=["train", dict(name="knn", kind="knn", arms=["Z"])]),
+     "names no arm"),
+    (dict(arms=[dict(name="A", seeds=[3])], seeds=[0, 1]), "among the study's seeds"),
 ])
 def test_bad_studies_are_refused_before_anything_runs(spec, message):
   with pytest.raises(study_lib.StudyError, match=message):
@@ -690,7 +708,7 @@ def test_smoke_study_end_to_end(tmp_path):
 TABLE7 = os.path.join(ROOT, "studies", "table7.py")
 ABLATIONS = os.path.join(ROOT, "studies", "ablations.py")
 STUDY_FILES = ["table7", "ablations", "table7_tuned", "factorial", "judges", "default_figures",
-               "learning_curve"]
+               "learning_curve", "ten_minutes", "scaling"]
 
 
 def _parse_config(config_path, overrides):
@@ -802,6 +820,48 @@ def test_paper_study_subset_through_the_runner(fake):
   assert "the runs of SOVE: base recipe" in md and "Table 8" not in md
   bad = fake["cli"](ABLATIONS, "--only=Table 10")
   assert bad.returncode != 0 and "--only names no arm or group ['Table 10']" in bad.stderr
+
+
+def test_the_scaling_curve_meets_the_pixels_where_its_line_does(tmp_path, monkeypatch):
+  """studies/scaling.py's report: the 1x runs of studies/ten_minutes.py (with the pixels beside
+  them) and its own longer runs on one line; made figures 80 + 2 log2(multiple) meet the
+  pixels' 85.2 at 2 ** 2.6 = 6.06x the default's steps."""
+  from sove_jax import configuration
+  scaling = configuration.sibling("scaling", of=os.path.join(ROOT, "studies", "x.py"))
+  study = study_lib.load_study(os.path.join(ROOT, "studies", "scaling.py"))
+  assert [(a.name, a.seeds) for a in study.arms] == [
+      ("default 2x", (0, 1)), ("default 4x", (0,)), ("default 8x", (0,))]
+  assert [o for a in study.arms for o in a.overrides] == [
+      "--config.total_steps=4320", "--config.total_steps=8640", "--config.total_steps=17280"]
+
+  def record(arm, seed, multiple, noise=0.0):
+    acc = 80 + 2 * np.log2(multiple) + noise
+    stages = {"knn": {"top1": {"full": {"20": acc}}}, "linear": {"top1": acc + 3,
+                                                                 "per_lr": {"0.1": acc + 3.5}},
+              "knn_val": {"top1": {"full": {"20": acc - 1}}}}
+    if multiple == 1:
+      stages["pixels_knn"] = {"baselines": {"pixels": {"full": {"20": 85.2}},
+                                            "random_init": {"full": {"20": 67.0}}}}
+    return dict(arm=arm, seed=seed, steps=2160 * multiple, settings={}, stages=stages)
+
+  first = tmp_path / "ten_minutes"
+  first.mkdir()
+  (first / "results.jsonl").write_text("".join(
+      json.dumps(record("default", s, 1, n)) + "\n" for s, n in ((0, 0.3), (1, -0.3))))
+  own = [record("default 2x", 0, 2), record("default 4x", 0, 4), record("default 8x", 0, 8)]
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "docs").mkdir()
+  md = scaling.report(study, own, str(tmp_path / "scaling"))
+  points = scaling.curve_points(own, study_lib.read_jsonl(str(first / "results.jsonl")))
+  assert [p["steps"] for p in points] == [2160, 2160, 4320, 8640, 17280]
+  fit = scaling.fit(points, "knn", "pixels_knn")
+  assert fit["slope"] == pytest.approx(2.0) and fit["intercept"] == pytest.approx(80.0)
+  assert fit["meets"] == pytest.approx(2 ** 2.6) and fit["n"] == 5
+  assert "k-NN (k = 20): 80.00 +2.00 per doubling" in md and "at 6.1x the default's" in md, md
+  assert "- linear probe: " in md and "| 2160 | 79.30 | 80.30 | 83.80 | 83.30 |" in md
+  assert "pixels knn 85.20; random knn 67.00" in md
+  assert (tmp_path / "docs" / "scaling_curve.png").stat().st_size > 10_000
+  assert scaling.fit(points[:2], "knn", "pixels_knn") is None   # one length: no line
 
 
 def test_docs_blocks_are_regenerated_from_the_results(tmp_path):

@@ -169,9 +169,12 @@ def knn_monitor(apply_fn, train_batches, eval_batches, *, ks=DEFAULT_KS, tempera
 def evaluate_knn(config, model, *, input_fn, dataset=None, data_dir=None, train_split=None,
                  eval_split=None, batch_size=None, ks=None, temperature=None, lowshot=False,
                  lowshot_splits=None, select_split="", select_train_split="",
-                 max_train_examples=-1, max_eval_examples=-1, mesh=None, apply_fn=None):
+                 max_train_examples=-1, max_eval_examples=-1, mesh=None, apply_fn=None,
+                 features=""):
   """k-NN (and optionally low-shot and validation k-NN) of `model`'s `features.knn_features`
-  ([CLS], or the mean patch token for a run trained with `model.global_pool="mean_patch"`).
+  ([CLS], or the mean patch token for a run trained with `model.global_pool="mean_patch"`), or
+  with `features` one of the linear probe's conventions (`features.PROBE_CONVENTIONS`: the last
+  4 blocks' [CLS], or [CLS] + mean patch), the concatenation L2-normalized as one vector.
 
   `input_fn` is the data package's `eval_input` (or a stand-in). `lowshot_splits` maps a
   fraction to a split file (`splits.split_indices`: image names or indices); fractions without
@@ -187,7 +190,9 @@ def evaluate_knn(config, model, *, input_fn, dataset=None, data_dir=None, train_
   batch_size = batch_size or config.batch_size
   ks = tuple(config.knn_k if ks is None else ks)
   temperature = config.knn_temperature if temperature is None else temperature
-  if apply_fn is None:
+  if apply_fn is None and features:
+    apply_fn = features_lib.probe_features(model, features, mesh=mesh)
+  elif apply_fn is None:
     apply_fn = features_lib.cls_features(model, mesh=mesh,
                                          pool=config.model.get("global_pool", "cls"))
   (train_f, train_y), (test_f, test_y), num_classes = features_lib.train_and_eval_features(
@@ -243,6 +248,7 @@ def _evaluate(loaded, out_dir, **options):
                               eval_split=options.get("eval_split"))
   select = options.get("select_split", "")
   return {"top1": evaluate_knn(config, model, **options),
+          "features": options.get("features") or config.model.get("global_pool", "cls"),
           "ks": tuple(options.get("ks") or config.knn_k),
           "temperature": options.get("temperature") or config.knn_temperature,
           "memory": data.train_split, "reported_on": data.eval_split,
@@ -278,7 +284,8 @@ def _baseline_record(results, options):
 def _record(results, options):
   as_json = _as_json
   top1 = {name: as_json(acc) for name, acc in results["top1"].items() if name != "validation"}
-  record = {"protocol": "knn", "temperature": results["temperature"],
+  record = {"protocol": "knn", "features": results["features"],
+            "temperature": results["temperature"],
             "memory": results["memory"], "reported_on": results["reported_on"],
             "selected_on": results["selected_on"], "top1": top1}
   if "validation" in results["top1"]:
@@ -304,7 +311,8 @@ def _options(f) -> dict:
               batch_size=f.batch_size or None, ks=[int(k) for k in f.ks] if f.ks else None,
               temperature=f.temperature, lowshot=f.lowshot or any(files.values()),
               lowshot_splits={k: v for k, v in files.items() if v},
-              select_split=f.select_split, select_train_split=f.select_train_split)
+              select_split=f.select_split, select_train_split=f.select_train_split,
+              features=f.features)
 
 
 def _define_flags(flags):
@@ -320,6 +328,9 @@ def _define_flags(flags):
                       f"(e.g. {splits.VALIDATION}), its memory --select_train_split.")
   flags.DEFINE_string("select_train_split", "", "Memory of the validation figure (default: "
                       f"the train split less --select_split, e.g. train-{splits.VALIDATION}).")
+  flags.DEFINE_enum("features", "", ("",) + features_lib.PROBE_CONVENTIONS, "Features to vote "
+                    "on (default: the run's global representation, its last [CLS]): the linear "
+                    "probe's last4_cls or cls_meanpatch, L2-normalized as one vector.")
 
 
 PROTOCOL = protocol.Protocol(

@@ -18,7 +18,8 @@ class Planned:
 
   def stages(self, study: Study) -> tuple[str, ...]:
     return tuple(s.name for s in study.stages
-                 if s.runs == "all" or s.runs in self.roles)
+                 if (s.runs == "all" or s.runs in self.roles)
+                 and (not s.arms or self.run.arm.name in s.arms))
 
 
 def planned_runs(study: Study, by_run: dict) -> list[Planned]:
@@ -45,7 +46,8 @@ def planned_runs(study: Study, by_run: dict) -> list[Planned]:
         for step in steps.get(arm.name, ()):
           for v in step.values:
             add(Run(arm, step.settings(v)), seed, "search")
-      wanted = seed in study.seeds or (seed in study.more_seeds and arm.name in extra)
+      wanted = (seed in (arm.seeds or study.seeds)
+                or (seed in study.more_seeds and arm.name in extra))
       if wanted and arm.name in rows:
         add(Run(arm, rows[arm.name]), seed, "report")
   return list(plan.values())

@@ -89,10 +89,12 @@ def table_rows(study: Study, by_run: dict) -> list[dict]:
 def _header(study: Study) -> list[str]:
   budget = " ".join(f"`{o}`" for o in study.overrides) or "(the base config's)"
   seeds = ", ".join(map(str, study.seeds))
+  budget = (f"at the same budget: {budget}" if study.same_budget else
+            f"and the common overrides {budget}; arms may set their own length (steps)")
   lines = [
       f"# {study.name}", "",
-      f"Every arm trains `python -m sove_jax.main --config={study.config}` with its overrides at "
-      f"the same budget: {budget}. Seeds {seeds} (the seed sets the initialization and the data "
+      f"Every arm trains `python -m sove_jax.main --config={study.config}` with its overrides "
+      f"{budget}. Seeds {seeds} (the seed sets the initialization and the data "
       "order). Values are the mean ± sample standard deviation (n - 1) over the seeds finished "
       "(column n).", "", "Protocol of a run:"]
   for s in study.stages:
@@ -101,6 +103,7 @@ def _header(study: Study) -> list[str]:
                 s.kind, f"`{' '.join(s.command)}`")
     flags = " ".join(s.args) + (f" --lrs=(best of {s.lrs_from})" if s.lrs_from else "")
     runs = {"all": "", "search": " (search runs)", "report": " (reported runs)"}[s.runs]
+    runs += f" (arms {', '.join(s.arms)} only)" if s.arms else ""
     lines.append(f"- {s.name}: {what}" + (f" `{flags.strip()}`" if flags.strip() else "") + runs
                  + (f"; the table shows {s.metric_path}" if s.metric_path else ""))
   flags = [f"k-NN `{' '.join(study.knn_args)}`" if study.knn_args else "",
@@ -136,8 +139,8 @@ def tables(study: Study, by_run: dict) -> list[str]:
       if searched:
         cells.append("–" if not arm.search else r["note"] if r["settings"] is None else
                      f"{_settings(r['settings'])} ({r['note']})")
-      n_seeds = len(set(study.seeds) | set(study.more_seeds) if s.n > len(study.seeds)
-                    else study.seeds)
+      own = arm.seeds or study.seeds
+      n_seeds = len(set(own) | set(study.more_seeds) if s.n > len(own) else own)
       cells += [f"{s.n}/{n_seeds}"] + [pm(s.metrics[st.name]) for st in shown]
       cells += ["–" if getattr(arm, key) is None else f"{getattr(arm, key):.1f}"
                 for _, key in paper]

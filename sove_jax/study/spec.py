@@ -64,7 +64,9 @@ class Stage:
   search's candidates, "report": the runs the tables report, "all"). A linear stage with
   `lrs_from` probes at the best rate of that earlier linear stage only (a rate chosen on
   validation, reported on test); one with `extends` adds its rates to that stage's grid (the
-  union is the result). `metric`: the dotted path of the figure in the stage's JSON."""
+  union is the result). `metric`: the dotted path of the figure in the stage's JSON. `arms`:
+  the names of the only arms it evaluates (empty: every arm), for a measurement that one row
+  answers, such as the baselines beside the first row of a curve."""
   name: str
   kind: str
   args: tuple[str, ...] = ()
@@ -75,6 +77,7 @@ class Stage:
   result: str = ""
   metric: str = ""
   label: str = ""
+  arms: tuple[str, ...] = ()
 
   @property
   def metric_path(self) -> str:
@@ -97,6 +100,8 @@ class Arm:
   same_as: str = ""                  # another arm's name: this row reports that arm's runs
   levels: tuple[tuple[str, int], ...] = ()   # a factorial's design point: (factor, -1 or +1)
   dose: float | None = None          # a dose-response study's dose
+  seeds: tuple[int, ...] = ()        # the report seeds this arm runs (empty: the study's), e.g.
+                                     # one seed for the long runs of a scaling curve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,7 +245,7 @@ def _stage(spec, where: str) -> Stage:
                      f"{sorted(fields)}.")
   spec = dict(spec)
   spec.setdefault("kind", spec["name"] if spec["name"] in STAGE_KINDS else "")
-  for key in ("args", "command"):
+  for key in ("args", "command", "arms"):
     spec[key] = tuple(spec.get(key, ()))
   stage = Stage(**spec)
   if stage.kind not in STAGE_KINDS:
@@ -280,7 +285,7 @@ def _arm(a, i: int, default_lrs) -> Arm:
   if not isinstance(a, dict) or not isinstance(a.get("name"), str) or not a["name"].strip():
     raise StudyError(f"arm {i} must be a dict with a non-empty 'name'.")
   known = {"name", "group", "overrides", "base_lrs", "search", "paper", "same_as", "levels",
-           "dose"}
+           "dose", "seeds"}
   extra = sorted(set(a) - known)
   if extra:
     raise StudyError(f"arm {a['name']!r} has unknown field(s) {extra}; known: "
@@ -312,7 +317,8 @@ def _arm(a, i: int, default_lrs) -> Arm:
              overrides=normalize_overrides(a.get("overrides"), where), search=search,
              paper_knn=paper.get("knn"), paper_linear=paper.get("linear"), same_as=same_as,
              levels=tuple(sorted(levels.items())),
-             dose=None if a.get("dose") is None else float(a["dose"]))
+             dose=None if a.get("dose") is None else float(a["dose"]),
+             seeds=ints(a.get("seeds") or (), f"{where} seeds"))
 
 
 def make_study(spec: Any, *, name: str = "study") -> Study:
@@ -360,6 +366,14 @@ def make_study(spec: Any, *, name: str = "study") -> Study:
     raise StudyError(f"knn_ks={list(ks)} must include k = {REPORT_K}, the k the tables report.")
   stages = (tuple(_stage(s, f"stage {i}") for i, s in enumerate(spec["stages"]))
             if spec.get("stages") else default_stages())
+  for stage in stages:
+    unknown = [n for n in stage.arms if n not in by_name]
+    if unknown:
+      raise StudyError(f"stage {stage.name!r} names no arm {unknown}; arms: {list(by_name)}.")
+  for arm in arms:
+    if not set(arm.seeds) <= set(seeds):
+      raise StudyError(f"arm {arm.name!r}: seeds {list(arm.seeds)} must be among the study's "
+                       f"seeds {list(seeds)}.")
   select = spec.get("select", "knn")
   _check_stages(stages, select)
   claims = tuple(spec.get("claims") or ())
