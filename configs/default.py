@@ -80,6 +80,8 @@ def get_config():
   d.local_scale = (0.3, 0.8)    # frame: mild crops (docs/tuning.md); paper (0.05, 0.4)
   d.aspect_ratio = (3.0 / 4.0, 4.0 / 3.0)
   d.flip = True
+  d.translate = 0             # shift each view by up to this many px after its crop (uniform
+                              # integers per axis, black border; host augmentation only)
   d.color_jitter_prob = 0.8
   d.color_jitter = (0.4, 0.4, 0.2, 0.1)   # brightness, contrast, saturation, hue
   d.grayscale_prob = 0.2

@@ -201,6 +201,13 @@ def validate_data(d, *, patch_size: int, global_batch_size: int, process_count: 
       _require(d.canvas_size >= d.global_size,
                f"data.canvas_size={d.canvas_size} must be >= data.global_size={d.global_size}: "
                "a smaller canvas would upsample every global view.")
+  translate = d.get("translate", 0)
+  _require(translate >= 0 and translate < d.global_size,
+           f"data.translate={translate} must be >= 0 and smaller than data.global_size="
+           f"{d.global_size} (it shifts each view by up to that many pixels).")
+  _require(not translate or d.augment == "host",
+           f"data.translate={translate} needs data.augment='host': the views made in the step "
+           "(augment='device') have no translation.")
   b = global_batch_size
   _require(b > 0 and process_count > 0 and b % process_count == 0,
            f"batch_size={b} must be a positive multiple of the {process_count} processes.")

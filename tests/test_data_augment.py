@@ -124,3 +124,21 @@ def test_photometric_with_no_view_drawing_an_op():
                             gray_prob=0.0, blur_prob=(1e-9,), blur_sigma=(0.1, 2.0),
                             solarize_prob=(0.0,)).numpy()
   np.testing.assert_array_equal(out, views)
+
+
+def test_translate_moves_each_view_by_its_own_shift_with_a_black_border():
+  """Pad-and-crop translation, against NumPy: view i moved down dy and right dx pixels, what
+  leaves the frame dropped, the uncovered border 0."""
+  rng = np.random.default_rng(3)
+  views = rng.uniform(0.1, 1.0, (2, 3, 6, 6, 1)).astype(np.float32)
+  shifts = rng.integers(-3, 4, (2, 3, 2)).astype(np.int32)
+  shifts[0, 0] = (0, 0)
+  got = augment.translate(views, shifts).numpy()
+  for b, v in itertools.product(range(2), range(3)):
+    dy, dx = shifts[b, v]
+    want = np.zeros((6, 6, 1), np.float32)
+    src = views[b, v]
+    want[max(dy, 0):6 + min(dy, 0), max(dx, 0):6 + min(dx, 0)] = \
+        src[max(-dy, 0):6 - max(dy, 0), max(-dx, 0):6 - max(dx, 0)]
+    np.testing.assert_allclose(got[b, v], want, atol=1e-6)
+  np.testing.assert_array_equal(got[0, 0], views[0, 0])

@@ -1,4 +1,5 @@
 """Train and eval pipelines: contract shapes, determinism, resume, per-process shares, skipping."""
+import itertools
 import json
 import logging
 import os
@@ -89,6 +90,31 @@ def test_no_local_crops_and_random_masks():
   b = next(_train(_arrays(), _config(num_local=0, mask_type="random", mask_ratio=0.5)))
   _check_train_batch(b, 8, 16, 0, 8, 16)
   np.testing.assert_array_equal(b["mask"].sum(-1), 8)
+
+
+def test_translation_moves_the_views_and_leaves_the_rest_of_the_batch_alone():
+  """data.translate shifts every view after its crop (a black border of the shift's width) and
+  draws from its own stream: crops, flips and masks are those of the run without it."""
+  src = _arrays()
+  plain = next(_train(src, _config(num_local=1, color_jitter_prob=0.0, grayscale_prob=0.0)))
+  moved = next(_train(src, _config(num_local=1, color_jitter_prob=0.0, grayscale_prob=0.0,
+                                   translate=3)))
+  np.testing.assert_array_equal(plain["mask"], moved["mask"])
+  np.testing.assert_array_equal(plain["label"], moved["label"])
+  for key in ("global", "local"):
+    a, b = plain[key], moved[key]
+    assert a.shape == b.shape and not np.allclose(a, b)
+    black = (b == b.min(axis=(2, 3), keepdims=True)).all(axis=-1)   # normalized 0 on any row
+    rows_or_cols = black.all(axis=3).any(axis=2) | black.all(axis=2).any(axis=2)
+    assert rows_or_cols.mean() > 0.5   # most views (those shifted at all) have a black edge
+    # Each view is its plain self moved by at most 3 px: some shift of the plain view matches.
+    for i, v in itertools.product(range(a.shape[0]), range(a.shape[1])):
+      fits = [np.allclose(b[i, v, max(dy, 0):b.shape[2] + min(dy, 0),
+                            max(dx, 0):b.shape[3] + min(dx, 0)],
+                          a[i, v, max(-dy, 0):a.shape[2] - max(dy, 0),
+                            max(-dx, 0):a.shape[3] - max(dx, 0)], atol=1e-5)
+              for dy in range(-3, 4) for dx in range(-3, 4)]
+      assert any(fits), (i, v)
 
 
 @pytest.mark.slow
@@ -203,6 +229,8 @@ def test_a_folder_with_a_corrupt_image_trains_on_the_rest_and_reports_it(tmp_pat
      "data.canvas_size=12 must be >= data.global_size=16"),
     (dict(augment="device", canvas_size=28), 4, 8, 1,
      "data.canvas_size=28 must be 0 for data.source='fashion_mnist'"),
+    (dict(translate=16), 4, 8, 1, "data.translate=16 must be >= 0 and smaller than"),
+    (dict(translate=2, augment="device"), 4, 8, 1, "data.translate=2 needs data.augment='host'"),
 ])
 def test_data_checks_reject_bad_configs(overrides, patch, batch, count, message):
   """The data block's checks live in sove_jax.configuration; the pipeline runs them too."""

@@ -110,6 +110,17 @@ def resized_crops(images, boxes, size: int, flip=None) -> tf.Tensor:
   return tf.clip_by_value(out, 0.0, 255.0) / 255.0
 
 
+def translate(views, shifts) -> tf.Tensor:
+  """Views [..., S, S, C] moved by `shifts` int [..., 2] pixels (down, right; negative: up,
+  left), the uncovered border black (0) and what leaves the frame dropped: pad-and-crop
+  translation, as matrices of shifted identities, so every view moves by its own amount."""
+  size = views.shape[-2]
+  out = tf.range(size)
+  move = lambda d: tf.one_hot(out - d[..., None], size, dtype=views.dtype)  # [..., S, S]
+  rows = tf.einsum("...ti,...ijc->...tjc", move(shifts[..., 0]), views)
+  return tf.einsum("...uj,...tjc->...tuc", move(shifts[..., 1]), rows)
+
+
 def resized_crop(image, box, size: int, flip=None) -> tf.Tensor:
   """One view from an image of any size: uint8 [H, W, C], box (top, left, h, w) -> [s, s, C].
 
@@ -165,9 +176,15 @@ def color_jitter(x, factors, order, with_hue: bool = True):
   factors [n, 4]: brightness, contrast, saturation factors and hue shift; order [n, 4]: a
   permutation of (0 brightness, 1 contrast, 2 saturation, 3 hue), applied in that order.
   Images are grouped by how many ops precede hue, so each group runs exactly three blends and
-  one hue rotation. C = 1 is a gray image, on which saturation and hue are identities (as is
-  hue when `with_hue` is False, a hue range of 0): those run three blends only.
+  one hue rotation. Hue is an identity when `with_hue` is False (a hue range of 0): three blends
+  only. C = 1 is a gray image, on which saturation (its target is the image itself) and hue are
+  identities: brightness and contrast only, in their drawn order.
   """
+  if x.shape[-1] == 1:
+    kept = tf.reshape(tf.boolean_mask(order, order < 2), [-1, 2])   # brightness, contrast
+    for j in range(2):
+      x = _blend(x, tf.gather(factors, kept[:, j], batch_dims=1), kept[:, j])
+    return x
   cheap = tf.reshape(tf.boolean_mask(order, order != 3), [-1, 3])  # the three blends, in order
 
   def run(x, factors, cheap, hue_at):
@@ -179,7 +196,7 @@ def color_jitter(x, factors, order, with_hue: bool = True):
       x = adjust_hue(x, factors[:, 3, None, None, None])
     return x
 
-  if x.shape[-1] == 1 or not with_hue:
+  if not with_hue:
     return run(x, factors, cheap, hue_at=None)
   before_hue = tf.argmax(tf.cast(tf.equal(order, 3), tf.int32), axis=1, output_type=tf.int32)
   groups = tf.dynamic_partition(tf.range(tf.shape(x)[0]), before_hue, 4)

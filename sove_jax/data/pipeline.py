@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 AUTOTUNE = tf.data.AUTOTUNE
 STAGES = ("read", "decode", "fit", "crop", "color", "mask")  # a pipeline can be cut after any
 _CROP, _COLOR, _MASK = 1, 2, 3    # which stage a random draw belongs to...
-_GLOBAL, _LOCAL, _FLIP = 1, 2, 3    # ...and which views or what within it
+_GLOBAL, _LOCAL, _FLIP, _SHIFT = 1, 2, 3, 4    # ...and which views or what within it
 
 
 # --- device mode: decode and fit into a canvas ---------------------------------------------------
@@ -160,7 +160,7 @@ class TrainInput(stream.TrainStream):
     return augment.fold(augment.fold(augment.fold(base, epoch), position), stage)
 
   def _boxes(self, key, shape, height, width):
-    """Crop boxes and flips of the global and the local views."""
+    """Crop boxes, flips and shifts (None when off) of the global and the local views."""
     d = self.config
 
     def draw(views, n, scale):
@@ -168,8 +168,16 @@ class TrainInput(stream.TrainStream):
       boxes = augment.draw_crop_boxes(key_views, shape + [n], height, width, tuple(scale),
                                       tuple(d.aspect_ratio))
       flips = tf.random.stateless_uniform(shape + [n], augment.fold(key_views, _FLIP)) < 0.5
-      return boxes, (flips if d.flip else None)
+      shifts = None
+      if d.get("translate", 0):
+        shifts = tf.random.stateless_uniform(shape + [n, 2], augment.fold(key_views, _SHIFT),
+                                             -d.translate, d.translate + 1, dtype=tf.int32)
+      return boxes, (flips if d.flip else None), shifts
     return draw(_GLOBAL, 2, d.global_scale), draw(_LOCAL, d.num_local, d.local_scale)
+
+  @staticmethod
+  def _shifted(views, shifts):
+    return views if shifts is None else augment.translate(views, shifts)
 
   def _read_arrays(self, batch):
     batch = dict(batch)  # traced functions may not change their arguments
@@ -191,9 +199,11 @@ class TrainInput(stream.TrainStream):
     image = batch.pop("image")
     g, l = self._boxes(self._key(batch["epoch"][0], batch["position"][0], _CROP), [self.batch_size],
                        image.shape[1], image.shape[2])
-    batch["global"] = augment.resized_crops(image, g[0], d.global_size, flip=g[1])
+    batch["global"] = self._shifted(augment.resized_crops(image, g[0], d.global_size, flip=g[1]),
+                                    g[2])
     if d.num_local:
-      batch["local"] = augment.resized_crops(image, l[0], d.local_size, flip=l[1])
+      batch["local"] = self._shifted(augment.resized_crops(image, l[0], d.local_size, flip=l[1]),
+                                     l[2])
     return batch
 
   def _crop_example(self, example):
@@ -204,10 +214,10 @@ class TrainInput(stream.TrainStream):
     g, l = self._boxes(self._key(example["epoch"], example["position"], _CROP), [],
                        tf.shape(image)[0], tf.shape(image)[1])
 
-    def views(boxes, flips, size):
+    def views(boxes, flips, shifts, size):
       flips = [None] * boxes.shape[0] if flips is None else tf.unstack(flips)
-      return tf.stack([augment.resized_crop(image, box, size, flip)
-                       for box, flip in zip(tf.unstack(boxes), flips)])
+      return self._shifted(tf.stack([augment.resized_crop(image, box, size, flip)
+                                     for box, flip in zip(tf.unstack(boxes), flips)]), shifts)
     example["global"] = views(*g, d.global_size)
     if d.num_local:
       example["local"] = views(*l, d.local_size)
