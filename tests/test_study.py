@@ -864,6 +864,54 @@ def test_the_scaling_curve_meets_the_pixels_where_its_line_does(tmp_path, monkey
   assert scaling.fit(points[:2], "knn", "pixels_knn") is None   # one length: no line
 
 
+def test_the_later_runs_of_the_scaling_plan_follow_their_rules(tmp_path, monkeypatch):
+  """studies/arms_4x.py and studies/reference.py choose from earlier results by rules fixed
+  before them: nothing runs (one sentence) until those results exist; then the two best
+  10-minute arms on validation at 4x, and the best 4x recipe on validation for 6x its steps when
+  the curve meets the pixels by 6x."""
+  from sove_jax import configuration
+  reference = configuration.sibling("reference", of=os.path.join(ROOT, "studies", "x.py"))
+  arms_4x = reference.arms_4x
+  monkeypatch.setattr(arms_4x, "RESULTS", str(tmp_path))
+  for path in ("arms_4x", "reference"):
+    with pytest.raises(study_lib.StudyError, match="not finished"):
+      (arms_4x if path == "arms_4x" else reference).get_study()
+
+  def write(name, rows):
+    (tmp_path / name).mkdir(exist_ok=True)
+    (tmp_path / name / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+  def record(arm, seed, val, test=None, steps=2160, pixels=None):
+    stages = {"knn_val": {"top1": {"full": {"20": val}}},
+              "knn": {"top1": {"full": {"20": val if test is None else test}}}}
+    if pixels is not None:
+      stages["pixels_knn"] = {"baselines": {"pixels": {"full": {"20": pixels}}}}
+    return dict(arm=arm, seed=seed, steps=steps, stages=stages)
+
+  arms = list(reference.ten.ARMS)
+  val = {name: 70.0 + i for i, name in enumerate(arms)}   # the last two arms are the best
+  write("ten_minutes", [record(n, s, v + s) for n, v in val.items() for s in (0, 1)]
+        + [record("default", s, 80.0, pixels=85.2) for s in (0, 1)])
+  best = sorted(arms, key=val.get)[-2:][::-1]
+  study = study_lib.make_study(arms_4x.get_study())
+  assert [a.name for a in study.arms] == [f"{n} 4x" for n in best]
+  steps = [reference.ten.ARMS[n][1] * 4 for n in best]
+  assert [a.overrides[-1] for a in study.arms] == [f"--config.total_steps={s}" for s in steps]
+  # The curve: +2.5 a doubling from 80 meets 85.2 at 2 ** 2.08 = 4.2x: an hour is enough.
+  write("scaling", [record("default 2x", 0, 82.5, steps=4320), record("default 2x", 1, 82.5,
+                                                                          steps=4320),
+                    record("default 4x", 0, 85.0, steps=8640),
+                    record("default 8x", 0, 87.5, steps=17280)])
+  write("arms_4x", [record(f"{best[0]} 4x", 0, 84.0), record(f"{best[1]} 4x", 0, 86.0)])
+  ref = reference.get_study()
+  assert reference.multiple() == reference.ONE_HOUR
+  assert [a["name"] for a in ref["arms"]] == [f"{best[1]} 6x"]
+  assert ref["arms"][0]["overrides"]["total_steps"] == 6 * reference.ten.ARMS[best[1]][1]
+  assert {s["arms"][0] for s in ref["stages"] if isinstance(s, dict) and s.get("arms")} == {
+      f"{best[1]} 6x"}
+  study_lib.make_study(ref)   # a valid study
+
+
 def test_docs_blocks_are_regenerated_from_the_results(tmp_path):
   from sove_jax.study import docs
   doc = tmp_path / "doc.md"

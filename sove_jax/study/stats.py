@@ -235,6 +235,9 @@ def line_fit(x: Sequence[float], y: Sequence[float]) -> dict:
   df = len(x) - 2
   sd = math.sqrt(float(resid @ resid) / df)
   se = sd / math.sqrt(sxx)
+  if se == 0:   # the points lie on the line: a slope known exactly
+    return dict(slope=slope, intercept=intercept, se=0.0, t=math.copysign(math.inf, slope),
+                df=df, p=0.0 if slope else 1.0, ci=(slope, slope), sd=0.0)
   t = slope / se
   return dict(slope=slope, intercept=intercept, se=se, t=t, df=df, p=_two_sided(t, df),
               ci=_interval(slope, se, df), sd=sd)
