@@ -17,6 +17,7 @@ compiled count includes and the analytic one does not; with "host" they are the 
 views costs the accelerator.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -195,6 +196,7 @@ def main():
   p.add_argument("--steps", type=int, default=None)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--modes", default="full,backbone")
+  p.add_argument("--json", default="", help="also append each row as a JSON line to this file")
   p.add_argument("--augment", default="",
                  help="comma-separated data.augment values to time (host, device); "
                       "default: the config's (device for ViT-S/B, host for the default config)")
@@ -240,6 +242,12 @@ def main():
   for name, c, mode in rows:
     r = bench(c, mode, steps, a.warmup)
     mfu = r["flops_img_analytic"] * r["ips"] / (peak * 1e12)
+    if a.json:
+      with open(a.json, "a") as f:
+        f.write(json.dumps({"name": name, "mode": mode, "device": kind, "jax": jax.__version__,
+                            "batch": c.batch_size, "local_crops": c.data.num_local,
+                            "attention": c.model.attention, "augment": c.data.augment,
+                            "steps": steps, "mfu": mfu, **r}) + "\n")
     print(f"| {name} | {r['ms']:.1f} | {r['cpu_ms']:.0f} | {r['ips']:.0f} | {r['flops_img_compiled'] / 1e9:.2f} | "
           f"{r['flops_img_analytic'] / 1e9:.2f} | "
           f"{r['flops_img_compiled'] / r['flops_img_analytic']:.3f} | "

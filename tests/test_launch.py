@@ -12,8 +12,8 @@ import tarfile
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCRIPTS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "launch").iterdir()
-                 if p.suffix in (".sh", ".sbatch")) + [".ci/run"]
+SCRIPTS = sorted(str(p.relative_to(ROOT)) for folder in ("launch", "benchmarks")
+                 for p in (ROOT / folder).iterdir() if p.suffix in (".sh", ".sbatch")) + [".ci/run"]
 SHELLCHECK = shutil.which("shellcheck")
 
 
