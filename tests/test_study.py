@@ -162,6 +162,13 @@ def _in_root(monkeypatch):
 # ----------------------------------------------------------------------------- resumability
 
 
+def test_progress_lines_relay_the_trainers_padded_step_lines():
+  """The trainer pads its step to the width of the last one ("step  560/2160"): relayed as is."""
+  match = runner_lib._PROGRESS.match("07:17:41 step  560/2160 | loss 5.2537 | 159 img/s")
+  assert match and match.group(2) == "step  560/2160"
+  assert not runner_lib._PROGRESS.match("I1207 07:17:41 absl: something else")
+
+
 def test_killed_study_resumes_and_skips_finished_runs(fake):
   first = fake["cli"](two_arms(), extra_env={"FAKE_KILL": "b/seed0"})
   assert first.returncode == -9, first.stdout + first.stderr

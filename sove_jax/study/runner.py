@@ -48,7 +48,7 @@ def _die_with_parent() -> None:
 
 # The commands' own progress lines (trainer, evaluators), relayed in the study's progress lines;
 # library log lines are not. The trainer's may start with the time of day.
-_PROGRESS = re.compile(r"^(\d\d:\d\d:\d\d )?(step \d+/\d+|new run|resumed|k-NN|linear probe)")
+_PROGRESS = re.compile(r"^(\d\d:\d\d:\d\d )?(step +\d+/\d+|new run|resumed|k-NN|linear probe)")
 
 
 class Runner:
