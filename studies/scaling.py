@@ -44,8 +44,8 @@ def _point(record) -> dict:
           "linear_val": ten.linear_val(record),
           "pixels_knn": get("pixels_knn", f"baselines.pixels.full.{REPORT_K}"),
           "random_knn": get("pixels_knn", f"baselines.random_init.full.{REPORT_K}"),
-          "pixels_linear": get("pixels_linear", "baselines.pixels.top1"),
-          "random_linear": get("pixels_linear", "baselines.random_init.top1")}
+          "pixels_linear": get("pixels_probe", "baselines.pixels.top1"),
+          "random_linear": get("pixels_probe", "baselines.random_init.top1")}
 
 
 def curve_points(records, first_points) -> list[dict]:
