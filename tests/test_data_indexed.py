@@ -243,6 +243,24 @@ def drop_iterators_mid_epoch(data_dir: str, drops: int) -> dict:
 
 
 @pytest.mark.slow
+def test_an_iterator_dropped_while_another_graph_is_traced_shuts_its_gates_eagerly():
+  """The garbage collector may run an old iterator's `__del__` while another pipeline's graph
+  is being traced (a full-suite run hung there once): shutting its gates must run at once, not
+  become ops of that graph."""
+  import tensorflow as tf
+  gate = indexed.Gate()
+  old = indexed.GatedIterator(tf.data.Dataset.range(3), [gate])
+
+  @tf.function
+  def traced(x):
+    old.close()   # what `__del__` does, here mid-trace
+    return x + 1
+
+  assert int(traced(tf.constant(1))) == 2
+  assert not bool(gate._open.numpy()) and int(gate._running.numpy()) == 0
+  assert next(old, None) is None
+
+
 def test_dropping_iterators_with_reads_in_flight_never_deadlocks(written):
   """A subprocess drops its pipeline 60 times mid-epoch while Python reads are running; a
   deadlock would stop it, and the test kills it (SIGKILL) at the time limit and fails."""

@@ -75,19 +75,26 @@ class Gate:
     with tf.control_dependencies([check]):
       return [tf.ensure_shape(o, v.shape) for o, v in zip(results[:-1], shut_value)]
 
+  # `open` and `shut` run eagerly whatever graph is being built: the garbage collector may drop
+  # an old iterator (whose `__del__` shuts its gates) while another pipeline's graph is traced,
+  # and a variable op made there would join that graph, and deadlock on its lock, instead of
+  # running.
+
   def open(self):
-    self._open.assign(True)
+    with tf.init_scope():
+      self._open.assign(True)
 
   def shut(self, poll: float = 0.001, warn_after: float = 60.0):
     """Shuts the gate and returns once no callback runs (sleeping: the GIL is free for them)."""
-    self._open.assign(False)
-    start, warned = time.monotonic(), False
-    while int(self._running.read_value()) > 0:
-      if not warned and time.monotonic() - start > warn_after:
-        log.warning("Still waiting for %d input read(s) to finish before dropping the pipeline.",
-                    int(self._running.read_value()))
-        warned = True
-      time.sleep(poll)
+    with tf.init_scope():
+      self._open.assign(False)
+      start, warned = time.monotonic(), False
+      while int(self._running.read_value()) > 0:
+        if not warned and time.monotonic() - start > warn_after:
+          log.warning("Still waiting for %d input read(s) to finish before dropping the "
+                      "pipeline.", int(self._running.read_value()))
+          warned = True
+        time.sleep(poll)
 
 
 _LIVE: "weakref.WeakSet[GatedIterator]" = weakref.WeakSet()
