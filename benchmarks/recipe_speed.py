@@ -1,8 +1,8 @@
 r"""A study's recipes timed side by side: each arm's compiled step on a synthetic batch.
 
     python benchmarks/recipe_speed.py --arms=studies/tune_speed.py [--only=NAME,...]
-    python benchmarks/recipe_speed.py --arms=studies/scaling.py --rounds=3 --steps=10 \
-        --only="default,patch 4, width 64,..." --budget_of=default --budget_steps=2160
+    python benchmarks/recipe_speed.py --arms=studies/ten_minutes.py --rounds=3 --steps=10 \
+        --budget_of=default --budget_steps=2160
 
 For each arm of the study file (its base config with its overrides, parsed as the trainer's
 command line parses them): wall ms per step, images/s, CPU ms per step and per image, and the
@@ -11,7 +11,7 @@ are trained. CPU time is the steadier figure when other work shares the machine.
 `--rounds` > 1 every arm is compiled first, then timed in rounds that alternate between the
 arms (so other work on a shared machine falls on all of them alike), and the table gives the
 medians over rounds. `--budget_of` adds the steps each arm may take for that arm's CPU time at
-`--budget_steps` (how the 10-minute arms of studies/scaling.py got their steps).
+`--budget_steps` (how the 10-minute arms of studies/ten_minutes.py got their steps).
 """
 import os
 import statistics

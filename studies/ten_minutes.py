@@ -29,7 +29,7 @@ linear probe (100 epochs on frozen features, 7 rates from 0.01 to 10) chooses it
 same validation pair and reports the test split. The rules that use these figures were fixed before any result
 (docs/tuning.md): an arm replaces the default when its mean validation k-NN beats the default's
 by more than the larger of the two arms' seed spreads; the two arms with the best mean
-validation k-NN run again at 4x (studies/scaling.py); the features k-NN reads are chosen on the
+validation k-NN run again at 4x (studies/arms_4x.py); the features k-NN reads are chosen on the
 default's validation figures (a tie within 0.2 points keeps the last [CLS]).
 """
 from sove_jax.study import records as rec
@@ -54,8 +54,9 @@ STAGES = [
 ]
 EVALUATOR_ARGS = dict(knn_args=["--batch_size=512"], linear_args=["--batch_size=512"])
 
-# Steps at the default's CPU time for its 2160 steps (CPU ms a step: default 640, patch 4 w64
-# 1119, w96 1464, patch 2 1064; docs/tuning.md has the table); KoLeo costs nothing measurable.
+# Steps at the default's CPU time for its 2160 steps (CPU ms a step: 640 for the default's
+# compute, the median of the default and the two KoLeo configs, 611-692; patch 4 w64 1119, w96
+# 1464, patch 2 1064; docs/tuning.md has the table); KoLeo costs nothing measurable.
 P4 = {"model.patch_size": 4, "data.local_size": 8}
 P2 = {"model.patch_size": 2, "data.global_size": 14, "data.local_size": 8,
       "data.eval_resize": 14, "data.eval_crop": 14}
