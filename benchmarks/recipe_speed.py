@@ -16,7 +16,6 @@ medians over rounds. `--budget_of` adds the steps each arm may take for that arm
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,43 +32,11 @@ flags.DEFINE_integer("budget_steps", 2160, "That arm's steps (the budget column'
 FLAGS = flags.FLAGS
 
 
-class Timed:
-  """One arm's compiled step and state, timed round by round."""
-
-  def __init__(self, c):
-    import jax
-
-    from benchmarks import train_step as tsb
-    from sove_jax import sharding, state as state_lib, train
-    mesh = sharding.make_mesh(c.mesh)
-    setup = train.build(c, mesh, steps_per_epoch=1000)
-    self.state = state_lib.create(c, setup.tx, setup.layout, setup.image_size)
-    self.batch = tsb.synthetic_batch(setup.batch, jax.random.PRNGKey(1))
-    self.step = setup.step.lower(state_lib.abstract_with_shardings(setup.layout),
-                                 self.batch).compile()
-    cost = self.step.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    self.batch_size = c.batch_size
-    self.gflop = float(cost.get("flops", float("nan"))) / c.batch_size / 1e9
-    self.wall, self.cpu = [], []
-
-  def round(self, steps: int, warmup: int):
-    import jax
-    for _ in range(warmup):
-      self.state, m = self.step(self.state, self.batch)
-    jax.block_until_ready(m)
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-      self.state, m = self.step(self.state, self.batch)
-    jax.block_until_ready(m)
-    self.wall.append((time.perf_counter() - t0) / steps)
-    self.cpu.append((time.process_time() - c0) / steps)
-
-
 def main(argv):
   del argv
   import jax
 
+  from benchmarks.train_step import Timed
   from sove_jax import configuration, study
 
   spec = study.load_study(FLAGS.arms, config=FLAGS.config or None)
@@ -98,7 +65,7 @@ def main(argv):
   for name, t in timed.items():
     dt, cpu = statistics.median(t.wall), statistics.median(t.cpu)
     line = (f"| {name} | {dt * 1e3:.1f} | {t.batch_size / dt:.0f} | {cpu * 1e3:.0f} | "
-            f"{cpu * 1e3 / t.batch_size:.2f} | {t.gflop:.3f} |")
+            f"{cpu * 1e3 / t.batch_size:.2f} | {t.flops_per_image / 1e9:.3f} |")
     print(line + (f" {round(budget / cpu)} |" if budget else ""), flush=True)
 
 

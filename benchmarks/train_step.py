@@ -152,31 +152,50 @@ def synthetic_batch(shapes: dict, key):
   return make(key)
 
 
+class Timed:
+  """One config's step compiled ahead of time on a synthetic batch, then timed in rounds.
+
+  Each `round` appends its wall and CPU seconds a step (CPU time, all threads of this process,
+  is the steadier figure on a machine shared with other work: wall time then includes waiting
+  for a core). recipe_speed.py alternates rounds between several of these; `bench` takes one.
+  """
+
+  def __init__(self, c, mode: str = "full"):
+    mesh = sharding.make_mesh(c.mesh)
+    setup = train.build(c, mesh, steps_per_epoch=1000, make_step=STEPS[mode])
+    self.state = state_lib.create(c, setup.tx, setup.layout, setup.image_size)
+    self.batch = synthetic_batch(setup.batch, jax.random.PRNGKey(1))
+    self.step = setup.step.lower(state_lib.abstract_with_shardings(setup.layout),
+                                 self.batch).compile()
+    cost = self.step.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    # The compiled count is per device; the batch is global.
+    self.flops_per_image = (float(cost.get("flops", float("nan"))) if cost else float("nan")
+                            ) * mesh.devices.size / c.batch_size
+    mem = self.step.memory_analysis()
+    self.temp_gib = mem.temp_size_in_bytes / 2**30 if mem else float("nan")
+    self.batch_size = c.batch_size
+    self.wall, self.cpu, self.metrics = [], [], None
+
+  def round(self, steps: int, warmup: int):
+    for _ in range(warmup):
+      self.state, self.metrics = self.step(self.state, self.batch)
+    jax.block_until_ready(self.metrics)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+      self.state, self.metrics = self.step(self.state, self.batch)
+    jax.block_until_ready(self.metrics)
+    self.wall.append((time.perf_counter() - t0) / steps)
+    self.cpu.append((time.process_time() - cpu0) / steps)
+
+
 def bench(c, mode: str, steps: int, warmup: int):
-  mesh = sharding.make_mesh(c.mesh)
-  setup = train.build(c, mesh, steps_per_epoch=1000, make_step=STEPS[mode])
-  st = state_lib.create(c, setup.tx, setup.layout, setup.image_size)
-  batch = synthetic_batch(setup.batch, jax.random.PRNGKey(1))
-  abstract = state_lib.abstract_with_shardings(setup.layout)
-  compiled = setup.step.lower(abstract, batch).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops_compiled = float(cost.get("flops", float("nan"))) if cost else float("nan")
-  mem = compiled.memory_analysis()
-  for _ in range(warmup):
-    st, metrics = compiled(st, batch)
-  jax.block_until_ready(metrics)
-  t0, cpu0 = time.perf_counter(), time.process_time()
-  for _ in range(steps):
-    st, metrics = compiled(st, batch)
-  jax.block_until_ready(metrics)
-  dt = (time.perf_counter() - t0) / steps
-  cpu = (time.process_time() - cpu0) / steps
-  n_dev = mesh.devices.size
-  return dict(ms=dt * 1e3, cpu_ms=cpu * 1e3, ips=c.batch_size / dt, flops_img_compiled=flops_compiled * n_dev /
-              c.batch_size, flops_img_analytic=step_flops_per_image(c, mode),
-              temp_gib=(mem.temp_size_in_bytes / 2**30) if mem else float("nan"),
-              loss=float(metrics["loss"]))
+  t = Timed(c, mode)
+  t.round(steps, warmup)
+  return dict(ms=t.wall[0] * 1e3, cpu_ms=t.cpu[0] * 1e3, ips=c.batch_size / t.wall[0],
+              flops_img_compiled=t.flops_per_image,
+              flops_img_analytic=step_flops_per_image(c, mode), temp_gib=t.temp_gib,
+              loss=float(t.metrics["loss"]))
 
 
 def peak_tflops():
@@ -234,8 +253,6 @@ def main():
   kind, peak = peak_tflops()
   print(f"# {jax.device_count()} x {kind}; jax {jax.__version__}; batch {rows[0][1].batch_size}; "
         f"{rows[0][1].data.num_local} local crops; attention {a.attention}")
-  # CPU time (all threads of this process) is the steadier figure on a machine shared with
-  # other work: wall time then includes waiting for a core.
   print("| step | ms/step | CPU ms/step | images/s | GFLOP/img compiled | GFLOP/img analytic | "
         "ratio | MFU | temp GiB |")
   print("|---|---|---|---|---|---|---|---|---|")

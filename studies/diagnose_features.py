@@ -1,6 +1,8 @@
 """Which features of a trained run carry the most class information? (a study stage)
 
     python studies/diagnose_features.py --workdir=WORKDIR [--train=10000 --test=2000]
+    python studies/diagnose_features.py --workdir=WORKDIR --train_split=train-minival \
+        --eval_split=minival       # a reading that must not look at the test split
 
 k-NN top-1 (k = 20) on Fashion-MNIST subsets for several features of the checkpoint's teacher and
 student (backbone [CLS], mean patch token, both, the head's embedding, every block's [CLS]), and
@@ -11,11 +13,11 @@ and WORKDIR/features.json. As a stage of a study file (studies/learning_curve.py
 """
 import argparse
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from sove_jax import checkpoint, sharding, state as state_lib
@@ -40,6 +42,8 @@ def main():
   p.add_argument("--train", type=int, default=10000)
   p.add_argument("--test", type=int, default=2000)
   p.add_argument("--random", action="store_true", help="also the random initialisation")
+  p.add_argument("--train_split", default="", help="memory split (default: the run's)")
+  p.add_argument("--eval_split", default="", help="query split (default: the run's)")
   a = p.parse_args()
 
   from sove_jax.data import pipeline
@@ -89,8 +93,8 @@ def main():
   print("| net | feature | dim | eff. rank | k-NN k=20 |")
   print("|---|---|---|---|---|")
   for name, params in nets.items():
-    tr, ytr = collect(params, config.data.train_split, a.train)
-    te, yte = collect(params, config.data.eval_split, a.test)
+    tr, ytr = collect(params, a.train_split or config.data.train_split, a.train)
+    te, yte = collect(params, a.eval_split or config.data.eval_split, a.test)
     for k in tr:
       acc = knn.knn_classify(norm(tr[k]), ytr, norm(te[k]), yte, ks=(20,), temperature=0.07,
                              num_classes=10)[20]
@@ -98,8 +102,10 @@ def main():
                        eff_rank=eff_rank(tr[k][:5000]), knn_k20=float(acc)))
       print(f"| {name} | {k} | {rows[-1]['dim']} | {rows[-1]['eff_rank']:.1f} | {acc:.2f} |",
             flush=True)
-  with open(os.path.join(a.workdir, "features.json"), "w", encoding="utf-8") as f:
-    json.dump({"rows": rows, "train": a.train, "test": a.test}, f, indent=1)
+  (epath.Path(a.workdir) / "features.json").write_text(json.dumps(
+      {"rows": rows, "train": a.train, "test": a.test,
+       "splits": [a.train_split or config.data.train_split,
+                  a.eval_split or config.data.eval_split]}, indent=1))
 
 
 if __name__ == "__main__":

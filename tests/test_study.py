@@ -919,16 +919,62 @@ def test_the_later_runs_of_the_scaling_plan_follow_their_rules(tmp_path, monkeyp
   study_lib.make_study(ref)   # a valid study
 
 
+def test_the_ten_minute_rules_decide_on_validation_only():
+  """studies/ten_minutes.py's report applies the rules fixed before its runs: an arm replaces the
+  default only when its mean validation k-NN beats the default's by more than the larger seed
+  spread; the two best means go to 4x; k-NN's features change only for a gain above 0.2 points.
+  Test figures (here set to contradict validation) decide nothing; a missing seed leaves a rule
+  undecided."""
+  from sove_jax import configuration
+  ten = configuration.sibling("ten_minutes", of=os.path.join(ROOT, "studies", "x.py"))
+  study = study_lib.load_study(os.path.join(ROOT, "studies", "ten_minutes.py"))
+
+  def record(arm, seed, val, **features):
+    stages = {"knn_val": {"top1": {"full": {"20": val}}},
+              "knn": {"top1": {"full": {"20": 100 - val}}}}   # test: the reverse order
+    stages.update({f"knn_val_{f}": {"top1": {"full": {"20": v}}} for f, v in features.items()})
+    return dict(arm=arm, seed=seed, steps=2160, settings={}, stages=stages)
+
+  names = list(ten.ARMS)
+  # default 80.0 / 81.0 (spread 1.0); arm 0: +1.5 with spread 0.4 -> replaces; arm 1: +0.9,
+  # within the default's spread -> does not; arm 2: +1.6 with spread 2.0 -> does not.
+  vals = {names[0]: (81.8, 82.2), names[1]: (81.4, 81.4), names[2]: (81.1, 83.1)}
+  vals.update({n: (70.0, 70.0) for n in names[3:]})
+  records = [record("default", 0, 80.0, cls_meanpatch=80.1, last4_cls=79.0),
+             record("default", 1, 81.0, cls_meanpatch=81.2, last4_cls=80.0)]
+  partial = ten.report(study, records + [record(names[0], 0, 81.8)], "")
+  assert f"| {names[0]} | 81.80 | – | | | | | undecided |" in partial
+  assert "At 4x: undecided" in partial and "features k-NN reads: cls 80.50" in partial
+  records += [record(n, s, v[s]) for n, v in vals.items() for s in (0, 1)]
+  md = ten.report(study, records, "")
+  assert "| default | 80.00 | 81.00 | 80.50 | 1.00 | | | |" in md, md
+  assert f"| {names[0]} | 81.80 | 82.20 | 82.00 | 0.40 | +1.50 | 1.00 | yes |" in md, md
+  assert f"| {names[1]} | 81.40 | 81.40 | 81.40 | 0.00 | +0.90 | 1.00 | no |" in md, md
+  assert f"| {names[2]} | 81.10 | 83.10 | 82.10 | 2.00 | +1.60 | 2.00 | no |" in md, md
+  assert f"At 4x (studies/arms_4x.py): {names[2]} and {names[0]}, the two highest means." in md
+  # [CLS] + mean patch is 0.15 above the last [CLS]: a tie, the last [CLS] is kept.
+  assert "cls_meanpatch 80.65" in md and "**cls**" in md, md
+  records[1]["stages"]["knn_val_cls_meanpatch"]["top1"]["full"]["20"] = 81.5
+  assert "**cls_meanpatch**" in ten.report(study, records, "")
+
+
 def test_docs_blocks_are_regenerated_from_the_results(tmp_path):
   from sove_jax.study import docs
   doc = tmp_path / "doc.md"
   doc.write_text("# Doc\n\nkept\n\n<!-- study: studies/table7.py studies/results/table7 -->\n"
                  "old text\n<!-- end study -->\n\nkept too\n"
-                 f"<!-- study: studies/judges.py {tmp_path}/none -->\n<!-- end study -->\n")
-  assert docs.regenerate(str(doc)) == 2
+                 f"<!-- study: studies/judges.py {tmp_path}/none -->\n<!-- end study -->\n"
+                 f"<!-- study: studies/ten_minutes.py {tmp_path}/ten -->\n<!-- end study -->\n")
+  (tmp_path / "ten").mkdir()
+  (tmp_path / "ten" / "results.jsonl").write_text(json.dumps(dict(
+      arm="default", seed=0, steps=2160, settings={},
+      stages={"knn_val": {"top1": {"full": {"20": 79.5}}}})) + "\n")
+  assert docs.regenerate(str(doc)) == 3
   text = doc.read_text()
   assert "old text" not in text and text.startswith("# Doc\n\nkept\n") and "kept too" in text
   assert "### Table 7: parametric vs non-parametric tokenizer" in text
   assert "| SOVE > iBOT | knn | 3, 3 | +2.29 |" in text and "**holds**" in text
   assert f"(no results yet in `{tmp_path}/none/results.jsonl`)" in text
-  assert docs.regenerate(str(doc)) == 2 and doc.read_text() == text   # idempotent
+  # A study file's own report section (here ten_minutes' rules) is part of its block.
+  assert "### The rules, applied" in text and "| default | 79.50 | – |" in text
+  assert docs.regenerate(str(doc)) == 3 and doc.read_text() == text   # idempotent

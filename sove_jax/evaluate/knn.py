@@ -166,6 +166,12 @@ def knn_monitor(apply_fn, train_batches, eval_batches, *, ks=DEFAULT_KS, tempera
   return {f"knn/top1_k{k}": v for k, v in acc.items()}
 
 
+def voted_features(config, features: str = "") -> str:
+  """The name of the features k-NN votes on: `features` (a linear-probe convention) when given,
+  else the run's own pool (`model.global_pool`: [CLS], or the mean patch token)."""
+  return features or config.model.get("global_pool", "cls")
+
+
 def evaluate_knn(config, model, *, input_fn, dataset=None, data_dir=None, train_split=None,
                  eval_split=None, batch_size=None, ks=None, temperature=None, lowshot=False,
                  lowshot_splits=None, select_split="", select_train_split="",
@@ -193,8 +199,7 @@ def evaluate_knn(config, model, *, input_fn, dataset=None, data_dir=None, train_
   if apply_fn is None and features:
     apply_fn = features_lib.probe_features(model, features, mesh=mesh)
   elif apply_fn is None:
-    apply_fn = features_lib.cls_features(model, mesh=mesh,
-                                         pool=config.model.get("global_pool", "cls"))
+    apply_fn = features_lib.cls_features(model, mesh=mesh, pool=voted_features(config))
   (train_f, train_y), (test_f, test_y), num_classes = features_lib.train_and_eval_features(
       apply_fn, input_fn, data, batch_size=batch_size, sharding=sharding,
       max_train_examples=max_train_examples, max_eval_examples=max_eval_examples)
@@ -248,7 +253,7 @@ def _evaluate(loaded, out_dir, **options):
                               eval_split=options.get("eval_split"))
   select = options.get("select_split", "")
   return {"top1": evaluate_knn(config, model, **options),
-          "features": options.get("features") or config.model.get("global_pool", "cls"),
+          "features": voted_features(config, options.get("features", "")),
           "ks": tuple(options.get("ks") or config.knn_k),
           "temperature": options.get("temperature") or config.knn_temperature,
           "memory": data.train_split, "reported_on": data.eval_split,

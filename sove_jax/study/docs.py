@@ -4,8 +4,8 @@ r"""The readings in a markdown file regenerated from the studies' results.
 
 Every block of the file between a line `<!-- study: STUDY_FILE RESULTS_DIR -->` and the next
 `<!-- end study -->` is replaced by that study's tables and readings (the claims with their
-tests, the factorial's main effects, the dose-response) from RESULTS_DIR/results.jsonl, its
-headings one level down. Text outside the blocks is left as it is; a study without results
+tests, the factorial's main effects, the dose-response, the study file's own `report` section)
+from RESULTS_DIR/results.jsonl, its headings one level down. Text outside the blocks is left as it is; a study without results
 yet gets a line saying so.
 """
 from __future__ import annotations
@@ -29,6 +29,8 @@ def block(study_file: str, out: str, level: int = 3) -> str:
     return f"(no results yet in `{out}/{RESULTS}`)\n"
   by_run = rec.records_by_run(study, records)
   lines = report.tables(study, by_run) + report.readings(study, records)
+  if study.extra_report is not None:
+    lines += ["", study.extra_report(study, records, out).rstrip()]
   text = "\n".join(lines).strip() + "\n"
   return re.sub(r"^## ", "#" * level + " ", text, flags=re.M)
 
