@@ -162,6 +162,34 @@ def _in_root(monkeypatch):
 # ----------------------------------------------------------------------------- resumability
 
 
+def test_a_base_config_changed_between_sessions_stops_the_study_before_it_trains(fake, tmp_path):
+  """A study names only what its arms change: were its base config edited between two sessions
+  (here the KoLeo weight), the runs still to come would train another recipe than the recorded
+  ones. The runner keeps the base's fields from its first start and refuses, naming the field,
+  before anything trains; a field added since is accepted (its default keeps the behaviour)."""
+  base = tmp_path / "base.py"
+
+  def write_base(koleo, extra=""):
+    base.write_text("from sove_jax import configuration\n\ndef get_config():\n"
+                    f"  c = configuration.load({os.path.join(ROOT, 'configs', 'smoke.py')!r})\n"
+                    f"  c.sove.koleo_weight = {koleo}\n{extra}  return c\n")
+
+  write_base(0.0)
+  spec = two_arms(config=str(base), seeds=[0])
+  assert fake["run"](spec)[0] == 0 and len(fake["calls"]()) == 2
+  kept = json.loads((fake["out"] / "base_config.json").read_text())
+  assert kept["fields"]["sove.koleo_weight"] == 0.0 and kept["config"] == str(base)
+  write_base(0.0, "  c.unlikely_new_field = 3\n")
+  spec["seeds"] = [0, 1]
+  assert fake["run"](spec)[0] == 0 and len(fake["calls"]()) == 4   # an added field: accepted
+  write_base(0.1)
+  spec["seeds"] = [0, 1, 2]
+  with pytest.raises(study_lib.StudyError, match=r"has changed since this study's first run .*"
+                     r"sove.koleo_weight 0.0 -> 0.1"):
+    fake["run"](spec)
+  assert len(fake["calls"]()) == 4   # nothing trained
+
+
 def test_progress_lines_relay_the_trainers_padded_step_lines():
   """The trainer pads its step to the width of the last one ("step  560/2160"): relayed as is."""
   match = runner_lib._PROGRESS.match("07:17:41 step  560/2160 | loss 5.2537 | 159 img/s")
@@ -213,6 +241,7 @@ def test_results_of_the_runner_before_stages_are_read_and_resumed(fake):
   assert "| SOVE | lr 0.002 (best of 3) | 3/3 | 77.10 ± 0.60 | 81.92 ± 0.28 | – |" in md, md
   assert "| iBOT | lr 0.004 (best of 3) | 3/3 | 74.81 ± 0.13 | 80.45 ± 0.27 | – |" in md
 
+  (fake["out"] / "base_config.json").unlink()   # another study (base config) in this directory
   spec = two_arms(seeds=[0])
   spec["arms"] = spec["arms"][:1]
   workdir = fake["out"] / "a" / "seed0"

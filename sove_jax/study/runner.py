@@ -346,6 +346,52 @@ def check_recorded(study: Study, out: str) -> None:
                          "overrides; remove that line (and its workdir) or rename the arm.")
 
 
+BASE_CONFIG = "base_config.json"
+
+
+def flat_config(config) -> dict:
+  """{dotted field: value} of a ConfigDict, values as JSON gives them back (tuples as lists)."""
+  out = {}
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      if hasattr(value, "items"):
+        walk(value, f"{prefix}{key}.")
+      else:
+        out[f"{prefix}{key}"] = value
+  walk(config, "")
+  return json.loads(json.dumps(out, default=str))
+
+
+def check_base_config(study: Study, out: str) -> None:
+  """Refuses a study whose base config file now resolves to other values than when its first
+  run started here (its fields are kept in out/base_config.json, written on the first start).
+
+  A study outlives sessions, and its arms name only what they change: were the base config
+  (configs/default.py, say) edited in between, the remaining runs would train another recipe
+  than the recorded ones with nothing said, since their overrides (which check_recorded
+  compares) would be unchanged. Fields added since then are accepted: a new field's default
+  keeps the old behaviour.
+  """
+  from sove_jax import configuration   # ml_collections: only where a study is run
+  now = flat_config(configuration.load(study.config))
+  path = os.path.join(out, BASE_CONFIG)
+  if not os.path.exists(path):
+    report.write_atomic(path, json.dumps({"config": study.config, "fields": now}, indent=1,
+                                         sort_keys=True) + "\n")
+    return
+  with open(path, encoding="utf-8") as f:
+    then = json.load(f)
+  changed = sorted(k for k in then["fields"] if k in now and now[k] != then["fields"][k])
+  if changed:
+    shown = ", ".join(f"{k} {then['fields'][k]!r} -> {now[k]!r}" for k in changed[:5])
+    raise StudyError(
+        f"{study.config} has changed since this study's first run in {out} ({shown}"
+        f"{', ...' if len(changed) > 5 else ''}): its remaining runs would train another recipe; "
+        f"pin those fields in a config of their own, or start another results directory (or "
+        f"delete {path} to accept the change).")
+
+
 def run_study(study: Study, out: str, *, commands: Commands | None = None,
               runner: Runner | None = None) -> int:
   """Runs every missing run x seed (and missing stage); returns the number that failed."""
@@ -354,6 +400,7 @@ def run_study(study: Study, out: str, *, commands: Commands | None = None,
   os.makedirs(out, exist_ok=True)
   results_path = os.path.join(out, RESULTS)
   check_recorded(study, out)
+  check_base_config(study, out)
   failed, gone = set(), set()
   t_start, finished_here = time.time(), 0
   last_chart = [time.time()]
