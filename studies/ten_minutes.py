@@ -104,18 +104,21 @@ def linear_val(record):
 
 def report(study, records, out):
   """Each run's validation and test figures side by side (the linear probe's validation figure
-  is not a table column: its stage reports the test split)."""
+  is not a table column: its stage reports the test split), its wall time on the shared
+  machine and its CPU time (recorded from 2026-12-07's second session on)."""
   del out
   by_run = rec.records_by_run(study, records)
   lines = ["## Every run", "", "| arm | seed | steps | k-NN val | k-NN test | linear val | "
-           "linear test | train time |", "|---|---|---|---|---|---|---|---|"]
+           "linear test | train time | train CPU time |", "|---|---|---|---|---|---|---|---|---|"]
   fmt = lambda v: "–" if v is None else f"{v:.2f}"
   for arm in study.arms:
     for seed, r in sorted(by_run.get(rec.run_key(arm.name, ()), {}).items()):
       lines.append(f"| {arm.name} | {seed} | {r.get('steps')} | "
                    f"{fmt(rec.metric(study, r, 'knn_val'))} | {fmt(rec.metric(study, r, 'knn'))} | "
                    f"{fmt(linear_val(r))} | {fmt(rec.metric(study, r, 'linear'))} | "
-                   f"{r.get('train_seconds', 0) / 60:.1f} min |")
+                   f"{r.get('train_seconds', 0) / 60:.1f} min | "
+                   + ("–" if r.get("train_cpu_seconds") is None
+                      else f"{r['train_cpu_seconds'] / 60:.1f} min") + " |")
   return "\n".join(lines + [""] + rules(study, by_run)) + "\n"
 
 

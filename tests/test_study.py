@@ -47,6 +47,10 @@ if mode == "train":
   start = int(open(ckpt).read()) if os.path.exists(ckpt) else 0
   log(start=start, pid=os.getpid())
   print("resumed from step %d" % start if start else "new run: 4 steps", flush=True)
+  if os.environ.get("FAKE_BURN") == tag:   # half a second of CPU
+    t0 = time.process_time()
+    while time.process_time() - t0 < 0.5:
+      pass
   if os.environ.get("FAKE_FAIL") == tag:
     print("Non-finite loss or gradient at step 1", flush=True)
     sys.exit(1)
@@ -256,11 +260,12 @@ def test_results_of_the_runner_before_stages_are_read_and_resumed(fake):
   [linear] = fake["calls"]("linear")
   rec = [r for r in fake["results"]() if r["arm"] == "A"][-1]
   assert rec["knn"]["20"] == 70.0 and rec["linear_top1"] == 75.0 and rec["eval_seconds"] >= 2
+  assert "train_cpu_seconds" not in rec   # begun before CPU time was counted: no partial figure
 
 
 def test_record_holds_what_the_runner_read(fake):
   failed, said = fake["run"](two_arms(linear_args=["--epochs=3"]),
-                             extra_env={"FAKE_SLOW": "b/seed1"})
+                             extra_env={"FAKE_SLOW": "b/seed1", "FAKE_BURN": "a/seed1"})
   assert failed == 0
   assert any(s.startswith("[study 4/4] Table 8 | B | seed 1 training: 0m01s elapsed | step ")
              for s in said), said   # the trainer's progress
@@ -270,6 +275,10 @@ def test_record_holds_what_the_runner_read(fake):
   assert rec["images_per_sec"] == statistics.median([5.0, 102.0, 103.0, 104.0])
   assert rec["knn"] == {"10": 61.1, "20": 61.0, "100": 60.2, "200": 59.2}
   assert rec["linear_top1"] == 66.0 and rec["train_seconds"] >= 0
+  # CPU time, the trainer's own (its half second of busy work in a/seed1), beside the wall time.
+  cpu = {(r["arm"], r["seed"]): r["train_cpu_seconds"] for r in fake["results"]()}
+  assert cpu[("A", 1)] >= 0.5 and all(v < 0.45 for k, v in cpu.items() if k != ("A", 1)), cpu
+  assert 0 < rec["eval_cpu_seconds"] < 1.5 and rec["train_cpu_seconds"] < rec["train_seconds"] * 4
   assert rec["stages"]["linear"]["per_lr"] == {"0.01": 66.0}
   knn_call = [c for c in fake["calls"]("knn") if c["run"] == "b/seed1"][0]
   assert "--ks=10,20,100,200" in knn_call["args"]

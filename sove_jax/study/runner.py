@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import re
+import resource
 import shlex
 import signal
 import statistics
@@ -51,6 +52,23 @@ def _die_with_parent() -> None:
 _PROGRESS = re.compile(r"^(\d\d:\d\d:\d\d )?(step +\d+/\d+|new run|resumed|k-NN|linear probe)")
 
 
+def _cpu_seconds(pid: int) -> float | None:
+  """User + system CPU seconds of process `pid` so far (all its threads), from /proc/PID/stat;
+  None where that cannot be read (not Linux, or the process is gone)."""
+  try:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+      fields = f.read().rsplit(")", 1)[1].split()   # after the command name, which may hold " "
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+  except (OSError, ValueError, IndexError):
+    return None
+
+
+def _children_cpu_seconds() -> float:
+  """User + system CPU seconds of this process's children that have been waited for."""
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
+
+
 class Runner:
   """Runs one command at a time with its output in a log file and progress lines on stdout."""
 
@@ -70,16 +88,31 @@ class Runner:
                "same command to continue")
 
   def run(self, cmd: Sequence[str], log_path: str, label: str,
-          tick: Callable[[float], None] | None = None) -> tuple[int, list[str]]:
-    """Runs `cmd`; returns (exit code, the last lines of its output)."""
+          tick: Callable[[float, float], None] | None = None) -> tuple[int, list[str]]:
+    """Runs `cmd`; returns (exit code, the last lines of its output). `tick(wall, cpu)` gets
+    the seconds since its last call, every 10 s and at the end: wall-clock, and the command's
+    CPU time (all its threads; on a shared machine the steadier measure of its work)."""
     tail: collections.deque = collections.deque(maxlen=40)
     with open(log_path, "a", encoding="utf-8") as log:
       log.write(f"\n$ {shlex.join(cmd)}\n")
       log.flush()
       kwargs = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
+      reaped_before = _children_cpu_seconds()
       proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               bufsize=1, **kwargs)
       self._proc = proc
+      cpu_counted = 0.0
+
+      def cpu_since_last(final: bool) -> float:
+        nonlocal cpu_counted
+        # Once reaped, the exact figure (what this process's children used since the Popen:
+        # only this command ran in between); while it runs, /proc.
+        now = (_children_cpu_seconds() - reaped_before if final and proc.returncode is not None
+               else _cpu_seconds(proc.pid))
+        if now is None:
+          return 0.0
+        delta, cpu_counted = max(0.0, now - cpu_counted), max(cpu_counted, now)
+        return delta
 
       def pump():
         for line in proc.stdout:
@@ -99,7 +132,7 @@ class Runner:
             pass
           now = time.time()
           if tick is not None and now - last_tick >= 10.0:
-            tick(now - last_tick)
+            tick(now - last_tick, cpu_since_last(False))
             last_tick = now
           if now - last_say >= self.progress_every:
             last = next((l for l in reversed(tail) if _PROGRESS.match(l)), "")
@@ -118,7 +151,7 @@ class Runner:
       finally:
         reader.join(timeout=10)
         if tick is not None:
-          tick(time.time() - last_tick)
+          tick(time.time() - last_tick, cpu_since_last(True))
         self._proc = None
     return proc.returncode, list(tail)
 
@@ -226,14 +259,18 @@ def run_pair(study: Study, planned: plan_lib.Planned, out: str, commands: Comman
   if state.get("overrides") not in (None, overrides):
     raise StudyError(f"{workdir} was started with other overrides ({state.get('overrides')}); "
                      "delete that directory or rename the arm.")
+  if "overrides" not in state:
+    state["cpu_counted"] = True   # CPU time measured from the first attempt (not in old runs)
   state.setdefault("overrides", overrides)
   state.setdefault("train_seconds", 0.0)
   state.setdefault("stages", {})
   save = lambda: report.write_atomic(state_path, json.dumps(state, indent=2))
   save()
 
-  def tick(seconds, key):
+  def tick(seconds, cpu_seconds, key):
     state[key] = state.get(key, 0.0) + seconds
+    cpu_key = key.replace("_seconds", "_cpu_seconds")
+    state[cpu_key] = state.get(cpu_key, 0.0) + cpu_seconds
     save()
 
   if not state.get("trained"):
@@ -247,7 +284,7 @@ def run_pair(study: Study, planned: plan_lib.Planned, out: str, commands: Comman
     save()
     runner.say(f"{label}: training" + (" (resuming)" if resuming else ""))
     rc, tail = runner.run(cmd, os.path.join(workdir, "train.log"), f"{label} training",
-                          tick=lambda s: tick(s, "train_seconds"))
+                          tick=lambda s, c: tick(s, c, "train_seconds"))
     if runner.stop_requested or (rc == 0 and any("preempted: saved step" in l for l in tail)):
       raise StudyInterrupted(f"{label}: training stopped at a checkpoint")
     if rc != 0:
@@ -266,7 +303,7 @@ def run_pair(study: Study, planned: plan_lib.Planned, out: str, commands: Comman
     if os.path.exists(written):
       os.remove(written)   # only this run's output counts
     rc, tail = runner.run(cmd, os.path.join(workdir, f"{stage.name}.log"), f"{label} {name}",
-                          tick=lambda s, n=name: tick(s, f"{n}_seconds"))
+                          tick=lambda s, c, n=name: tick(s, c, f"{n}_seconds"))
     if runner.stop_requested:
       raise StudyInterrupted(f"{label}: {name} stopped")
     if rc != 0 or not os.path.exists(written):
@@ -293,11 +330,15 @@ def make_record(study: Study, run: Run, seed: int, state: dict, workdir: str,
       "settings": settings, "seed": seed, "config": study.config,
       "overrides": study.overrides_for(run, seed), **read_metrics(workdir),
       "train_seconds": round(state["train_seconds"], 1),
-      "eval_seconds": round(sum(v for k, v in state.items()
-                                if k.endswith("_seconds") and k != "train_seconds"), 1),
+      "eval_seconds": round(sum(v for k, v in state.items() if k.endswith("_seconds")
+                                and not k.endswith("_cpu_seconds") and k != "train_seconds"), 1),
       "stages": stages, "workdir": workdir, "commit": code_commit(),
       "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
+  if state.get("cpu_counted"):   # CPU seconds (to within 10 s per interruption)
+    cpu = {k: v for k, v in state.items() if k.endswith("_cpu_seconds")}
+    record["train_cpu_seconds"] = round(cpu.pop("train_cpu_seconds", 0.0), 1)
+    record["eval_cpu_seconds"] = round(sum(cpu.values()), 1)
   if "knn" in stages:
     record["knn"] = stages["knn"]["top1"]["full"]
   if "linear" in stages:
