@@ -185,7 +185,10 @@ def test_a_base_config_changed_between_sessions_stops_the_study_before_it_trains
   assert kept["fields"]["sove.koleo_weight"] == 0.0 and kept["config"] == str(base)
   write_base(0.0, "  c.unlikely_new_field = 3\n")
   spec["seeds"] = [0, 1]
-  assert fake["run"](spec)[0] == 0 and len(fake["calls"]()) == 4   # an added field: accepted
+  failed, said = fake["run"](spec)
+  assert failed == 0 and len(fake["calls"]()) == 4   # an added field: accepted, and named
+  assert any("has fields its first start did not" in s and "unlikely_new_field" in s
+             for s in said), said
   write_base(0.1)
   spec["seeds"] = [0, 1, 2]
   with pytest.raises(study_lib.StudyError, match=r"has changed since this study's first run .*"

@@ -404,15 +404,15 @@ def flat_config(config) -> dict:
   return json.loads(json.dumps(out, default=str))
 
 
-def check_base_config(study: Study, out: str) -> None:
+def check_base_config(study: Study, out: str) -> list[str]:
   """Refuses a study whose base config file now resolves to other values than when its first
   run started here (its fields are kept in out/base_config.json, written on the first start).
 
   A study outlives sessions, and its arms name only what they change: were the base config
   (configs/default.py, say) edited in between, the remaining runs would train another recipe
   than the recorded ones with nothing said, since their overrides (which check_recorded
-  compares) would be unchanged. Fields added since then are accepted: a new field's default
-  keeps the old behaviour.
+  compares) would be unchanged. Fields added since then are accepted (a new field's default
+  keeps the old behaviour) and returned, so that the runner names them.
   """
   from sove_jax import configuration   # ml_collections: only where a study is run
   now = flat_config(configuration.load(study.config))
@@ -420,7 +420,7 @@ def check_base_config(study: Study, out: str) -> None:
   if not os.path.exists(path):
     report.write_atomic(path, json.dumps({"config": study.config, "fields": now}, indent=1,
                                          sort_keys=True) + "\n")
-    return
+    return []
   with open(path, encoding="utf-8") as f:
     then = json.load(f)
   changed = sorted(k for k in then["fields"] if k in now and now[k] != then["fields"][k])
@@ -431,6 +431,7 @@ def check_base_config(study: Study, out: str) -> None:
         f"{', ...' if len(changed) > 5 else ''}): its remaining runs would train another recipe; "
         f"pin those fields in a config of their own, or start another results directory (or "
         f"delete {path} to accept the change).")
+  return sorted(set(now) - set(then["fields"]))
 
 
 def run_study(study: Study, out: str, *, commands: Commands | None = None,
@@ -441,7 +442,10 @@ def run_study(study: Study, out: str, *, commands: Commands | None = None,
   os.makedirs(out, exist_ok=True)
   results_path = os.path.join(out, RESULTS)
   check_recorded(study, out)
-  check_base_config(study, out)
+  added = check_base_config(study, out)
+  if added:
+    runner.say(f"[{study.name}] {study.config} has fields its first start did not (accepted, "
+               f"as their defaults keep the old behaviour): {', '.join(added)}")
   failed, gone = set(), set()
   t_start, finished_here = time.time(), 0
   last_chart = [time.time()]
