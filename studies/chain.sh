@@ -4,10 +4,11 @@
 # that a machine lost mid-chain loses at most the runs in progress: the runner skips every run
 # already in results.jsonl when the chain is started again.
 #
-#   nohup bash studies/chain.sh --nice 10 ten_minutes scaling >> runs/chain.log 2>&1 &
+#   mkdir -p runs && nohup bash studies/chain.sh --nice 10 ten_minutes scaling >> runs/chain.log 2>&1 &
 #
 # Each STUDY is studies/STUDY.py, written to studies/results/STUDY. --nice gives the trainers a
-# lower priority than the session's own work (19: the lowest). --no-commit leaves git alone.
+# lower priority than the session's own work (19: the lowest). --no-commit leaves git alone. The
+# chain ends with the first study that fails or is interrupted (`pkill -TERM -f sove_jax.study`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 nice_level=10
@@ -43,9 +44,10 @@ for s in "${studies[@]}"; do
   echo "$(date -u +%FT%TZ) chain: study $s starts (nice $nice_level)"
   nice -n "$nice_level" python -m sove_jax.study --arms="studies/$s.py" --out="studies/results/$s" &
   pid=$!
-  while kill -0 "$pid" 2>/dev/null; do
-    sleep 60
-    commit_results "$s"
+  polls=0
+  while kill -0 "$pid" 2>/dev/null; do  # every 5 s, so that the chain moves on at once
+    sleep 5; polls=$((polls + 1))
+    [ $((polls % 12)) -eq 0 ] && commit_results "$s"  # each minute
   done
   wait "$pid"; rc=$?
   commit_results "$s"

@@ -1019,3 +1019,53 @@ def test_docs_blocks_are_regenerated_from_the_results(tmp_path):
   # A study file's own report section (here ten_minutes' rules) is part of its block.
   assert "### The rules, applied" in text and "| default | 79.50 | – |" in text
   assert docs.regenerate(str(doc)) == 3 and doc.read_text() == text   # idempotent
+
+
+def _chain_repo(tmp_path):
+  """A git repository holding studies/chain.sh, a study file, and a fake `python` on PATH that
+  records one run the way the runner does (a line in the study's results.jsonl)."""
+  repo = tmp_path / "repo"
+  (repo / "studies").mkdir(parents=True)
+  shutil.copy(os.path.join(os.path.dirname(__file__), "..", "studies", "chain.sh"),
+              repo / "studies" / "chain.sh")
+  (repo / "studies" / "tiny.py").write_text("# a study\n")
+  (repo / ".gitignore").write_text("/studies/results/*/*\n!/studies/results/*/results.jsonl\n")
+  (repo / "notes.txt").write_text("work in progress\n")
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  fake = bin_dir / "python"
+  fake.write_text("#!/bin/sh\n# args: -m sove_jax.study --arms=... --out=DIR\n"
+                  "out=${4#--out=}; mkdir -p \"$out/run0\"; echo '{\"arm\": \"a\"}' >> "
+                  "\"$out/results.jsonl\"; echo checkpoint > \"$out/run0/ckpt\"\n")
+  fake.chmod(0o755)
+  git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], check=True, capture_output=True,
+                                  text=True).stdout
+  git("init", "-q")
+  git("-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
+  git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "start")
+  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "GIT_AUTHOR_NAME": "t",
+         "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+  return repo, git, env
+
+
+def test_a_chain_commits_each_studys_results_and_nothing_else(tmp_path):
+  repo, git, env = _chain_repo(tmp_path)
+  (repo / "notes.txt").write_text("changed, not the chain's to commit\n")
+  done = subprocess.run(["bash", "studies/chain.sh", "--nice", "0", "tiny"], cwd=repo, env=env,
+                        capture_output=True, text=True, timeout=60)
+  assert done.returncode == 0, done.stdout + done.stderr
+  assert git("log", "-1", "--format=%s") == "Study results as they come: tiny (1 runs recorded)\n"
+  assert git("show", "--name-only", "--format=", "HEAD").split() == [
+      "studies/results/tiny/results.jsonl"]  # not the workdir, not the session's own edits
+  assert git("status", "--porcelain").split() == ["M", "notes.txt"]
+
+
+def test_a_chain_refuses_a_study_it_cannot_find_before_running_anything(tmp_path):
+  repo, git, env = _chain_repo(tmp_path)
+  for args, says in ((["tiny", "nope"], "no study file studies/nope.py"),
+                     ([], "name at least one study"),
+                     (["--fast", "tiny"], "unknown option --fast")):
+    done = subprocess.run(["bash", "studies/chain.sh", *args], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and says in done.stderr, (args, done.stderr)
+  assert not (repo / "studies" / "results").exists()
