@@ -1038,13 +1038,13 @@ def _chain_repo(tmp_path):
                   "out=${4#--out=}; mkdir -p \"$out/run0\"; echo '{\"arm\": \"a\"}' >> "
                   "\"$out/results.jsonl\"; echo checkpoint > \"$out/run0/ckpt\"\n")
   fake.chmod(0o755)
-  git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], check=True, capture_output=True,
-                                  text=True).stdout
-  git("init", "-q")
-  git("-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
-  git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "start")
   env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "GIT_AUTHOR_NAME": "t",
          "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+  git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], check=True, capture_output=True,
+                                  text=True, env=env).stdout
+  git("init", "-q")
+  git("add", "-A")
+  git("commit", "-qm", "start")
   return repo, git, env
 
 
@@ -1061,7 +1061,7 @@ def test_a_chain_commits_each_studys_results_and_nothing_else(tmp_path):
 
 
 def test_a_chain_refuses_a_study_it_cannot_find_before_running_anything(tmp_path):
-  repo, git, env = _chain_repo(tmp_path)
+  repo, _, env = _chain_repo(tmp_path)
   for args, says in ((["tiny", "nope"], "no study file studies/nope.py"),
                      ([], "name at least one study"),
                      (["--fast", "tiny"], "unknown option --fast")):
