@@ -963,7 +963,8 @@ def test_the_later_runs_of_the_scaling_plan_follow_their_rules(tmp_path, monkeyp
 def test_the_ten_minute_rules_decide_on_validation_only():
   """studies/ten_minutes.py's report applies the rules fixed before its runs: an arm replaces the
   default only when its mean validation k-NN beats the default's by more than the larger seed
-  spread; the two best means go to 4x; k-NN's features change only for a gain above 0.2 points.
+  spread; the two best means go to 4x; k-NN's features change only for a gain above 0.2 points,
+  for the default and for the arm that replaced it, each on its own runs.
   Test figures (here set to contradict validation) decide nothing; a missing seed leaves a rule
   undecided."""
   from sove_jax import configuration
@@ -985,7 +986,8 @@ def test_the_ten_minute_rules_decide_on_validation_only():
              record("default", 1, 81.0, cls_meanpatch=81.2, last4_cls=80.0)]
   partial = ten.report(study, records + [record(names[0], 0, 81.8)], "")
   assert f"| {names[0]} | 81.80 | – | | | | | undecided |" in partial
-  assert "At 4x: undecided" in partial and "features k-NN reads: cls 80.50" in partial
+  assert "At 4x: undecided" in partial and "reads for default: cls 80.50" in partial
+  assert f"reads for {ten.SUCCESSOR}: undecided" in partial
   records += [record(n, s, v[s]) for n, v in vals.items() for s in (0, 1)]
   md = ten.report(study, records, "")
   assert "| default | 80.00 | 81.00 | 80.50 | 1.00 | | | |" in md, md
@@ -996,7 +998,16 @@ def test_the_ten_minute_rules_decide_on_validation_only():
   # [CLS] + mean patch is 0.15 above the last [CLS]: a tie, the last [CLS] is kept.
   assert "cls_meanpatch 80.65" in md and "**cls**" in md, md
   records[1]["stages"]["knn_val_cls_meanpatch"]["top1"]["full"]["20"] = 81.5
-  assert "**cls_meanpatch**" in ten.report(study, records, "")
+  assert "reads for default: cls 80.50, cls_meanpatch 80.80, last4_cls 79.50 (means); " \
+         "**cls_meanpatch**" in ten.report(study, records, "")
+  # The arm that replaced the default gets the same rule on its own runs' figures.
+  for r in records:
+    if r["arm"] == ten.SUCCESSOR:
+      r["stages"].update({"knn_val_cls_meanpatch": {"top1": {"full": {"20": r["stages"][
+          "knn_val"]["top1"]["full"]["20"] + 0.1}}}, "knn_val_last4_cls": {"top1": {"full": {
+          "20": 75.0}}}})
+  assert f"reads for {ten.SUCCESSOR}: cls 70.00, cls_meanpatch 70.10, last4_cls 75.00 " \
+         "(means); **last4_cls**" in ten.report(study, records, "")
 
 
 def test_docs_blocks_are_regenerated_from_the_results(tmp_path):
