@@ -172,11 +172,12 @@ def _poisoned(batch, state, *, local=False, class_bank=False, patch_bank=False):
 def test_a_zero_weight_loss_is_not_computed():
   """NaN inputs of a loss reach the full step's loss; with that loss's weight at 0 they reach
   nothing: MIM only runs no local crops and no class judges, [CLS] only no patch judges and no
-  patch-bank refill. Each costs fewer FLOPs than the full step."""
+  patch-bank refill. Each costs fewer FLOPs than the full step. (The default's KoLeo term is
+  off here, so that each run's loss is its SOVE losses; its own weight 0 is tests/test_koleo.py's.)"""
   flops, results = {}, {}
   for name, weights in (("full", {}), ("mim_only", {"sove.class_weight": 0.0}),
                         ("cls_only", {"sove.patch_weight": 0.0})):
-    config = _config(**weights)
+    config = _config(**{"sove.koleo_weight": 0.0, **weights})
     setup, st, batch_sh = _setup(config, jax.devices()[:1])
     compiled = setup.step.lower(state_lib.abstract_with_shardings(setup.layout),
                                 train.batch_shapes(config, sharding.make_mesh(

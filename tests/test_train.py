@@ -82,16 +82,29 @@ def _steps(config, devices, num_steps=3):
 @pytest.mark.slow
 def test_sharded_step_equals_single_device_step_and_compiles_once():
   """Three steps on one device and on eight agree; each setup traces its step once only
-  (chex.assert_max_traces), so the donated state's types stay fixed from step to step."""
+  (chex.assert_max_traces), so the donated state's types stay fixed from step to step.
+
+  The attention's key bias is left out: adding a constant to every key leaves each softmax
+  unchanged, so its exact gradient is 0 and the computed one is rounding noise, which Adam
+  turns into updates of about the learning rate with the noise's sign (with the default's KoLeo
+  term the noise exceeds Adam's epsilon). Query and value biases are compared."""
   config = smoke.get_config()
   config.model.dtype = "float32"  # compare the sharding, not bf16 rounding differences
+  assert config.sove.koleo_weight > 0   # the default's objective, KoLeo included
   one, m1 = _steps(config, jax.devices()[:1])
   eight, m8 = _steps(config, jax.devices())
   assert len(jax.devices()) == 8
   np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-4)
+  compared = 0
   for name in ("student", "teacher", "opt_state", "class_bank", "patch_bank"):
-    for x, y in zip(jax.tree.leaves(getattr(one, name)), jax.tree.leaves(getattr(eight, name))):
-      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(getattr(one, name)),
+                            jax.tree.leaves(getattr(eight, name))):
+      x, y = np.asarray(x), np.asarray(y)
+      if "['qkv']['bias']" in jax.tree_util.keystr(path) and x.ndim >= 1:
+        x, y = np.delete(x, 1, axis=0), np.delete(y, 1, axis=0)   # [q, k, v] -> [q, v]
+        compared += 1
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+  assert compared >= 2 * config.model.depth, compared   # the qkv biases were found
   assert int(one.step) == int(eight.step) == 3
   assert m1["finite"] and np.isfinite(m1["grad_norm"])
   assert 0.0 <= m1["agreement"] <= 1.0
