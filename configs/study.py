@@ -17,7 +17,9 @@ weight-decay schedules follow the steps by themselves. docs/study.md has the res
 """
 from sove_jax import configuration
 
-default = configuration.sibling("default", of=__file__)
+# The default without the KoLeo term it took later (studies/ten_minutes.py): the recipe these
+# studies began with, so that their remaining runs train what the finished ones trained.
+default = configuration.sibling("default_without_koleo", of=__file__)
 
 SCALE = 0.5   # of the default's schedules (and of its length when the study began)
 

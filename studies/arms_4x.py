@@ -54,6 +54,6 @@ def get_study():
   arms = [dict(name=f"{name} {MULTIPLE}x", group=group,
                overrides={**ten.ARMS[name][0], "total_steps": MULTIPLE * ten.ARMS[name][1]})
           for name in names]
-  return dict(config="configs/default.py", same_budget=False, seeds=[0],
+  return dict(config=ten.BASE_CONFIG, same_budget=False, seeds=[0],
               overrides={"knn_every": 0}, **ten.EVALUATOR_ARGS, stages=ten.STAGES,
               select="knn_val", arms=arms, notes=__doc__.split("\n\n", 2)[2])

@@ -35,7 +35,8 @@ commit_results() {  # $1: study name
   [ "$commit" = 1 ] && [ -f "$out/results.jsonl" ] || return 0
   git add -A -- "$out"  # .gitignore keeps the workdirs out
   if ! git diff --cached --quiet -- "$out"; then
-    git commit -q -m "Study results as they come: $1 ($(wc -l < "$out/results.jsonl") runs recorded)" \
+    # A record per finished run, and another when a stage is added to a finished run later.
+    git commit -q -m "Study results as they come: $1 (lines in results.jsonl: $(wc -l < "$out/results.jsonl"))" \
       -- "$out" && echo "$(date -u +%FT%TZ) committed $out"
   fi
 }

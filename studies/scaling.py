@@ -2,9 +2,9 @@ r"""The scaling curve: the default at 1x, 2x, 4x and 8x its steps, and where it 
 
     python -m sove_jax.study --arms=studies/scaling.py --out=studies/results/scaling
 
-The default (configs/default.py) with only its length changed (`total_steps`: the cosine
-learning rate and the EMA schedule follow it; the warm-up stays 0.3 epochs), evaluated as the
-arms of studies/ten_minutes.py are (k-NN on the validation split to select, k-NN and the linear
+The default as studies/ten_minutes.py's runs began from it (configs/default_without_koleo.py)
+with only its length changed (`total_steps`: the cosine learning rate and the EMA schedule
+follow it; the warm-up stays 0.3 epochs), evaluated as the arms of studies/ten_minutes.py are (k-NN on the validation split to select, k-NN and the linear
 probe on the test split to report). The 1x points are that study's "default" runs (seeds 0 and
 1, with the raw pixels and the random initialization beside them); this study adds 2x (seeds 0
 and 1), 4x and 8x (seed 0). The report fits top-1 = a + b log2(steps / 2160) through every run:
@@ -30,7 +30,7 @@ def get_study():
   group = "Scaling curve: the default at 2x-8x its steps (1x: studies/ten_minutes.py)"
   arms = [dict(name=f"default {m}x", group=group, overrides={"total_steps": BASE_STEPS * m},
                seeds=[0, 1] if m == 2 else [0]) for m in MULTIPLES]
-  return dict(config="configs/default.py", same_budget=False, seeds=[0, 1],
+  return dict(config=ten.BASE_CONFIG, same_budget=False, seeds=[0, 1],
               overrides={"knn_every": 0}, **ten.EVALUATOR_ARGS, stages=ten.STAGES,
               select="knn_val", arms=arms, notes=__doc__.split("\n\n", 2)[2])
 
@@ -152,7 +152,7 @@ def _figure(points) -> bool:
     ax.set_title(title)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
-  fig.suptitle("SOVE on Fashion-MNIST: configs/default.py at 1x-8x its steps (2-core CPU)")
+  fig.suptitle("SOVE on Fashion-MNIST: the default (no KoLeo) at 1x-8x its steps (2-core CPU)")
   fig.tight_layout()
   fig.savefig(FIGURE, dpi=110)
   plt.close(fig)

@@ -1065,7 +1065,7 @@ def test_a_chain_commits_each_studys_results_and_nothing_else(tmp_path):
   done = subprocess.run(["bash", "studies/chain.sh", "--nice", "0", "tiny"], cwd=repo, env=env,
                         capture_output=True, text=True, timeout=60)
   assert done.returncode == 0, done.stdout + done.stderr
-  assert git("log", "-1", "--format=%s") == "Study results as they come: tiny (1 runs recorded)\n"
+  assert git("log", "-1", "--format=%s") == "Study results as they come: tiny (lines in results.jsonl: 1)\n"
   assert git("show", "--name-only", "--format=", "HEAD").split() == [
       "studies/results/tiny/results.jsonl"]  # not the workdir, not the session's own edits
   assert git("status", "--porcelain").split() == ["M", "notes.txt"]
