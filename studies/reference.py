@@ -11,11 +11,15 @@ default's steps, else 12 times (the best in two hours, which the goal allows whe
 reach the pixels). Seeds 0 and 1, evaluated as studies/ten_minutes.py's default is (validation
 and test, the pixels and the random initialization beside it, k-NN on the probe's features too).
 configs/fashion_mnist.py then becomes this recipe. Until the curve and arms_4x are finished this
-study says so and runs nothing.
+study says so and runs nothing. Its report reads the goal (test k-NN >= 86 and linear probe
+>= 87, mean of the two seeds) with the k-NN features that its own validation figures choose by
+studies/ten_minutes.py's rule.
 """
 import math
+import statistics
 
 from sove_jax import configuration
+from sove_jax.study import records as rec
 from sove_jax.study.spec import StudyError
 
 ten = configuration.sibling("ten_minutes", of=__file__)
@@ -23,6 +27,8 @@ scaling = configuration.sibling("scaling", of=__file__)
 arms_4x = configuration.sibling("arms_4x", of=__file__)
 
 ONE_HOUR, TWO_HOURS = 6, 12
+GOAL_KNN, GOAL_LINEAR = 86.0, 87.0   # test top-1 the reference run is to reach (the raw pixels:
+                                     # 85.2 k-NN, 84.6 linear)
 
 
 def recipe():
@@ -69,3 +75,39 @@ def get_study():
   return {**study, "arms": [run], "notes": __doc__.split("\n\n", 2)[2],
           "stages": [s if isinstance(s, str) or not s.get("arms") else {**s, "arms": [run["name"]]}
                      for s in study["stages"]]}
+
+
+def report(study, records, out):
+  """The reference run against the goal: test k-NN (k = 20) on the features its own validation
+  figures choose (studies/ten_minutes.py's rule, applied to this run's two seeds) and the linear
+  probe, each seed beside the raw pixels'; the goal is met when the mean of seeds 0 and 1
+  reaches GOAL_KNN, GOAL_LINEAR respectively. The test split chooses nothing here."""
+  del out
+  by_run = rec.records_by_run(study, records)
+  arm = study.arms[0].name
+  runs = by_run.get(rec.run_key(arm, ()), {})
+  choice = ten.features_choice(study, by_run, arm)
+  knn_stage = None if choice is None else "knn" if choice[0] == "cls" else f"knn_{choice[0]}"
+  fmt = lambda v: "–" if v is None else f"{v:.2f}"
+  get = lambda r, stage: None if stage is None else rec.metric(study, r, stage)
+  features = "features undecided" if choice is None else choice[0]
+  lines = ["## The reference run against the goal", "",
+           f"| seed | k-NN val | k-NN test ({features}) | linear test | pixels k-NN | "
+           "pixels linear |", "|---|---|---|---|---|---|"]
+  for seed, r in sorted(runs.items()):
+    lines.append(f"| {seed} | {fmt(get(r, 'knn_val'))} | {fmt(get(r, knn_stage))} | "
+                 f"{fmt(get(r, 'linear'))} | {fmt(get(r, 'pixels_knn'))} | "
+                 f"{fmt(get(r, 'pixels_probe'))} |")
+  lines += ["", ten.features_rule(study, by_run, arm)]
+  figures = {name: [get(runs.get(s), stage) if s in runs else None for s in (0, 1)]
+             for name, stage in (("knn", knn_stage), ("linear", "linear"))}
+  if any(v is None for values in figures.values() for v in values):
+    lines.append("The goal: undecided until both seeds have the chosen features' k-NN and the "
+                 "linear probe on test.")
+  else:
+    knn, linear = (statistics.fmean(figures[n]) for n in ("knn", "linear"))
+    verdict = lambda value, goal: f"{value:.2f} against {goal:.0f}: " + (
+        "met" if value >= goal else "not met")
+    lines.append(f"The goal (test, mean of seeds 0 and 1): k-NN {verdict(knn, GOAL_KNN)}; "
+                 f"linear probe {verdict(linear, GOAL_LINEAR)}.")
+  return "\n".join(lines) + "\n"

@@ -180,19 +180,28 @@ def rules(study, by_run) -> list[str]:
   return lines
 
 
-def features_rule(study, by_run, arm: str) -> str:
-  """The features `arm`'s k-NN reads, by the rule: the one with the highest mean validation k-NN
-  over seeds 0 and 1, unless it beats the last [CLS] by no more than FEATURE_TIE."""
-  mean = lambda values: sum(values) / len(values)
+def features_choice(study, by_run, arm: str):
+  """(the features `arm`'s k-NN reads, {features: mean validation k-NN}) by the rule: the highest
+  mean over seeds 0 and 1, unless it beats the last [CLS] by no more than FEATURE_TIE; None until
+  both runs have all three on validation."""
   figures = {"cls": seed_figures(study, by_run, arm),
              **{f: seed_figures(study, by_run, arm, f"knn_val_{f}") for f in FEATURES}}
   if not all(v is not None for values in figures.values() for v in values):
+    return None
+  means = {f: sum(v) / len(v) for f, v in figures.items()}
+  top = max(means, key=means.get)
+  return (top if means[top] - means["cls"] > FEATURE_TIE else "cls"), means
+
+
+def features_rule(study, by_run, arm: str) -> str:
+  """features_choice, as the report's sentence."""
+  choice = features_choice(study, by_run, arm)
+  if choice is None:
     return (f"The features k-NN reads for {arm}: undecided until its two runs have all three "
             "on validation.")
-  top = max(figures, key=lambda f: mean(figures[f]))
-  pick = top if mean(figures[top]) - mean(figures["cls"]) > FEATURE_TIE else "cls"
+  pick, means = choice
   why = ("above the last [CLS] by more than" if pick != "cls" else
          "the last [CLS]: nothing above it by more than")
   return (f"The features k-NN reads for {arm}: " +
-          ", ".join(f"{f} {mean(v):.2f}" for f, v in figures.items()) +
+          ", ".join(f"{f} {m:.2f}" for f, m in means.items()) +
           f" (means); **{pick}** ({why} {FEATURE_TIE} points).")

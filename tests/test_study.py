@@ -916,7 +916,8 @@ def test_the_later_runs_of_the_scaling_plan_follow_their_rules(tmp_path, monkeyp
   """studies/arms_4x.py and studies/reference.py choose from earlier results by rules fixed
   before them: nothing runs (one sentence) until those results exist; then the two best
   10-minute arms on validation at 4x, and the best 4x recipe on validation for 6x its steps when
-  the curve meets the pixels by 6x."""
+  the curve meets the pixels by 6x. The reference run's report reads the goal on test with the
+  features its own validation figures chose."""
   from sove_jax import configuration
   reference = configuration.sibling("reference", of=os.path.join(ROOT, "studies", "x.py"))
   arms_4x = reference.arms_4x
@@ -957,7 +958,30 @@ def test_the_later_runs_of_the_scaling_plan_follow_their_rules(tmp_path, monkeyp
   assert ref["arms"][0]["overrides"]["total_steps"] == 6 * reference.ten.ARMS[best[1]][1]
   assert {s["arms"][0] for s in ref["stages"] if isinstance(s, dict) and s.get("arms")} == {
       f"{best[1]} 6x"}
-  study_lib.make_study(ref)   # a valid study
+  study = study_lib.make_study(ref)   # a valid study
+
+  # Its report: the features its own validation runs choose (ten_minutes' rule), then the goal
+  # on test. [CLS] + mean patch is 0.6 above the last [CLS] on validation: it is read; its test
+  # k-NN meets 86, the linear probe misses 87. The last [CLS]'s test figure (above 86 too,
+  # here) is not the one read.
+  def ref_record(seed, cls_val, meanpatch_val, meanpatch_test, linear):
+    top1 = lambda v: {"top1": {"full": {"20": v}}}
+    return dict(arm=f"{best[1]} 6x", seed=seed, steps=ref["arms"][0]["overrides"]["total_steps"],
+                stages={"knn_val": top1(cls_val), "knn": top1(90.0), "linear": {"top1": linear},
+                        "knn_val_cls_meanpatch": top1(meanpatch_val),
+                        "knn_cls_meanpatch": top1(meanpatch_test),
+                        "knn_val_last4_cls": top1(80.0), "knn_last4_cls": top1(80.0),
+                        "pixels_knn": {"baselines": {"pixels": {"full": {"20": 85.16}}}},
+                        "pixels_probe": {"baselines": {"pixels": {"top1": 84.62}}}})
+  rows = [ref_record(0, 85.0, 85.6, 86.3, 86.5)]
+  md = reference.report(study, rows, "")
+  assert "The goal: undecided" in md and f"reads for {best[1]} 6x: undecided" in md, md
+  rows.append(ref_record(1, 85.4, 86.0, 86.1, 86.9))
+  md = reference.report(study, rows, "")
+  assert "| 0 | 85.00 | 86.30 | 86.50 | 85.16 | 84.62 |" in md, md
+  assert "k-NN test (cls_meanpatch)" in md and "**cls_meanpatch**" in md, md
+  assert ("The goal (test, mean of seeds 0 and 1): k-NN 86.20 against 86: met; linear probe "
+          "86.70 against 87: not met.") in md, md
 
 
 def test_the_ten_minute_rules_decide_on_validation_only():
