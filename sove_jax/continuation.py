@@ -38,13 +38,17 @@ def _plain(value):
 
 
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
+# Fields whose default config value has since become a recipe choice other than the behaviour
+# the code had before the field existed: a run started before them takes this value instead.
+BEFORE_FIELD = {"sove.koleo_weight": 0.0}   # added off; the default took 0.8 later
 
 
 def with_new_fields(stored, default=None):
   """`stored` (a run's config.json) with every field it lacks taken from the default config:
   fields added to the code since the run started. A new field's default keeps the behaviour
-  the code had before it existed (the project's rule), so a run started before it resumes
-  unchanged instead of being refused as "configured otherwise"."""
+  the code had before it existed (the project's rule; BEFORE_FIELD where the default has
+  moved on since), so a run started before it resumes unchanged instead of being refused as
+  "configured otherwise"."""
   if default is None:
     if not DEFAULT_CONFIG.is_file():
       return stored
@@ -54,7 +58,8 @@ def with_new_fields(stored, default=None):
     try:
       configuration.get_field(out, field)
     except KeyError:
-      configuration.set_field(out, field, configuration.get_field(default, field), create=True)
+      value = BEFORE_FIELD.get(field, configuration.get_field(default, field))
+      configuration.set_field(out, field, value, create=True)
   return out
 
 

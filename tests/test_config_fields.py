@@ -400,3 +400,20 @@ def test_a_run_started_before_a_field_existed_resumes_under_its_default(tmp_path
   filled = continuation.with_new_fields(old)
   assert filled.data.mask_prob == 1.0 and filled.hosts.stall_timeout_s > 0
   assert continuation.changed_fields(filled, config) == {}
+
+
+def test_a_run_started_before_koleo_existed_resumes_without_it(tmp_path):
+  """The default took KoLeo (weight 0.8) after the field was added at 0: a run whose
+  config.json predates the field resumes with the term off, as it trained, not with the
+  default's weight."""
+  from configs import smoke
+  from sove_jax import checkpoint, continuation
+  config = smoke.get_config()
+  assert config.sove.koleo_weight > 0
+  checkpoint.write_config(config, tmp_path)
+  stored = json.loads((tmp_path / "config.json").read_text())
+  del stored["sove"]["koleo_weight"]
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  filled = continuation.with_new_fields(checkpoint.read_config(tmp_path))
+  assert filled.sove.koleo_weight == 0.0
+  assert continuation.changed_fields(filled, config) == {"sove.koleo_weight": (0.0, 0.8)}
