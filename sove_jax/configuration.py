@@ -88,6 +88,22 @@ def get_field(config, field: str):
   return node
 
 
+def flat_fields(config, prefix: str = "") -> dict:
+  """{dotted field: value} of every leaf of a ConfigDict, lists and tuples both as tuples (JSON
+  stores tuples as lists, so a stored config compares alike)."""
+  out = {}
+  for key, value in config.items():
+    if hasattr(value, "items"):
+      out.update(flat_fields(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = _as_tuples(value)
+  return out
+
+
+def _as_tuples(value):
+  return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def set_field(config, field: str, value, *, create: bool = False, check_type: bool = True):
   """Sets the dotted field `field` of a ConfigDict to `value`.
 

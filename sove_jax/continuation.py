@@ -22,21 +22,6 @@ from sove_jax import state as state_lib
 PER_LAUNCH = ("run_steps", "profile", "prefetch_to_device", "keep_period", "hosts.")
 
 
-def _flat(config, prefix="") -> dict:
-  out = {}
-  for key, value in config.items():
-    if hasattr(value, "items"):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[prefix + key] = _plain(value)
-  return out
-
-
-def _plain(value):
-  """Lists and tuples compare alike (JSON stores tuples as lists)."""
-  return tuple(_plain(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
 # Fields whose default config value has since become a recipe choice other than the behaviour
 # the code had before the field existed: a run started before them takes this value instead.
@@ -54,7 +39,7 @@ def with_new_fields(stored, default=None):
       return stored
     default = configuration.load(str(DEFAULT_CONFIG))
   out = stored.copy_and_resolve_references()
-  for field, value in _flat(default).items():
+  for field, value in configuration.flat_fields(default).items():
     try:
       configuration.get_field(out, field)
     except KeyError:
@@ -65,7 +50,7 @@ def with_new_fields(stored, default=None):
 
 def changed_fields(old, new, *, ignore=PER_LAUNCH) -> dict:
   """{dotted field: (old value, new value)} where two configs differ (None: absent)."""
-  a, b = _flat(old), _flat(new)
+  a, b = configuration.flat_fields(old), configuration.flat_fields(new)
   def ignored(k):
     return k in ignore or any(i.endswith(".") and k.startswith(i) for i in ignore)
   return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))

@@ -390,20 +390,6 @@ def check_recorded(study: Study, out: str) -> None:
 BASE_CONFIG = "base_config.json"
 
 
-def flat_config(config) -> dict:
-  """{dotted field: value} of a ConfigDict, values as JSON gives them back (tuples as lists)."""
-  out = {}
-
-  def walk(node, prefix):
-    for key, value in node.items():
-      if hasattr(value, "items"):
-        walk(value, f"{prefix}{key}.")
-      else:
-        out[f"{prefix}{key}"] = value
-  walk(config, "")
-  return json.loads(json.dumps(out, default=str))
-
-
 def check_base_config(study: Study, out: str) -> list[str]:
   """Refuses a study whose base config file now resolves to other values than when its first
   run started here (its fields are kept in out/base_config.json, written on the first start).
@@ -415,7 +401,9 @@ def check_base_config(study: Study, out: str) -> list[str]:
   keeps the old behaviour) and returned, so that the runner names them.
   """
   from sove_jax import configuration   # ml_collections: only where a study is run
-  now = flat_config(configuration.load(study.config))
+  # As JSON gives them back (tuples as lists), to compare with the stored fields.
+  now = json.loads(json.dumps(configuration.flat_fields(configuration.load(study.config)),
+                              default=str))
   path = os.path.join(out, BASE_CONFIG)
   if not os.path.exists(path):
     report.write_atomic(path, json.dumps({"config": study.config, "fields": now}, indent=1,
