@@ -108,6 +108,16 @@ def _metric_steps(workdir):
   return [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _metric_steps_so_far(workdir):
+  """The steps in metrics.jsonl while a run writes it: none before the file exists, and a last
+  line still being written is not read."""
+  path = workdir / "metrics.jsonl"
+  if not path.exists():
+    return []
+  lines = path.read_text().split("\n")[:-1]  # only lines ended by a newline are whole
+  return [json.loads(line)["step"] for line in lines]
+
+
 def _run_until_step(workdir, step, *args, limit=300):
   """Starts a long smoke run and reads its console up to the progress line of `step` (the step
   number is right-aligned to the total's width); returns the process and the lines read. The
@@ -544,12 +554,17 @@ def test_sigkill_and_resume_log_each_step_once(tmp_path):
   those steps again, and metrics.jsonl holds each step once (the earlier lines move aside)."""
   workdir = tmp_path / "w"
   proc, _ = _run_until_step(workdir, 5, "--config.checkpoint_every=2")
-  time.sleep(1.0)  # metrics.jsonl is written in a background thread
+  # metrics.jsonl is written in a background thread: kill as soon as it holds step 5, not after a
+  # fixed wait (under load a fixed second let the run finish its step-6 checkpoint first).
+  deadline = time.monotonic() + 60
+  while time.monotonic() < deadline and 5 not in _metric_steps_so_far(workdir):
+    time.sleep(0.005)
   proc.send_signal(signal.SIGKILL)
   proc.wait(timeout=60)
   assert proc.returncode == -signal.SIGKILL
   logged = _metric_steps(workdir)
   complete = checkpoint.checkpoint_steps(workdir)
+  assert 5 in logged
   assert complete and complete[-1] in (2, 4)
   code, out, _ = _main(workdir, "--config.total_steps=100000", "--config.run_steps=2")
   assert code == 0, out
