@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What the README's first command installs, and what CI installs into its fresh virtualenv: the
-# package with everything its tests import (`.[test]`: pytest, xdist, chex, matplotlib and a CPU
-# PyTorch), and, where apt is at hand as root, Fashion-MNIST (Debian's dataset-fashion-mnist) and
-# tcmalloc (the trainer runs under it where installed: a fifth less CPU per step on CPU hosts).
+# package with everything its tests import (`.[test]`: pytest, xdist, timeout, chex, matplotlib and
+# a CPU PyTorch), and, where apt is at hand as root, Fashion-MNIST (Debian's
+# dataset-fashion-mnist) and tcmalloc (the trainer runs under it where installed: a fifth less CPU
+# per step on CPU hosts).
 # Into the Python on PATH: activate a virtualenv first to keep it there.
 #
 #   bash launch/install.sh
