@@ -17,6 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the suite's longest: 7 minutes on 2 busy cores (pytest.ini: 15)
 def test_the_pod_rehearsal_survives_sigterm_and_sigkill_and_ends_bit_for_bit(tmp_path):
   out = tmp_path / "rehearsal"
   done = subprocess.run([sys.executable, "-m", "sove_jax.rehearsal", f"--out={out}",
