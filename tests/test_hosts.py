@@ -136,14 +136,18 @@ def test_a_roll_call_names_the_processes_that_do_not_answer():
   assert hosts.lost_line(None, {}, 1, "x", 2).startswith("Lost process 0:")
 
 
-def _hosts_config(stall):
-  return ConfigDict(dict(stall_timeout_s=stall, slow_timeout_s=60.0, answer_s=1.5,
+def _hosts_config(stall, answer_s=1.5):
+  return ConfigDict(dict(stall_timeout_s=stall, slow_timeout_s=60.0, answer_s=answer_s,
                          heartbeat_timeout_s=100.0, shutdown_timeout_s=10.0))
 
 
 def test_the_watchdog_names_the_lost_process_and_every_other_says_it_too():
   """Process 0 stalls and calls the roll; process 1, still working, answers, then takes the
-  verdict and leaves too; process 2 never answers (the lost one). Process 0 leaves last."""
+  verdict and leaves too; process 2 never answers (the lost one). Process 0 leaves last.
+
+  Both watchdogs poll once a second, and process 0 waits at most `2 * answer_s` for process 1 to
+  be done: `answer_s` is 6 s so that a loaded CI machine (where a 3 s window once ran out and
+  process 0 left first) still orders them; an unloaded run still takes about `answer_s`."""
   kv = FakeCoordinator()
   lines, order = {}, []
   everyone_out = threading.Event()
@@ -156,13 +160,14 @@ def test_the_watchdog_names_the_lost_process_and_every_other_says_it_too():
         everyone_out.set()
     return give_up
 
-  stuck = hosts.Watchdog(_hosts_config(1.0), process_index=0, process_count=3, client=kv,
+  config = _hosts_config(1.0, answer_s=6.0)
+  stuck = hosts.Watchdog(config, process_index=0, process_count=3, client=kv,
                          give_up_fn=give_up_as(0))
-  working = hosts.Watchdog(_hosts_config(1.0), process_index=1, process_count=3, client=kv,
+  working = hosts.Watchdog(config, process_index=1, process_count=3, client=kv,
                            give_up_fn=give_up_as(1))
   stuck.beat(5)
   try:
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while not everyone_out.is_set() and time.monotonic() < deadline:
       if 1 not in lines:
         working.beat(6)  # process 1 keeps making progress until it hears the verdict
