@@ -266,6 +266,7 @@ def test_an_iterator_dropped_while_another_graph_is_traced_shuts_its_gates_eager
   assert next(old, None) is None
 
 
+@pytest.mark.slow
 def test_dropping_iterators_with_reads_in_flight_never_deadlocks(written):
   """A subprocess drops its pipeline 60 times mid-epoch while Python reads are running; a
   deadlock would stop it, and the test kills it (SIGKILL) at the time limit and fails with
