@@ -1,23 +1,39 @@
-r"""A longer Fashion-MNIST run than the default (for a GPU or a patient CPU): 100 epochs.
+r"""The reference run: the default recipe trained 12 times as long (25,920 steps of 64 images,
+27.6 epochs): 63 minutes of training on 2 quiet CPU cores (start-up and compilation included,
+under tcmalloc), the teacher then above the raw pixels in k-NN and in the linear probe.
 
     python -m sove_jax.main --config=configs/fashion_mnist.py --workdir=runs/fmnist
+    python -m sove_jax.evaluate.knn --workdir=runs/fmnist
+    python -m sove_jax.evaluate.linear --workdir=runs/fmnist --lrs=0.01,0.03,0.1,0.3,1,3,10
 
-Reports the k-NN monitor every 2000 steps.
+The recipe and its length were chosen by rules fixed before any result (studies/reference.py):
+the best of the default and two 10-minute arms at 4x their steps on the validation k-NN (the
+default, with its KoLeo term of 0.8); first an hour's length (8x, 48 minutes), because the
+scaling curve of the recipe without KoLeo (studies/scaling.py) met the raw pixels' k-NN at about
+7x; then, as the goal allows when an hour falls short of it, 12x: the hour's first seed beat the
+pixels (test k-NN 85.54 against 85.16, linear probe 86.85 against 84.62) but not the goal's 86
+and 87. Nothing else changes: the warm-up keeps the default's 0.3 epochs, and the learning
+rate's and the teacher EMA's cosines stretch over the whole run, as the study ran them.
+
+Expected (seed 0; whole Fashion-MNIST test split, teacher): k-NN top-1 (k = 20) 86.81 on the
+last [CLS] (86.94 on [CLS] + mean patch, 87.17 on the last 4 blocks' [CLS]), linear probe 88.04
+(rate 0.3, chosen on the validation split); on validation (memory train-minival, queries
+minival) k-NN 87.29. The raw pixels give 85.16 and 84.62, the network at random initialization
+67.5 and 75.5, the hour's run (8x) 85.54 and 86.85. Seed 1 is the study's next run
+(docs/tuning.md, "The reference run").
+
+The k-NN monitor is off (it ran off in the study, so the wall time is the trainer's alone);
+`--config.knn_every=2000` turns it on.
 """
 from sove_jax import configuration
 
 default = configuration.sibling("default", of=__file__)
 
+STEPS = 12 * 2160   # 12 times the default's 10-minute length
+
 
 def get_config():
   c = default.get_config()
-  c.num_epochs = 100
-  c.batch_size = 256
-  c.model.update(variant="ti", width=0, num_heads=0, depth=6,  # ViT-Ti, 6 blocks
-                 head_hidden=2048, head_out=256, dtype="bfloat16")
-  c.data.num_local = 8
-  c.sove.update(class_bank_size=16384, patch_bank_size=4096, num_anchors=4096, anchor_keep=1.0,
-                class_tasks=4, patch_anchors=512)
-  c.optim.update(base_lr=1e-3, warmup_epochs=10, ema_momentum=0.996, ema_momentum_end=1.0)
-  c.knn_every = 2000
+  c.total_steps = STEPS
+  c.knn_every = 0
   return c

@@ -75,3 +75,25 @@ def test_the_studies_base_is_the_default_without_koleo():
   from configs import default_without_koleo
   full, plain = default.get_config(), default_without_koleo.get_config()
   assert continuation.changed_fields(full, plain, ignore=()) == {"sove.koleo_weight": (0.8, 0.0)}
+
+
+def test_the_reference_config_trains_what_the_reference_study_trained():
+  """configs/fashion_mnist.py is the longest run studies/reference.py recorded (its base config
+  with its overrides), so that the figures its docstring quotes are that config's; only the seed
+  (each recorded run has its own) may differ."""
+  import json
+  import pathlib
+  from configs import fashion_mnist
+  from sove_jax import configuration
+  root = pathlib.Path(__file__).resolve().parent.parent
+  with open(root / "studies/results/reference/results.jsonl") as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  assert records, "studies/results/reference has no finished run"
+  longest = max(record["steps"] for record in records)
+  config = fashion_mnist.get_config()
+  assert train.total_steps(config, FASHION_MNIST_TRAIN // config.batch_size) == longest
+  for record in (r for r in records if r["steps"] == longest):
+    recorded = configuration.apply_overrides(configuration.load(root / record["config"]),
+                                             record["overrides"])
+    changed = continuation.changed_fields(recorded, config, ignore=())
+    assert set(changed) <= {"seed"}, (record["arm"], record["seed"], changed)
