@@ -1,5 +1,6 @@
 r"""The reference run: the best recipe at 4x, trained for an hour here, and for about two when
-the hour misses the goal; 2 seeds; recipe and lengths chosen by rules fixed before any result.
+the hour misses the goal; 2 seeds; the recipe and the hour chosen by rules fixed before any
+result, the two-hour run added after the hour's first seed.
 
     python -m sove_jax.study --arms=studies/reference.py --out=studies/results/reference
 
@@ -79,7 +80,7 @@ def get_study():
     raise StudyError("the scaling curve (studies/scaling.py) and studies/arms_4x.py are not "
                      "finished; the reference run's recipe and length are chosen from them.")
   name, overrides, steps = chosen
-  lengths = [times] + ([TWO_HOURS] if times == ONE_HOUR else [])
+  lengths = [ONE_HOUR, TWO_HOURS] if times == ONE_HOUR else [TWO_HOURS]
   runs = [dict(name=f"{name} {n}x", group="The reference run",
                overrides={**overrides, "total_steps": n * steps}) for n in lengths]
   study = ten.get_study()

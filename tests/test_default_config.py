@@ -81,13 +81,12 @@ def test_the_reference_config_trains_what_the_reference_study_trained():
   """configs/fashion_mnist.py is the longest run studies/reference.py recorded (its base config
   with its overrides), so that the figures its docstring quotes are that config's; only the seed
   (each recorded run has its own) may differ."""
-  import json
   import pathlib
   from configs import fashion_mnist
   from sove_jax import configuration
+  from sove_jax.study import records as rec
   root = pathlib.Path(__file__).resolve().parent.parent
-  with open(root / "studies/results/reference/results.jsonl") as f:
-    records = [json.loads(line) for line in f if line.strip()]
+  records = rec.read_jsonl(str(root / "studies/results/reference/results.jsonl"))
   assert records, "studies/results/reference has no finished run"
   longest = max(record["steps"] for record in records)
   config = fashion_mnist.get_config()
