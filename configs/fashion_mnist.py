@@ -1,6 +1,7 @@
 r"""The reference run: the default recipe trained 12 times as long (25,920 steps of 64 images,
 27.6 epochs): about an hour of training (61-63 minutes) on 2 quiet CPU cores (start-up and
-compilation included, under tcmalloc), the teacher then above the raw pixels in k-NN and in the linear probe.
+compilation included, under tcmalloc), the teacher then above the raw pixels in k-NN and in the
+linear probe.
 
     python -m sove_jax.main --config=configs/fashion_mnist.py --workdir=runs/fmnist
     python -m sove_jax.evaluate.knn --workdir=runs/fmnist
